@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+FHIR_SERVER_DIR = tests/fhir_server
+
+.PHONY: run test install install-test fhir-server bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test fhir-server
+
+# Medplum's in-memory FHIR server for the fallback tests (exact versions from the lockfile)
+fhir-server: $(FHIR_SERVER_DIR)/node_modules/.installed
+
+$(FHIR_SERVER_DIR)/node_modules/.installed: $(FHIR_SERVER_DIR)/package-lock.json
+	cd $(FHIR_SERVER_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(VENV)/bin/cds-service serve
+
+test: install-test
+	$(PY) -m pytest
+
+bench: install-test
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(FHIR_SERVER_DIR)/node_modules .pytest_cache

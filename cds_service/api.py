@@ -1,0 +1,134 @@
+"""HTTP endpoints: discovery, the patient-view service, feedback, health; errors as OperationOutcome."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import BadRequest, NotFound, ServiceError, operation_outcome
+from .feedback import normalize_feedback
+from .service import SERVICE_ID
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds", __name__)
+
+CORS_HEADERS = "Authorization, Content-Type, Accept"
+CORS_METHODS = "GET, POST, OPTIONS"
+
+
+def json_response(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+def _cds() -> dict:
+    return current_app.extensions["cds"]
+
+
+def _read_json() -> object:
+    ctype = (request.mimetype or "").lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise BadRequest("The body must be JSON (Content-Type: application/json).")
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise BadRequest("The request body is empty.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+
+
+@bp.get("/cds-services")
+def discovery():
+    return json_response({"services": [_cds()["service"].discovery()]})
+
+
+@bp.post("/cds-services/<service_id>")
+def invoke(service_id: str):
+    if service_id != SERVICE_ID:
+        raise NotFound("No CDS service with that id.")
+    body = _read_json()
+    cds = _cds()
+    g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
+    start = time.perf_counter()
+    result = cds["service"].invoke(body, cds["settings"].evaluation_date())
+    g.timings["engine_ms"] = round((time.perf_counter() - start) * 1000, 2)
+    g.counts = {"resources": result.assessment.record.resources_seen,
+                "skipped_invalid": result.assessment.record.skipped_invalid,
+                "findings": len(result.assessment.findings), "cards": len(result.response["cards"]),
+                "fhir_keys_fetched": len(result.prefetch.fetched_keys),
+                "fhir_requests": result.prefetch.stats.requests}
+    return json_response(result.response)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str):
+    if service_id != SERVICE_ID:
+        raise NotFound("No CDS service with that id.")
+    entries = normalize_feedback(_read_json())
+    stored = _cds()["feedback"].save(service_id, entries)
+    g.counts = {"feedback_entries": len(entries), "feedback_new": stored}
+    return json_response({"stored": stored, "received": len(entries)})
+
+
+@bp.get("/healthz")
+def healthz():
+    return json_response({"status": "ok", "catalog_version": _cds()["catalog"].version})
+
+
+def install_handlers(app: Flask) -> None:
+    @app.before_request
+    def _start():
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        g.started = time.perf_counter()
+        g.timings, g.counts, g.hook = {}, {}, None
+        if request.method == "OPTIONS":
+            # CORS preflight: answered here, never needs a JWT
+            return Response(status=204)
+
+    @app.after_request
+    def _finish(resp: Response):
+        origins = _cds()["settings"].cors_origins
+        origin = request.headers.get("Origin")
+        if origins.strip() == "*":
+            resp.headers["Access-Control-Allow-Origin"] = "*"
+        elif origin and origin in {o.strip() for o in origins.split(",")}:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Vary"] = "Origin"
+        resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        resp.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        resp.headers["Access-Control-Max-Age"] = "600"
+        resp.headers["X-Request-Id"] = g.get("request_id", "")
+        resp.headers["Cache-Control"] = "no-store"
+        if request.method != "OPTIONS":
+            log.info("request", extra={
+                "event": "request", "request_id": g.get("request_id"), "method": request.method,
+                "route": request.url_rule.rule if request.url_rule else "unmatched", "hook": g.get("hook"),
+                "status": resp.status_code,
+                "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+                **g.get("timings", {}), **g.get("counts", {})})
+        return resp
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError):
+        return json_response(operation_outcome(exc.diagnostics, exc.code), exc.status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.code or 400, "invalid")
+        text = {404: "Not found.", 405: "Method not allowed.",
+                413: "The request body is larger than this service accepts."}.get(exc.code or 400, exc.name)
+        resp = json_response(operation_outcome(text, code), exc.code or 400)
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        # Last resort: never a stack trace or request data in the body or the log.
+        log.error("unhandled error", extra={"event": "error", "request_id": g.get("request_id"),
+                                            "error": type(exc).__name__})
+        return json_response(operation_outcome("The service could not process this request.", "exception"), 500)

@@ -1,0 +1,85 @@
+"""Reading FHIR Bundles of one patient (collection, searchset or transaction) as prefetch data.
+
+Synthea and bulk tools write references as `urn:uuid:` fullUrls; these are rewritten to
+`Type/id` so that references resolve the way they would on a FHIR server.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+
+from .errors import BadRequest
+
+_URN = re.compile(r"^urn:uuid:([0-9a-fA-F-]{36})$")
+# where each resource type goes among the service's prefetch keys
+PREFETCH_KEY = {
+    "Condition": "conditions",
+    "MedicationRequest": "medicationRequests",
+    "MedicationAdministration": "medicationRequests",
+    "Medication": "medicationRequests",
+    "MedicationStatement": "medicationStatements",
+    "Observation": "observations",
+    "Procedure": "procedures",
+}
+
+
+def bundle_resources(bundle: dict) -> list[dict]:
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise BadRequest("Not a FHIR Bundle.")
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    refs: dict[str, str] = {}
+    resources = []
+    for e in entries:
+        res = e["resource"]
+        rt = res.get("resourceType")
+        if not isinstance(rt, str):
+            continue
+        full = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else ""
+        m = _URN.match(full)
+        if not isinstance(res.get("id"), str):
+            res = {**res, "id": m.group(1) if m else uuid.uuid4().hex}
+        if full:
+            refs[full] = f"{rt}/{res['id']}"
+            if full.startswith(("http://", "https://")) and "/" + rt + "/" in full:
+                refs[full.split("/_history")[0]] = f"{rt}/{res['id']}"
+        resources.append(res)
+    if refs:
+        resources = [_rewrite(r, refs) for r in resources]
+    return resources
+
+
+def _rewrite(node, refs: dict[str, str]):
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "reference" and isinstance(v, str) and v in refs:
+                out[k] = refs[v]
+            else:
+                out[k] = _rewrite(v, refs)
+        return out
+    if isinstance(node, list):
+        return [_rewrite(v, refs) for v in node]
+    return node
+
+
+def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
+    """A CDS Hooks patient-view request whose prefetch holds the Bundle's resources."""
+    resources = bundle_resources(bundle)
+    patients = [r for r in resources if r.get("resourceType") == "Patient"]
+    if len(patients) != 1:
+        raise BadRequest(f"The Bundle must hold exactly one Patient (found {len(patients)}).")
+    patient = patients[0]
+    prefetch: dict = {"patient": patient}
+    for key in ("conditions", "medicationRequests", "medicationStatements", "observations",
+                "boneHealthObservations", "procedures"):
+        prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+    for r in resources:
+        key = PREFETCH_KEY.get(r["resourceType"])
+        if key:
+            prefetch[key]["entry"].append({"resource": r})
+    return {
+        "hook": "patient-view",
+        "hookInstance": hook_instance or str(uuid.uuid4()),
+        "context": {"patientId": patient["id"], "userId": "Practitioner/offline-evaluation"},
+        "prefetch": prefetch,
+    }

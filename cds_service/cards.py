@@ -1,0 +1,198 @@
+"""Turns an Assessment into the one CDS Hooks card (or none), using the wording in cards/card.yaml."""
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Callable
+
+from .catalog import Catalog
+from .engine import Assessment, Finding
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+
+TIER_LABELS = {
+    "very_high": "very high dose",
+    "high": ">= 7.5 mg/day prednisone-equivalent",
+    "standard": ">= 2.5 mg/day for >= 3 months",
+    "dose_not_recorded": ">= 90 days, dose not recorded",
+    "budesonide_review": "oral budesonide >= 90 days: review",
+}
+
+
+def md(text: str) -> str:
+    """Escape chart text for Markdown so it cannot inject links, HTML or formatting."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+class CardRenderer:
+    def __init__(self, catalog: Catalog, new_uuid: Callable[[], str] | None = None):
+        self.cat = catalog
+        self.cfg = catalog.card
+        self.new_uuid = new_uuid or (lambda: str(uuid.uuid4()))
+        self.workup = {w["id"]: w for tier in catalog.detection["workup"].values() for w in tier}
+        self.baseline_ids = [w["id"] for w in catalog.detection["workup"]["baseline"]]
+        codes = {}
+        for w in self.workup.values():
+            for c in w["codes"]:
+                codes[c["code"]] = c
+        self.codes = codes
+        self.override_reasons = [
+            {"system": self.cfg["override_reasons"]["system"], "code": r["code"], "display": r["display"]}
+            for r in self.cfg["override_reasons"]["codes"]]
+
+    def render(self, a: Assessment) -> list[dict]:
+        if not a.card_due:
+            return []
+        firing, listed = a.triggering, a.listed
+        strong = any(f.cause.strength == "strong" for f in firing)
+        card = {
+            "uuid": self.new_uuid(),
+            "summary": self.summary(firing),
+            "indicator": self.cfg["indicator"]["strong_cause" if strong else "otherwise"],
+            "detail": self.detail(a, firing, listed),
+            "source": {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])},
+        }
+        suggestions = self.suggestions(a, firing)
+        if suggestions:
+            card["suggestions"] = suggestions
+            card["selectionBehavior"] = "any"
+        card["overrideReasons"] = [dict(r) for r in self.override_reasons]
+        links = self.links(firing)
+        if links:
+            card["links"] = links
+        return [card]
+
+    # ---- summary ----------------------------------------------------------------------------
+    def summary(self, firing: list[Finding]) -> str:
+        cfg = self.cfg["summary"]
+        names = [self._short(f) for f in firing]
+        limit = cfg["max_length"]
+        for template in (cfg["template"], cfg["template_short"]):
+            for shown in range(len(names), 0, -1):
+                parts = names[:shown]
+                if shown < len(names):
+                    parts = parts + [cfg["more"].format(n=len(names) - shown)]
+                text = template.format(causes=", ".join(parts))
+                if len(text) <= limit:
+                    return text
+        return cfg["template_short"].format(causes=names[0])[: limit - 1] + "…"
+
+    def _short(self, f: Finding) -> str:
+        name = f.cause.short_name
+        if f.tier == "very_high":
+            name += " (very high dose)"
+        return name
+
+    # ---- detail -----------------------------------------------------------------------------
+    def detail(self, a: Assessment, firing: list[Finding], listed: list[Finding]) -> str:
+        ctx_cfg = self.cfg["context"]
+        ctx = a.context
+        s = self.cat.settings
+
+        def cause_view(f: Finding) -> dict:
+            guidelines = ", ".join(md(self._citation_name(c)) for c in f.citations)
+            actions = f.cause.card.get("actions") or [""]
+            evidence = [f"{md(e.text)} ({md(e.reference)})" for e in f.evidence]
+            evidence += [f"Supporting: {md(e.text)} ({md(e.reference)})" for e in f.supporting]
+            return {"label": md(f.cause.label), "tier": md(TIER_LABELS.get(f.tier, f.tier or "")) or None,
+                    "strength": f.cause.strength, "evidence": evidence,
+                    "next_step": md(actions[0]), "guidelines": guidelines}
+
+        if ctx.bone_diagnoses:
+            bone = ctx_cfg["bone_diagnosis"].format(items="; ".join(md(e.text) for e in ctx.bone_diagnoses[:3]))
+        else:
+            bone = ctx_cfg["no_bone_diagnosis"]
+        days = s.get("recent_dxa_days", 730)
+        dxa = ctx_cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days) if ctx.last_dxa \
+            else ctx_cfg["dxa_none"].format(days=days)
+        treatment = ctx_cfg["treatment_current"].format(items="; ".join(md(e.text) for e in ctx.treatments[:3])) \
+            if ctx.treatments else ctx_cfg["treatment_none"]
+        wdays = s.get("recent_workup_days", 365)
+        done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
+        workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
+            else ctx_cfg["workup_none_done"].format(days=wdays)
+        listed_view = [{"label": md(f.cause.label), "evidence": [md(e.text) for e in f.evidence]} for f in listed]
+        text = self.cat.templates["detail"].render(
+            causes=[cause_view(f) for f in firing], listed=listed_view,
+            context={"bone_status": bone, "dxa": dxa, "treatment": treatment, "workup": workup})
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+    def _citation_name(self, cid: str) -> str:
+        c = self.cat.citations.get(cid, {})
+        return f"{c.get('org', cid)} {c.get('year', '')}".strip() if c else cid
+
+    # ---- suggestions ------------------------------------------------------------------------
+    def suggestions(self, a: Assessment, firing: list[Finding]) -> list[dict]:
+        cfg = self.cfg["suggestions"]
+        patient_ref = f"Patient/{a.patient_id}"
+        done = a.context.workup_done
+        out = []
+        baseline = []
+        for wid in self.baseline_ids:
+            item = self.workup[wid]
+            if wid in done:
+                continue
+            if item.get("applies_to") and item["applies_to"] != a.record.sex:
+                continue
+            baseline += [self._action(cfg["baseline_action"].format(label=self.codes[c]["display"]), c, patient_ref)
+                         for c in item["order"]]
+        if baseline:
+            out.append({"label": cfg["baseline_label"].format(n=len(baseline)), "uuid": self.new_uuid(),
+                        "isRecommended": True, "actions": baseline})
+        directed: list[str] = []
+        for f in firing + a.listed:
+            for wid in f.cause.workup:
+                if wid not in directed and wid not in done and self.workup[wid] not in self.cat.detection["workup"]["imaging"]:
+                    directed.append(wid)
+        for wid in directed:
+            item = self.workup[wid]
+            if item.get("applies_to") and item["applies_to"] != a.record.sex:
+                continue
+            actions = [self._action(cfg["directed_label"].format(label=self.codes[c]["display"]), c, patient_ref)
+                       for c in item["order"]]
+            out.append({"label": cfg["directed_label"].format(label=item["label"]), "uuid": self.new_uuid(),
+                        "isRecommended": True, "actions": actions})
+        if a.context.last_dxa is None:
+            gc = any(f.cause.id == "glucocorticoids" for f in firing)
+            item = self.workup["wk_vfa" if gc else "wk_dxa"]
+            label = cfg["dxa_vfa_label" if gc else "dxa_label"]
+            out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True,
+                        "actions": [self._action(label, c, patient_ref) for c in item["order"]]})
+        return out
+
+    def _action(self, description: str, code: str, patient_ref: str) -> dict:
+        c = self.codes[code]
+        return {
+            "type": "create",
+            "description": description,
+            "resource": {
+                "resourceType": "ServiceRequest",
+                "status": "draft",
+                "intent": "proposal",
+                "code": {"coding": [{"system": c["system"], "code": c["code"], "display": c["display"]}],
+                         "text": c["display"]},
+                "subject": {"reference": patient_ref},
+                "reasonCode": [{"text": self.cfg["suggestions"]["reason_text"]}],
+            },
+        }
+
+    # ---- links ------------------------------------------------------------------------------
+    def links(self, firing: list[Finding]) -> list[dict]:
+        counts: dict[str, int] = {}
+        for f in firing:
+            for c in f.citations:
+                counts[c] = counts.get(c, 0) + 1
+        out = []
+        for cid, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
+            c = self.cat.citations.get(cid, {})
+            url = c.get("url")
+            if not url or not str(url).startswith("https://"):
+                continue
+            out.append({"label": f"{c.get('org', cid)} {c.get('year', '')}: {c.get('title', '')}"[:200].strip(),
+                        "url": url, "type": "absolute"})
+            if len(out) >= self.cfg["links"]["max"]:
+                break
+        return out
+
+
+

@@ -1,0 +1,356 @@
+"""The clinical catalog in cards/: loaded once, validated loudly, indexed for the hot path.
+
+Everything clinical (causes, codes, thresholds, wording) lives in YAML so that a reviewer can
+change it without touching Python. This module turns it into lookup tables; it never decides
+anything clinical itself.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+DEFAULT_CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+ATC = "http://www.whocc.no/atc"
+CPT = "http://www.ama-assn.org/go/cpt"
+ICD10PCS = "http://www.cms.gov/Medicare/Coding/ICD10"
+
+# Other spellings of the same code systems seen in EHR payloads (HL7 OIDs, casing, trailing slashes).
+SYSTEM_ALIASES = {
+    "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+    "http://hl7.org/fhir/sid/icd-10-cm/": ICD10CM,
+    "urn:oid:2.16.840.1.113883.6.96": SNOMED,
+    "http://snomed.info/sct/": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.1": LOINC,
+    "urn:oid:2.16.840.1.113883.6.12": CPT,
+    "urn:oid:2.16.840.1.113883.6.4": ICD10PCS,
+    "http://www.icd10data.com/icd10pcs": ICD10PCS,
+    "urn:oid:2.16.840.1.113883.6.73": ATC,
+}
+KNOWN_SYSTEMS = {RXNORM, ICD10CM, SNOMED, LOINC, ATC, CPT, ICD10PCS,
+                 "http://terminology.hl7.org/CodeSystem/icd9cm",
+                 "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+                 "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+                 "http://www.nlm.nih.gov/research/umls/hcpcs"}
+STRENGTHS = ("strong", "moderate", "weak")
+MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose"}
+OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking"}
+
+
+class CatalogError(ValueError):
+    """The catalog in cards/ is malformed: the service must not start with it."""
+
+
+def normalize_system(system: str | None) -> str:
+    if not system:
+        return ""
+    s = system.strip()
+    return SYSTEM_ALIASES.get(s, SYSTEM_ALIASES.get(s.lower(), s))
+
+
+def icd_key(code: str) -> str:
+    """ICD codes compare without dots and case ('e05.90' and 'E0590' are the same code)."""
+    return code.replace(".", "").strip().upper()
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    cause_id: str
+    name: str
+    prednisone_equivalent_factor: float | None = None
+    counts_only_with_other_ingredients: bool = False
+
+
+@dataclass
+class Cause:
+    id: str
+    label: str
+    category: str
+    strength: str
+    fires_alone: bool
+    policy_reason: str
+    citations: list[str]
+    detect: dict
+    workup: list[str]
+    card: dict
+    short_name: str
+
+    @property
+    def medication_rule(self) -> dict | None:
+        return self.detect.get("medications")
+
+
+@dataclass
+class Catalog:
+    """Loaded, validated catalog with the indexes the engine uses per request."""
+
+    version: str
+    settings: dict
+    statuses: dict
+    causes: dict[str, Cause]
+    citations: dict[str, dict]
+    observation_rules: dict[str, dict]
+    units: dict[str, dict]
+    medication_settings: dict
+    detection: dict
+    card: dict
+    value_sets: dict[str, dict]
+    # indexes, built once
+    exact_codes: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)
+    icd_prefixes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    med_codes: dict[tuple[str, str], list[Ingredient]] = field(default_factory=dict)
+    med_name_regex: re.Pattern | None = None
+    med_names: dict[str, list[Ingredient]] = field(default_factory=dict)
+    loinc_rules: dict[str, list[str]] = field(default_factory=dict)
+    context_loincs: set[str] = field(default_factory=set)
+    non_systemic_regex: re.Pattern | None = None
+    templates: dict[str, jinja2.Template] = field(default_factory=dict)
+    frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
+
+    # ---- lookups used by the engine -------------------------------------------------
+    def causes_for_code(self, system: str, code: str) -> list[tuple[str, str]]:
+        """(cause_id, role) pairs a Condition/Procedure coding matches, prefixes included."""
+        system = normalize_system(system)
+        if not code:
+            return []
+        hits = list(self.exact_codes.get((system, code.strip()), ()))
+        if system == ICD10CM:
+            key = icd_key(code)
+            hits += self.exact_codes.get((system, key), ())
+            for n in range(3, len(key) + 1):
+                hits += self.icd_prefixes.get(key[:n], ())
+        return hits
+
+    def ingredients_for_coding(self, system: str, code: str) -> list[Ingredient]:
+        return self.med_codes.get((normalize_system(system), (code or "").strip()), [])
+
+    def ingredients_in_text(self, text: str) -> list[Ingredient]:
+        if not text or self.med_name_regex is None:
+            return []
+        out: list[Ingredient] = []
+        for m in self.med_name_regex.finditer(text.lower()):
+            out += self.med_names.get(m.group(0), ())
+        return out
+
+
+def _read(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CatalogError(f"missing catalog file {path}") from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path.name}: not valid YAML: {exc}") from exc
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise CatalogError(f"{where}: {msg}")
+
+
+def _check_code(entry: Any, where: str) -> None:
+    _require(isinstance(entry, dict), where, "code entry must be a mapping")
+    _require(isinstance(entry.get("code"), str) and entry["code"].strip() != "", where, "code must be a non-empty string")
+    _require(entry.get("system") in KNOWN_SYSTEMS, where, f"unknown code system {entry.get('system')!r}")
+    _require(isinstance(entry.get("verified"), bool), where, f"code {entry['code']} needs verified: true/false")
+    _require(entry.get("match", "exact") in ("exact", "prefix"), where, f"code {entry['code']}: match must be exact or prefix")
+    _require(entry.get("role", "trigger") in ("trigger", "supporting"), where, f"code {entry['code']}: bad role")
+    if entry.get("match") == "prefix":
+        _require(entry["system"] == ICD10CM, where, f"prefix match is only for ICD-10-CM ({entry['code']})")
+
+
+def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
+    """Load and validate cards/; raise CatalogError naming the first malformed entry."""
+    base = Path(cards_dir) if cards_dir else DEFAULT_CARDS_DIR
+    manifest = _read(base / "catalog.yaml")
+    _require(isinstance(manifest, dict) and "catalog" in manifest, "catalog.yaml", "needs a 'catalog' section")
+    files = manifest["catalog"].get("files", {})
+    for key in ("causes", "observations", "medications", "detection", "value_sets", "citations", "card"):
+        _require(key in files, "catalog.yaml", f"files.{key} missing")
+    raw = {k: _read(base / v) for k, v in files.items()}
+
+    citations = {c["id"]: c for c in raw["citations"]["citations"]}
+    value_sets = {v["oid"]: v for v in raw["value_sets"]["value_sets"]}
+    card_cfg = raw["card"]
+    obs_cfg = raw["observations"]
+    units = obs_cfg["units"]
+    obs_rules: dict[str, dict] = {}
+    for rule in obs_cfg["rules"]:
+        where = f"observations.yaml rule {rule.get('id')}"
+        _require(rule.get("kind") in OBS_KINDS, where, f"kind must be one of {sorted(OBS_KINDS)}")
+        _require(rule["id"] not in obs_rules, where, "duplicate id")
+        if rule.get("analyte"):
+            _require(rule["analyte"] in units, where, f"unknown analyte {rule['analyte']}")
+        for c in rule.get("citations", []):
+            _require(c in citations, where, f"unknown citation {c}")
+        obs_rules[rule["id"]] = rule
+
+    detection = raw["detection"]
+    workup_items = {w["id"]: w for tier in detection["workup"].values() for w in tier}
+    for wid, w in workup_items.items():
+        where = f"detection.yaml workup {wid}"
+        codes = {c["code"]: c for c in w["codes"]}
+        for c in w["codes"]:
+            _check_code(c, where)
+        for oc in w.get("order", []):
+            _require(oc in codes, where, f"order code {oc} is not one of the item's codes")
+            _require(codes[oc]["verified"], where, f"order code {oc} is not verified: never order an unverified code")
+
+    short_names = card_cfg.get("short_names", {})
+    causes: dict[str, Cause] = {}
+    for entry in raw["causes"]["causes"]:
+        cid = entry.get("id")
+        where = f"causes.yaml cause {cid}"
+        _require(isinstance(cid, str) and re.fullmatch(r"[a-z0-9_]+", cid or "") is not None, where, "id must be snake_case")
+        _require(cid not in causes, where, "duplicate id")
+        for key in ("label", "category", "strength", "policy", "citations", "detect", "card"):
+            _require(key in entry, where, f"missing {key}")
+        _require(entry["strength"] in STRENGTHS, where, f"strength must be one of {STRENGTHS}")
+        _require(bool(entry["citations"]), where, "every rule needs a citation")
+        for c in entry["citations"] + entry["card"].get("citations", []):
+            _require(c in citations, where, f"unknown citation {c}")
+        detect = entry["detect"]
+        _require(any(k in detect for k in ("codes", "medications", "observations", "value_sets", "procedure_text")),
+                 where, "detect needs codes, medications, observations, value_sets or procedure_text")
+        for c in detect.get("codes", []):
+            _check_code(c, where)
+        for oid in detect.get("value_sets", []):
+            _require(oid in value_sets, where, f"unknown value set {oid}")
+        for rid in detect.get("observations", []):
+            _require(rid in obs_rules, where, f"unknown observation rule {rid}")
+        med = detect.get("medications")
+        if med:
+            _require(med.get("rule") in MED_RULES, where, f"medications.rule must be one of {sorted(MED_RULES)}")
+            _require(bool(med.get("ingredients")), where, "medications need ingredients")
+            for ing in med["ingredients"] + med.get("excluded_ingredients", []):
+                _require(bool(ing.get("name")), where, "ingredient needs a name")
+                if ing.get("rxnorm"):
+                    _require(isinstance(ing["rxnorm"].get("verified"), bool), where, f"{ing['name']}: rxnorm needs verified")
+            for p in med.get("products", []):
+                _check_code(p, where)
+            if med["rule"] == "current_use_with_lab":
+                _require(med.get("requires_observation") in obs_rules, where, "requires_observation must name a rule")
+            if med["rule"] == "glucocorticoid_exposure":
+                for ing in med["ingredients"]:
+                    f = ing.get("prednisone_equivalent_factor")
+                    _require(f is None or (isinstance(f, (int, float)) and f > 0), where,
+                             f"{ing['name']}: prednisone_equivalent_factor must be a positive number")
+        for wid in entry.get("workup", []):
+            _require(wid in workup_items, where, f"unknown workup item {wid}")
+        _require(cid in short_names, where, "card.yaml short_names has no entry for this cause")
+        policy = entry["policy"]
+        _require(isinstance(policy.get("fires_alone"), bool), where, "policy.fires_alone must be true/false")
+        _require(policy["fires_alone"] or bool(policy.get("reason")), where, "a cause that never fires alone needs a reason")
+        causes[cid] = Cause(
+            id=cid, label=entry["label"], category=entry["category"], strength=entry["strength"],
+            fires_alone=policy["fires_alone"], policy_reason=policy.get("reason", ""),
+            citations=entry["citations"], detect=detect, workup=entry.get("workup", []),
+            card=entry["card"], short_name=short_names[cid],
+        )
+
+    catalog = Catalog(
+        version=str(manifest["catalog"]["version"]), settings=manifest.get("scope", {}),
+        statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
+        observation_rules=obs_rules, units=units, medication_settings=raw["medications"],
+        detection=detection, card=card_cfg, value_sets=value_sets,
+    )
+    _build_indexes(catalog)
+    return catalog
+
+
+def _build_indexes(cat: Catalog) -> None:
+    def add_code(system: str, code: str, cause_id: str, role: str, prefix: bool) -> None:
+        system = normalize_system(system)
+        if prefix:
+            cat.icd_prefixes.setdefault(icd_key(code), []).append((cause_id, role))
+        else:
+            key = icd_key(code) if system == ICD10CM else code
+            cat.exact_codes.setdefault((system, key), []).append((cause_id, role))
+
+    names: dict[str, list[Ingredient]] = {}
+    for cause in cat.causes.values():
+        for c in cause.detect.get("codes", []):
+            add_code(c["system"], c["code"], cause.id, c.get("role", "trigger"), c.get("match") == "prefix")
+        med = cause.medication_rule
+        for oid in cause.detect.get("value_sets", []):
+            for c in cat.value_sets[oid]["codes"]:
+                if med and normalize_system(c["system"]) == RXNORM:
+                    ing = _ingredient_for_product(med, cause.id, c.get("display", ""))
+                    cat.med_codes.setdefault((RXNORM, c["code"]), []).append(ing)
+                else:
+                    add_code(c["system"], c["code"], cause.id, "trigger", False)
+        if not med:
+            continue
+        for ing in med["ingredients"]:
+            ingredient = Ingredient(cause.id, ing["name"], ing.get("prednisone_equivalent_factor"),
+                                    bool(ing.get("counts_only_with_other_ingredients")))
+            if ing.get("rxnorm", {}).get("code"):
+                cat.med_codes.setdefault((RXNORM, ing["rxnorm"]["code"]), []).append(ingredient)
+            if ing.get("atc", {}).get("code"):
+                cat.med_codes.setdefault((ATC, ing["atc"]["code"]), []).append(ingredient)
+            for term in [ing["name"], *ing.get("brands", [])]:
+                names.setdefault(term.lower(), []).append(ingredient)
+        for p in med.get("products", []):
+            cat.med_codes.setdefault((RXNORM, p["code"]), []).append(
+                _ingredient_for_product(med, cause.id, p.get("display", "")))
+    # treatment detection reuses the same machinery under a pseudo cause id
+    for ing in cat.detection["osteoporosis_treatment"]["ingredients"]:
+        ingredient = Ingredient("osteoporosis_treatment", ing["name"])
+        if ing.get("rxnorm", {}).get("code"):
+            cat.med_codes.setdefault((RXNORM, ing["rxnorm"]["code"]), []).append(ingredient)
+        if ing.get("atc", {}).get("code"):
+            cat.med_codes.setdefault((ATC, ing["atc"]["code"]), []).append(ingredient)
+        for term in [ing["name"], *ing.get("brands", [])]:
+            for part in re.split(r"\s*/\s*", term.lower()):
+                names.setdefault(part, []).append(ingredient)
+    for c in cat.detection["osteoporosis_treatment"]["other_codes"]:
+        if normalize_system(c["system"]) == RXNORM:
+            cat.med_codes.setdefault((RXNORM, c["code"]), []).append(
+                Ingredient("osteoporosis_treatment", c.get("display", c["code"]).lower()))
+    cat.med_names = names
+    # longest names first so 'valproic acid' wins over a shorter overlapping term
+    terms = sorted(names, key=len, reverse=True)
+    cat.med_name_regex = re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(t) for t in terms) + r")(?![a-z0-9])")
+
+    for rule in cat.observation_rules.values():
+        for key in ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc"):
+            for code in rule.get(key, []):
+                cat.loinc_rules.setdefault(code, []).append(rule["id"])
+    dxa = cat.detection["existing_dxa"]
+    for kind in ("t_score", "z_score", "bmd_area_density", "study", "frax"):
+        cat.context_loincs.update(c["code"] for c in dxa.get(kind, []))
+    for tier in cat.detection["workup"].values():
+        for w in tier:
+            cat.context_loincs.update(c["code"] for c in w["codes"] if normalize_system(c["system"]) == LOINC)
+
+    words = cat.medication_settings["non_systemic"]["words"]
+    cat.non_systemic_regex = re.compile("|".join(re.escape(w.lower()) for w in words))
+    for f in cat.medication_settings.get("frequency_words", []):
+        cat.frequency_patterns.append((re.compile(f["pattern"], re.I), float(f["per_day"])))
+
+    env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, trim_blocks=False)
+    try:
+        cat.templates["detail"] = env.from_string(cat.card["detail"])
+    except jinja2.TemplateError as exc:
+        raise CatalogError(f"card.yaml detail template: {exc}") from exc
+
+
+def _ingredient_for_product(med: dict, cause_id: str, display: str) -> Ingredient:
+    """A value-set product code stands for the ingredient its display names."""
+    text = display.lower()
+    for ing in med["ingredients"]:
+        if ing["name"].lower() in text:
+            return Ingredient(cause_id, ing["name"], ing.get("prednisone_equivalent_factor"),
+                              bool(ing.get("counts_only_with_other_ingredients")))
+    first = med["ingredients"][0]
+    return Ingredient(cause_id, first["name"] if len(med["ingredients"]) == 1 else display or cause_id,
+                      first.get("prednisone_equivalent_factor") if len(med["ingredients"]) == 1 else None)

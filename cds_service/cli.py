@@ -1,0 +1,92 @@
+"""`cds-service serve` (production WSGI server) and `cds-service evaluate` (offline, same output)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+import orjson
+
+from .config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from . import create_app
+
+    settings = Settings.from_env(host=args.host, port=args.port, workers=args.workers)
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            self.cfg.set("workers", max(1, settings.workers))
+            self.cfg.set("threads", max(1, settings.threads))
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("preload_app", True)          # load and validate the catalog once, before forking
+            self.cfg.set("timeout", 60)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("keepalive", 5)
+            self.cfg.set("accesslog", None)            # our own JSON request log has no patient data
+            self.cfg.set("loglevel", settings.log_level.lower())
+
+        def load(self):
+            return create_app(settings)
+
+    print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
+          f"({max(1, settings.workers)} workers); discovery at /cds-services", file=sys.stderr, flush=True)
+    Server().run()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .bundles import request_from_bundle
+    from .catalog import load_catalog
+    from .errors import ServiceError, operation_outcome
+    from .fhir_client import FhirClient
+    from .service import OsteoporosisService, explain
+
+    settings = Settings.from_env()
+    as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
+    service = OsteoporosisService(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
+                                  settings.fhir_page_size)
+    failures = 0
+    for name in args.files:
+        try:
+            data = orjson.loads(Path(name).read_bytes())
+            body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
+            result = service.invoke(body, as_of)
+            line = dict(result.response)
+            if args.explain:
+                line["findings"] = explain(result.assessment)
+        except (OSError, orjson.JSONDecodeError) as exc:
+            failures += 1
+            line = {"file": name, "error": operation_outcome(f"Cannot read {name}: {type(exc).__name__}")}
+        except ServiceError as exc:
+            failures += 1
+            line = {"file": name, "status": exc.status, "error": operation_outcome(exc.diagnostics, exc.code)}
+        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+    sys.stdout.flush()
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the CDS Hooks service (gunicorn)")
+    serve.add_argument("--host", default=None, help="bind address (CDS_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (CDS_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes (CDS_WORKERS, default: cores)")
+    serve.set_defaults(func=_serve)
+    ev = sub.add_parser("evaluate", help="print the service response for FHIR Bundles or CDS Hooks requests")
+    ev.add_argument("files", nargs="+", help="FHIR R4 Bundle (one patient) or CDS Hooks request JSON files")
+    ev.add_argument("--as-of", default=None, help="evaluation date YYYY-MM-DD (default: today or CDS_AS_OF)")
+    ev.add_argument("--explain", action="store_true", help="add the findings and their evidence to each line")
+    ev.set_defaults(func=_evaluate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

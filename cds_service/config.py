@@ -1,0 +1,82 @@
+"""Settings from the environment (CDS_ prefix), with defaults that run locally as-is."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from datetime import date
+from pathlib import Path
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting; each field reads the environment variable CDS_<FIELD NAME IN CAPITALS>."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = field(default_factory=_cores)
+    threads: int = 4
+    data_dir: str = "data"
+    database_url: str = ""                 # default: sqlite:///<data_dir>/feedback.sqlite3
+    cards_dir: str = ""                    # default: the cards/ folder shipped with the service
+    fhir_timeout: float = 3.0              # one overall deadline for all FHIR fallback queries (s)
+    fhir_max_pages: int = 10               # `next` links followed per prefetch key
+    fhir_max_bytes: int = 20 * 1024 * 1024  # largest FHIR response read
+    fhir_page_size: int = 200              # _count in the prefetch templates
+    max_body_bytes: int = 10 * 1024 * 1024
+    cors_origins: str = "*"                # "*" or a comma-separated list of allowed origins
+    as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            raw = env.get(f"CDS_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"CDS_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if s.as_of:
+            date.fromisoformat(s.as_of)   # fail at start-up, not per request
+        return s
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'feedback.sqlite3'}"
+
+    def evaluation_date(self) -> date:
+        return date.fromisoformat(self.as_of) if self.as_of else date.today()
+
+
+ENV_DOC = {
+    "host": "Address the server binds to",
+    "port": "TCP port",
+    "workers": "WSGI worker processes (default: the number of cores)",
+    "threads": "Threads per worker",
+    "data_dir": "Folder for the embedded SQLite feedback database",
+    "database_url": "Feedback store URL (sqlite:///path); default sqlite in CDS_DATA_DIR",
+    "cards_dir": "Folder holding the clinical catalog (default: the cards/ shipped with the service)",
+    "fhir_timeout": "Overall deadline in seconds for FHIR fallback queries",
+    "fhir_max_pages": "Pages (`next` links) followed per prefetch key",
+    "fhir_max_bytes": "Largest FHIR response body read, in bytes",
+    "fhir_page_size": "_count used in prefetch templates",
+    "max_body_bytes": "Largest request body accepted, in bytes (larger: 413)",
+    "cors_origins": "Allowed CORS origins: * or a comma-separated list",
+    "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",
+    "log_level": "Log level",
+}

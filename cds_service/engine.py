@@ -1,0 +1,519 @@
+"""Findings: which catalog causes the patient record shows, with the evidence for each.
+
+The engine reads rules and thresholds from the catalog; "today" is always the `as_of` date it is
+given, so fixtures and tests do not rot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, normalize_system
+from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
+
+
+@dataclass
+class Evidence:
+    reference: str          # "ResourceType/id"
+    text: str               # what, when, dose or value
+
+
+@dataclass
+class Finding:
+    cause: Cause
+    evidence: list[Evidence]
+    citations: list[str]
+    tier: str | None = None
+    supporting: list[Evidence] = field(default_factory=list)
+
+    @property
+    def references(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for e in self.evidence:
+            seen.setdefault(e.reference, None)
+        return list(seen)
+
+
+@dataclass
+class BoneContext:
+    bone_diagnoses: list[Evidence] = field(default_factory=list)
+    last_dxa: date | None = None
+    dxa_evidence: Evidence | None = None
+    treatments: list[Evidence] = field(default_factory=list)
+    workup_done: dict[str, Evidence] = field(default_factory=dict)
+
+
+@dataclass
+class Assessment:
+    patient_id: str
+    as_of: date
+    in_scope: bool
+    findings: list[Finding]
+    context: BoneContext
+    record: PatientRecord
+
+    @property
+    def triggering(self) -> list[Finding]:
+        return [f for f in self.findings if f.cause.fires_alone]
+
+    @property
+    def listed(self) -> list[Finding]:
+        return [f for f in self.findings if not f.cause.fires_alone]
+
+    @property
+    def card_due(self) -> bool:
+        return self.in_scope and bool(self.triggering)
+
+
+_STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
+
+
+class Engine:
+    """Evaluates one PatientRecord against the catalog."""
+
+    def __init__(self, catalog: Catalog):
+        self.cat = catalog
+        self.gc = catalog.medication_settings["glucocorticoids"]
+        det = catalog.detection
+        self.bone_groups: dict[str, str] = {}
+        for group, entries in det["index_conditions"].items():
+            if group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
+                for c in entries:
+                    self.bone_groups[c["code"]] = group
+        for oid in det.get("index_condition_value_sets", []):
+            vs = catalog.value_sets.get(oid, {})
+            group = "osteopenia" if "Osteopenia" in vs.get("name", "") else "osteoporosis"
+            for c in vs.get("codes", []):
+                self.bone_groups.setdefault(c["code"], group)
+        self.fracture_prefixes = [c["code"].replace(".", "") for c in det["index_conditions"]["osteoporosis"]
+                                  if c["code"].startswith("M80")]
+        self.dxa_loincs = {c["code"] for k in ("t_score", "z_score", "bmd_area_density", "study")
+                           for c in det["existing_dxa"].get(k, [])}
+        self.dxa_proc_codes = {c["code"] for k in ("procedure_cpt", "procedure_snomed")
+                               for c in det["existing_dxa"].get(k, [])}
+        self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
+                                if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self, record: PatientRecord) -> Assessment:
+        age = record.age
+        min_age = self.cat.settings.get("min_age_years", 18)
+        in_scope = age is None or age >= min_age
+        context = self._context(record)
+        findings: list[Finding] = []
+        if in_scope:
+            for cause in self.cat.causes.values():
+                finding = self._detect(cause, record, context)
+                if finding:
+                    findings.append(finding)
+        findings.sort(key=lambda f: (not f.cause.fires_alone, _STRENGTH_ORDER[f.cause.strength],
+                                     f.tier != "very_high", f.cause.id))
+        return Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
+
+    # ------------------------------------------------------------------------------------------
+    def _detect(self, cause: Cause, rec: PatientRecord, ctx: BoneContext) -> Finding | None:
+        detect = cause.detect
+        pat = detect.get("patient") or {}
+        if pat.get("sex") and rec.sex != pat["sex"]:
+            return None
+        if pat.get("max_age") is not None and (rec.age is None or rec.age > pat["max_age"]):
+            return None
+        evidence: list[Evidence] = []
+        supporting: list[Evidence] = []
+        citations: list[str] = []
+        tier = None
+        for entry in rec.conditions + rec.procedures:
+            roles = {role for cid, role in entry.matches if cid == cause.id}
+            if not roles:
+                continue
+            ev = Evidence(entry.reference, _coded_text(entry))
+            (evidence if "trigger" in roles else supporting).append(ev)
+        if evidence:
+            citations.append(cause.citations[0])
+        med = cause.medication_rule
+        if med:
+            med_ev, med_tier, med_cites = self._medication_rule(cause, med, rec)
+            if med_ev:
+                evidence += med_ev
+                tier = tier or med_tier
+                citations += med_cites
+        unless = detect.get("observations_unless_on_medication_of")
+        if detect.get("observations") and not (unless and self._currently_on(unless, rec)):
+            for rid in detect["observations"]:
+                obs_ev = self._observation_rule(self.cat.observation_rules[rid], rec)
+                if obs_ev:
+                    evidence += obs_ev
+                    citations += self.cat.observation_rules[rid].get("citations", [])[:1]
+        if evidence and cause.id == "smoking":
+            evidence = self._smoking_override(evidence, rec)
+        if not evidence:
+            return None
+        req = detect.get("requires") or {}
+        if req.get("fragility_fracture_within_days"):
+            since = rec.as_of - timedelta(days=req["fragility_fracture_within_days"])
+            if not any(self._is_fracture(c) and c.when and c.when >= since for c in rec.conditions):
+                return None
+        return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting)
+
+    def _is_fracture(self, entry: CodedEntry) -> bool:
+        return any(s == ICD10CM and any(code.replace(".", "").upper().startswith(p) for p in self.fracture_prefixes)
+                   for s, code in entry.codes)
+
+    # ---- medications -------------------------------------------------------------------------
+    def _exposures(self, cause: Cause, med: dict, rec: PatientRecord) -> list[MedicationExposure]:
+        since = rec.as_of - timedelta(days=med.get("lookback_days", 365))
+        out = []
+        for m in rec.medications:
+            if not any(i.cause_id == cause.id for i in m.ingredients):
+                continue
+            if m.start is None or (m.end or m.start) < since or m.start > rec.as_of + timedelta(days=1):
+                continue
+            if not m.systemic:
+                continue
+            low = m.text.lower()
+            if any(w in low for w in med.get("exclude_text", ())):
+                continue
+            if med.get("require_text_any") and not any(w in low for w in med["require_text_any"]):
+                continue
+            if med.get("exclude_inpatient") and (m.inpatient or m.resource_type == "MedicationAdministration"):
+                continue
+            out.append(m)
+        companions = [m for m in out if not all(i.counts_only_with_other_ingredients
+                                                for i in m.ingredients if i.cause_id == cause.id)]
+        if not companions:
+            return []
+        return out
+
+    def _currently_on(self, cause_id: str, rec: PatientRecord) -> bool:
+        cause = self.cat.causes[cause_id]
+        med = cause.medication_rule or {}
+        recent = rec.as_of - timedelta(days=90)
+        return any(m.end and m.end >= recent for m in self._exposures(cause, med, rec))
+
+    def _medication_rule(self, cause: Cause, med: dict, rec: PatientRecord) -> tuple[list[Evidence], str | None, list[str]]:
+        exps = self._exposures(cause, med, rec)
+        if not exps:
+            return [], None, []
+        rule = med["rule"]
+        lookback = rec.as_of - timedelta(days=med.get("lookback_days", 365))
+        if rule == "glucocorticoid_exposure":
+            return self._glucocorticoids(exps, rec, lookback)
+        if rule == "any_use":
+            return [Evidence(m.reference, m.describe()) for m in exps], None, cause.citations[:1]
+        if rule == "current_use_with_lab":
+            recent = rec.as_of - timedelta(days=90)
+            current = [m for m in exps if m.end and m.end >= recent]
+            if not current:
+                return [], None, []
+            lab = self._observation_rule(self.cat.observation_rules[med["requires_observation"]], rec)
+            if not lab:
+                return [], None, []
+            return [Evidence(m.reference, m.describe()) for m in current] + lab, None, cause.citations[:1]
+        if rule == "high_dose":
+            high = [m for m in exps if m.mg_per_dose and m.mg_per_dose >= med["min_single_dose_mg"]]
+            return [Evidence(m.reference, m.describe() + f", {m.mg_per_dose:g} mg per dose") for m in high], None, cause.citations[:1]
+        # sustained_use
+        per_record = med.get("days_per_record")
+        intervals = []
+        for m in exps:
+            end = m.end or m.start
+            if per_record and end == m.start:
+                end = m.start + timedelta(days=per_record - 1)
+            intervals.append((max(m.start, lookback), end))
+        days = _union_days(intervals)
+        if days < med.get("min_days", 0):
+            return [], None, []
+        ev = [Evidence(m.reference, m.describe()) for m in exps]
+        ev.append(Evidence(exps[0].reference, f"{days} days of use in the last {med.get('lookback_days', 365)} days "
+                                              f"(threshold {med.get('min_days', 0)} days)"))
+        return ev, None, cause.citations[:1]
+
+    def _glucocorticoids(self, exps: list[MedicationExposure], rec: PatientRecord, lookback: date):
+        gc = self.gc
+        horizon = rec.as_of + timedelta(days=365)
+        no_equiv = set(gc.get("no_equivalent", []))
+        replacement = gc.get("replacement_dose_max_mg", {})
+        dose_days: dict[date, dict[str, float]] = {}
+        unknown_days: set[date] = set()
+        budesonide_days: set[date] = set()
+        used: list[tuple[MedicationExposure, str]] = []
+        for m in exps:
+            ing = next(i for i in m.ingredients if i.cause_id == "glucocorticoids")
+            if ing.name in replacement and m.daily_mg is not None and m.daily_mg <= replacement[ing.name]:
+                continue              # physiologic replacement, not GIOP-level exposure
+            start, end = max(m.start, lookback), min(m.end or m.start, horizon)
+            if ing.name in no_equiv:
+                budesonide_days.update(_days(start, end))
+                used.append((m, f"{m.describe()}; no accepted prednisone equivalent, counted by duration for review"))
+                continue
+            if m.daily_mg is None or ing.prednisone_equivalent_factor is None:
+                unknown_days.update(_days(start, end))
+                used.append((m, f"{m.describe()}; dose not recorded" + (f" ({m.dose_note})" if m.dose_note else "")))
+                continue
+            pe = m.daily_mg * ing.prednisone_equivalent_factor
+            for d in _days(start, end):
+                slot = dose_days.setdefault(d, {})
+                slot[ing.name] = max(slot.get(ing.name, 0.0), pe)   # the same drug twice is one exposure
+            note = f" ({m.dose_note})" if m.dose_note else ""
+            used.append((m, f"{m.describe()} = {pe:g} mg/day prednisone-equivalent{note}"))
+        totals = {d: sum(v.values()) for d, v in dose_days.items()}
+
+        def days_at(mg: float) -> int:
+            return sum(1 for v in totals.values() if v >= mg)
+
+        ev = [Evidence(m.reference, text) for m, text in used]
+        tier = None
+        cites = []
+        if days_at(gc["min_mg_per_day"]) >= gc["min_days"]:
+            year_ago = rec.as_of - timedelta(days=365)
+            cumulative = sum(v for d, v in totals.items() if year_ago <= d <= rec.as_of)
+            for t in gc["tiers"]:
+                n = days_at(t["min_mg_per_day"])
+                if n >= t["min_days"] or (t.get("or_cumulative_mg_per_365_days") and cumulative >= t["or_cumulative_mg_per_365_days"]):
+                    tier = t["id"]
+                    cites.append(t["citation"])
+                    break
+            ev.append(Evidence(used[0][0].reference,
+                               f"{days_at(gc['min_mg_per_day'])} days at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent "
+                               f"(cumulative {cumulative:,.0f} mg in the last 365 days, planned days included)"))
+            cites.insert(0, gc["citation"])
+        elif len(unknown_days | set(totals)) >= gc["unknown_dose_min_days"] and unknown_days:
+            tier = "dose_not_recorded"
+            cites.append(gc["unknown_dose_citation"])
+            ev.append(Evidence(used[0][0].reference, f"{len(unknown_days | set(totals))} days of systemic glucocorticoid orders; dose not recorded"))
+        elif len(budesonide_days) >= gc["min_days"]:
+            tier = "budesonide_review"
+            cites.append(gc["citation"])
+        else:
+            return [], None, []
+        return ev, tier, cites
+
+    # ---- observations ------------------------------------------------------------------------
+    def _observation_rule(self, rule: dict, rec: PatientRecord) -> list[Evidence]:
+        pat = rule.get("patient") or {}
+        if pat.get("sex") and rec.sex != pat["sex"]:
+            return []
+        since = rec.as_of - timedelta(days=rule.get("lookback_days", 365))
+        kind = rule["kind"]
+        if kind == "threshold":
+            return self._threshold(rule, rec, since)
+        if kind == "persistent":
+            return self._persistent(rule, rec, since)
+        if kind == "pth_calcium":
+            return self._pth_calcium(rule, rec, since)
+        if kind == "bmi":
+            return self._bmi(rule, rec, since)
+        if kind == "smoking":
+            return self._smoking(rule, rec, since)
+        return []
+
+    def _threshold(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        if any(rec.observations.get(c) for c in rule.get("skip_if_any_loinc", ())):
+            return []
+        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
+        if rule.get("max_age_at_result") is not None:
+            results = [m for m in results if (rec.age_on(m.when) or 999) <= rule["max_age_at_result"]]
+        usable = [m for m in results if m.value is not None or _flag(m, rule) is not None]
+        n = rule.get("results", 1)
+        newest = usable[:n]
+        if len(newest) == n and all(self._qualifies(m, rule, rec) for m in newest):
+            return [Evidence(m.reference, _measure_text(rule, m)) for m in newest]
+        alt = rule.get("or_below_reference_low_results")
+        if alt:
+            newest = usable[:alt]
+            if len(newest) == alt and all(m.value is not None and m.ref_low is not None and m.value < m.ref_low for m in newest):
+                return [Evidence(m.reference, _measure_text(rule, m) + f" (below the lab's lower limit {m.ref_low:g})")
+                        for m in newest]
+        return []
+
+    def _qualifies(self, m: Measurement, rule: dict, rec: PatientRecord) -> bool:
+        v = m.value
+        if "below" in rule:
+            return v is not None and v < rule["below"]
+        if "at_least" in rule:
+            return v is not None and v >= rule["at_least"]
+        if "above" in rule:
+            limit = rule["above_female"] if rec.sex == "female" and "above_female" in rule else rule["above"]
+            return v is not None and v > limit
+        if "outside" in rule:
+            lo, hi = rule["outside"]
+            return v is not None and (v < lo or v > hi)
+        if rule.get("above_reference_high"):
+            flag = _flag(m, rule)
+            if v is not None and m.ref_high is not None:
+                return v > m.ref_high
+            return flag == "high"
+        return False
+
+    def _persistent(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        results = [m for m in rec.results(rule["loinc"], since) if m.value is not None and m.when <= rec.as_of]
+        if not results:
+            return []
+        if rule.get("latest_must_qualify") and not results[0].value < rule["below"]:
+            return []
+        low = [m for m in results if m.value < rule["below"]]
+        if len(low) < 2 or (low[0].when - low[-1].when).days < rule["min_span_days"]:
+            return []
+        return [Evidence(m.reference, _measure_text(rule, m)) for m in (low[-1], low[0])]
+
+    def _pth_calcium(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        calcium = [m for m in rec.results(rule["calcium_loinc"], since) if m.value is not None]
+        pth = [m for m in rec.results(rule["pth_loinc"], since) if m.value is not None]
+        if not calcium or not pth:
+            return []
+        ca = calcium[0]
+        albumin = [m for m in rec.results(rule["albumin_loinc"], since)
+                   if m.value is not None and abs((m.when - ca.when).days) <= 1]
+        corrected = ca.value + 0.8 * (4.0 - albumin[0].value) if albumin else ca.value
+        ca_high = corrected > rule["calcium_above"] or (ca.ref_high is not None and ca.value > ca.ref_high)
+        near = [m for m in pth if abs((m.when - ca.when).days) <= rule["pair_within_days"]]
+        if not ca_high or not near:
+            return []
+        p = near[0]
+        if not (p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)):
+            return []
+        ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
+        if albumin:
+            ca_text += f" (albumin-corrected {corrected:.1f})"
+        return [Evidence(ca.reference, ca_text), Evidence(p.reference, f"PTH {p.value:g} pg/mL on {p.when.isoformat()}")]
+
+    def _bmi(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        bmi = [m for m in rec.results(rule["loinc"], since) if m.value is not None]
+        weights = [m for m in rec.results(rule["weight_loinc"], since) if m.value is not None]
+        if bmi and (not weights or bmi[0].when >= weights[0].when):
+            m = bmi[0]
+            return [Evidence(m.reference, f"BMI {m.value:.1f} kg/m2 on {m.when.isoformat()}")] if m.value < rule["below"] else []
+        heights = [m for m in rec.results(rule["height_loinc"]) if m.value]
+        if weights and heights:
+            w, h = weights[0], heights[0]
+            value = w.value / ((h.value / 100) ** 2)
+            if value < rule["below"]:
+                return [Evidence(w.reference, f"Weight {w.value:.1f} kg on {w.when.isoformat()}"),
+                        Evidence(h.reference, f"height {h.value:.0f} cm: BMI {value:.1f} kg/m2")]
+        return []
+
+    def _smoking(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        results = rec.results(rule["loinc"], since)
+        if not results:
+            return []
+        m = results[0]
+        if _smoking_current(m, rule):
+            return [Evidence(m.reference, f"Smoking status '{m.value_text or 'current smoker'}' on {m.when.isoformat()}")]
+        return []
+
+    def _smoking_override(self, evidence: list[Evidence], rec: PatientRecord) -> list[Evidence]:
+        rule = next(r for r in self.cat.observation_rules.values() if r["kind"] == "smoking")
+        if not rule.get("newer_status_overrides_codes"):
+            return evidence
+        results = rec.results(rule["loinc"])
+        if results and not _smoking_current(results[0], rule):
+            newest = results[0].when
+            coded = {c.reference: c for c in rec.conditions}
+            evidence = [e for e in evidence if not (e.reference in coded and (coded[e.reference].when or date.min) <= newest)]
+        return evidence
+
+    # ---- bone-health context -----------------------------------------------------------------
+    def _context(self, rec: PatientRecord) -> BoneContext:
+        ctx = BoneContext()
+        s = self.cat.settings
+        for c in rec.conditions:
+            groups = {self.bone_groups[code] for _, code in c.codes if code in self.bone_groups}
+            if groups:
+                ctx.bone_diagnoses.append(Evidence(c.reference, _coded_text(c)))
+            if any(code in self.treatment_codes for _, code in c.codes):
+                ctx.treatments.append(Evidence(c.reference, _coded_text(c)))
+        dxa_since = rec.as_of - timedelta(days=s.get("recent_dxa_days", 730))
+        candidates: list[tuple[date, Evidence]] = []
+        for code in self.dxa_loincs:
+            for m in rec.observations.get(code, ()):
+                if dxa_since <= m.when <= rec.as_of:
+                    candidates.append((m.when, Evidence(m.reference, f"DXA result on {m.when.isoformat()}")))
+        for p in rec.procedures:
+            if p.when and dxa_since <= p.when <= rec.as_of and any(code in self.dxa_proc_codes for _, code in p.codes):
+                candidates.append((p.when, Evidence(p.reference, f"DXA on {p.when.isoformat()}")))
+        if candidates:
+            ctx.last_dxa, ctx.dxa_evidence = max(candidates, key=lambda x: x[0])
+        t_since = rec.as_of - timedelta(days=s.get("treatment_lookback_days", 365))
+        for m in rec.medications:
+            names = [i.name for i in m.ingredients if i.cause_id == "osteoporosis_treatment"]
+            if not names or m.start is None:
+                continue
+            if "ethinyl" in m.text.lower():
+                continue            # contraceptive estrogen is not osteoporosis therapy
+            window = t_since
+            if "zoledronic acid" in names:
+                window = rec.as_of - timedelta(days=s.get("zoledronic_acid_effect_days", 730))
+            if "denosumab" in names:
+                window = rec.as_of - timedelta(days=s.get("denosumab_effect_days", 210))
+            if m.ongoing or (m.end and m.end >= window):
+                ctx.treatments.append(Evidence(m.reference, m.describe()))
+        w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
+        for tier in self.cat.detection["workup"].values():
+            for item in tier:
+                for c in item["codes"]:
+                    newest = [m for m in rec.observations.get(c["code"], ()) if w_since <= m.when <= rec.as_of]
+                    if newest:
+                        ctx.workup_done[item["id"]] = Evidence(newest[0].reference, f"{item['label']} on {newest[0].when.isoformat()}")
+                        break
+        return ctx
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _days(start: date, end: date):
+    d = start
+    while d <= end:
+        yield d
+        d += timedelta(days=1)
+
+
+def _union_days(intervals: list[tuple[date, date]]) -> int:
+    total = 0
+    cur_s = cur_e = None
+    for s, e in sorted(intervals):
+        if e < s:
+            continue
+        if cur_e is None or s > cur_e + timedelta(days=1):
+            if cur_e is not None:
+                total += (cur_e - cur_s).days + 1
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += (cur_e - cur_s).days + 1
+    return total
+
+
+def _coded_text(entry: CodedEntry) -> str:
+    codes = ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
+    when = f", {'onset' if entry.resource_type == 'Condition' else 'performed'} {entry.when.isoformat()}" if entry.when else ""
+    return f"{entry.text or 'coded entry'} ({codes}){when}"
+
+
+def _system_name(system: str) -> str:
+    return {ICD10CM: "ICD-10-CM", SNOMED: "SNOMED", CPT: "CPT"}.get(system, system.rsplit("/", 1)[-1])
+
+
+def _flag(m: Measurement, rule: dict) -> str | None:
+    if m.interpretation & {"H", "HH", "POS", "A", "AA", "HU"}:
+        return "high"
+    if m.interpretation & {"L", "LL", "LU"}:
+        return "low"
+    return None
+
+
+def _measure_text(rule: dict, m: Measurement) -> str:
+    if m.value is None:
+        return f"{rule['label']}: result flagged {','.join(sorted(m.interpretation))} on {m.when.isoformat()}"
+    shown = f"{m.value:.3g} {m.unit}".strip()
+    if m.raw_unit and m.raw_unit != m.unit and isinstance(m.raw_value, (int, float)):
+        shown += f" (reported {m.raw_value:g} {m.raw_unit})"
+    return f"{rule['label'].split(' (')[0]}: {shown} on {m.when.isoformat()}"
+
+
+def _smoking_current(m: Measurement, rule: dict) -> bool:
+    if any(c.get("code") in rule["current_codes"] for c in m.value_codes):
+        return True
+    text = m.value_text.lower()
+    if any(w in text for w in rule["not_current_words"]):
+        return False
+    return any(w in text for w in rule["current_words"])

@@ -1,0 +1,40 @@
+"""Typed errors that map to HTTP answers, each with a FHIR OperationOutcome body."""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error the client must see as a 4xx with an OperationOutcome."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, diagnostics: str):
+        super().__init__(diagnostics)
+        self.diagnostics = diagnostics
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "invalid"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not-found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "not-supported"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "too-costly"
+
+
+class PrefetchUnavailable(ServiceError):
+    """Data a rule needs is missing from prefetch and the FHIR server could not supply it (412)."""
+
+    status, code = 412, "not-found"
+
+
+def operation_outcome(diagnostics: str, code: str = "invalid", severity: str = "error") -> dict:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}

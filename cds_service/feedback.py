@@ -1,0 +1,166 @@
+"""CDS Hooks feedback: validation and durable storage keyed by card uuid.
+
+A feedback POST is acknowledged only after its rows are committed (SQLite in WAL mode with
+synchronous=FULL), so nothing acknowledged is lost. Re-posting the same entry is idempotent.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+from .errors import BadRequest
+
+
+def normalize_feedback(body: object) -> list[dict]:
+    """Validate a 2.0 feedback body (and tolerate the older shapes); return normalized entries."""
+    if not isinstance(body, dict) or not isinstance(body.get("feedback"), list) or not body["feedback"]:
+        raise BadRequest("The body must be an object with a non-empty 'feedback' array.")
+    out = []
+    for n, item in enumerate(body["feedback"]):
+        where = f"feedback[{n}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be an object.")
+        card = item.get("card")
+        if not isinstance(card, str) or not card.strip():
+            raise BadRequest(f"{where}.card (the card uuid) is required.")
+        outcome = item.get("outcome")
+        if outcome not in ("accepted", "overridden"):
+            raise BadRequest(f"{where}.outcome must be 'accepted' or 'overridden'.")
+        ts = item.get("outcomeTimestamp")
+        if not isinstance(ts, str) or not _is_timestamp(ts):
+            raise BadRequest(f"{where}.outcomeTimestamp must be an ISO 8601 date-time.")
+        accepted: list[str] = []
+        raw_acc = item.get("acceptedSuggestions")
+        if raw_acc is not None:
+            if not isinstance(raw_acc, list):
+                raise BadRequest(f"{where}.acceptedSuggestions must be an array.")
+            for s in raw_acc:
+                sid = s.get("id") if isinstance(s, dict) else s       # bare strings: pre-2.0 clients
+                if not isinstance(sid, str) or not sid:
+                    raise BadRequest(f"{where}.acceptedSuggestions items need an 'id'.")
+                accepted.append(sid)
+        if outcome == "accepted" and not accepted:
+            raise BadRequest(f"{where}: an accepted outcome needs acceptedSuggestions.")
+        reason = comment = None
+        raw_or = item.get("overrideReason")
+        if raw_or is not None:
+            if not isinstance(raw_or, dict):
+                raise BadRequest(f"{where}.overrideReason must be an object.")
+            if "code" in raw_or and "reason" not in raw_or:
+                raw_or = {"reason": raw_or}                           # a bare Coding: pre-2.0 clients
+            reason = raw_or.get("reason")
+            comment = raw_or.get("userComment")
+            if reason is None and comment is None:
+                raise BadRequest(f"{where}.overrideReason needs a reason or a userComment.")
+            if reason is not None and (not isinstance(reason, dict) or not isinstance(reason.get("code"), str)):
+                raise BadRequest(f"{where}.overrideReason.reason must be a Coding with a code.")
+            if comment is not None and not isinstance(comment, str):
+                raise BadRequest(f"{where}.overrideReason.userComment must be a string.")
+        out.append({"card": card, "outcome": outcome, "outcomeTimestamp": ts, "acceptedSuggestions": accepted,
+                    "reason": reason, "userComment": comment})
+    return out
+
+
+def _is_timestamp(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return True
+    except ValueError:
+        return False
+
+
+class FeedbackStore(Protocol):
+    def save(self, service_id: str, entries: list[dict]) -> int: ...
+    def entries_for_card(self, card_uuid: str) -> list[dict]: ...
+    def count(self) -> int: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    service_id TEXT NOT NULL,
+    card_uuid TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    outcome_timestamp TEXT NOT NULL,
+    accepted_suggestions TEXT NOT NULL,
+    override_system TEXT,
+    override_code TEXT,
+    override_comment TEXT,
+    entry_hash TEXT NOT NULL UNIQUE,
+    received_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
+"""
+
+
+class SQLiteFeedbackStore:
+    """The embedded default store. Safe across threads and worker processes (SQLite locking)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # schema on a throw-away connection: a connection must never cross a worker fork
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def save(self, service_id: str, entries: list[dict]) -> int:
+        now = datetime.now(timezone.utc).isoformat()
+        rows = []
+        for e in entries:
+            digest = hashlib.sha256(orjson.dumps([service_id, e], option=orjson.OPT_SORT_KEYS)).hexdigest()
+            reason = e["reason"] or {}
+            rows.append((service_id, e["card"], e["outcome"], e["outcomeTimestamp"],
+                         orjson.dumps(e["acceptedSuggestions"]).decode(), reason.get("system"), reason.get("code"),
+                         e["userComment"], digest, now))
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.executemany(
+                "INSERT OR IGNORE INTO feedback (service_id, card_uuid, outcome, outcome_timestamp, accepted_suggestions,"
+                " override_system, override_code, override_comment, entry_hash, received_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return cur.rowcount
+
+    def entries_for_card(self, card_uuid: str) -> list[dict]:
+        conn = self._connect()
+        cur = conn.execute("SELECT outcome, outcome_timestamp, accepted_suggestions, override_system, override_code,"
+                           " override_comment FROM feedback WHERE card_uuid = ? ORDER BY id", (card_uuid,))
+        return [{"outcome": r[0], "outcomeTimestamp": r[1], "acceptedSuggestions": orjson.loads(r[2]),
+                 "overrideSystem": r[3], "overrideCode": r[4], "userComment": r[5]} for r in cur.fetchall()]
+
+    def count(self) -> int:
+        return self._connect().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+
+
+def open_store(url: str) -> FeedbackStore:
+    if url.startswith("sqlite:///"):
+        return SQLiteFeedbackStore(url[len("sqlite:///"):])
+    if url.startswith("sqlite://"):
+        return SQLiteFeedbackStore(url[len("sqlite://"):])
+    raise ValueError("CDS_DATABASE_URL must be sqlite:///<path> (PostgreSQL support is tracked separately)")

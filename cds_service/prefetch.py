@@ -1,0 +1,150 @@
+"""Prefetch templates (built from the catalog's codes) and their resolution for a request.
+
+CDS Hooks 2.0: the client may satisfy none, some or all templates. A key that is absent, or
+whose value is an OperationOutcome (or a Bundle carrying an error outcome), is fetched from
+fhirServer; a `null` value means "no data"; a paginated Bundle is completed via its `next`
+links. If anything a rule needs cannot be had, the request gets 412.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from .catalog import LOINC, Catalog, normalize_system
+from .errors import PrefetchUnavailable
+from .fhir_client import FhirClient, FhirError, FetchStats
+
+TOKEN_RE = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
+USER_TOKENS = {"userPractitionerId": "Practitioner", "userPractitionerRoleId": "PractitionerRole",
+               "userPatientId": "Patient", "userRelatedPersonId": "RelatedPerson"}
+
+
+def build_templates(catalog: Catalog, page_size: int = 200) -> dict[str, str]:
+    """The discovery prefetch templates; Observation searches are filtered to the codes rules read."""
+    rule_codes: set[str] = set()
+    for rule in catalog.observation_rules.values():
+        for key in ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc"):
+            rule_codes.update(rule.get(key, []))
+    for cause in catalog.causes.values():
+        for c in cause.detect.get("codes", []):
+            if normalize_system(c["system"]) == LOINC:
+                rule_codes.add(c["code"])
+    context_codes = set(catalog.context_loincs) - rule_codes
+
+    def obs(codes: set[str]) -> str:
+        joined = ",".join(f"{LOINC}|{c}" for c in sorted(codes))
+        return f"Observation?patient={{{{context.patientId}}}}&code={joined}&_count={page_size}"
+
+    return {
+        "patient": "Patient/{{context.patientId}}",
+        "conditions": f"Condition?patient={{{{context.patientId}}}}&_count={page_size}",
+        "medicationRequests": f"MedicationRequest?patient={{{{context.patientId}}}}&_count={page_size}"
+                              "&_include=MedicationRequest:medication",
+        "medicationStatements": f"MedicationStatement?patient={{{{context.patientId}}}}&_count={page_size}"
+                                "&_include=MedicationStatement:medication",
+        "observations": obs(rule_codes),
+        "boneHealthObservations": obs(context_codes),
+        "procedures": f"Procedure?patient={{{{context.patientId}}}}&_count={page_size}",
+    }
+
+
+def resolve_template(template: str, context: dict) -> str | None:
+    """Substitute 2.0 tokens as a client would; None when a token has no value."""
+    missing = False
+
+    def sub(m: re.Match) -> str:
+        nonlocal missing
+        token = m.group(1)
+        value = None
+        if token.startswith("context."):
+            value = context.get(token[len("context."):])
+        elif token in USER_TOKENS:
+            user = context.get("userId")
+            if isinstance(user, str) and user.startswith(USER_TOKENS[token] + "/"):
+                value = user.split("/", 1)[1]
+        if not isinstance(value, str) or not value:
+            missing = True
+            return ""
+        return quote(value, safe="")
+
+    out = TOKEN_RE.sub(sub, template)
+    return None if missing else out
+
+
+def _failed(value: dict) -> bool:
+    """An OperationOutcome, or a Bundle whose entries carry an error outcome, is a failed key."""
+    if value.get("resourceType") == "OperationOutcome":
+        return True
+    if value.get("resourceType") == "Bundle":
+        for e in value.get("entry") or []:
+            res = e.get("resource") if isinstance(e, dict) else None
+            if isinstance(res, dict) and res.get("resourceType") == "OperationOutcome":
+                if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in res.get("issue") or []):
+                    return True
+    return False
+
+
+def _has_next(value: dict) -> bool:
+    return value.get("resourceType") == "Bundle" and any(
+        isinstance(l, dict) and l.get("relation") == "next" for l in value.get("link") or [])
+
+
+@dataclass
+class PrefetchResult:
+    data: dict
+    fetched_keys: list[str] = field(default_factory=list)
+    stats: FetchStats = field(default_factory=FetchStats)
+
+
+class PrefetchResolver:
+    def __init__(self, templates: dict[str, str], client: FhirClient, timeout: float):
+        self.templates = templates
+        self.client = client
+        self.timeout = timeout
+
+    def resolve(self, request: dict) -> PrefetchResult:
+        given = request.get("prefetch") or {}
+        context = request["context"]
+        data: dict = {}
+        missing: dict[str, str] = {}
+        partial: list[str] = []
+        for key, template in self.templates.items():
+            value = given.get(key, ...)
+            if value is None:
+                data[key] = None                       # the client had no data
+            elif value is ... or not isinstance(value, dict) or _failed(value):
+                query = resolve_template(template, context)
+                if query is None:
+                    raise PrefetchUnavailable(f"Prefetch key '{key}' is missing and its query cannot be built from the context.")
+                missing[key] = query
+            elif _has_next(value):
+                data[key] = value
+                partial.append(key)
+            else:
+                data[key] = value
+        result = PrefetchResult(data)
+        if not missing and not partial:
+            return result
+        server = request.get("fhirServer")
+        if not isinstance(server, str) or not server:
+            keys = ", ".join(sorted(missing) + partial)
+            raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the request has no fhirServer to query.")
+        auth = request.get("fhirAuthorization")
+        token = auth.get("access_token") if isinstance(auth, dict) else None
+        deadline = time.monotonic() + self.timeout     # one deadline for all fallback work
+        try:
+            fetched, stats = self.client.fetch_many(server, token, missing, self.timeout) if missing else ({}, FetchStats())
+            for key in partial:
+                fetched[key] = self.client.follow_next(server, token, data[key], max(0.0, deadline - time.monotonic()))
+        except FhirError as exc:
+            keys = ", ".join(sorted(missing) + partial)
+            raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the FHIR server could not supply it: {exc}") from exc
+        for key, value in fetched.items():
+            if _failed(value):
+                raise PrefetchUnavailable(f"The FHIR server returned an error outcome for '{key}'.")
+            data[key] = value
+        result.fetched_keys = sorted(fetched)
+        result.stats = stats
+        return result

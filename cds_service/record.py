@@ -1,0 +1,614 @@
+"""The patient record: the prefetched FHIR resources, typed where they drive a finding.
+
+Raw JSON is scanned cheaply against the catalog's code indexes first; only resources that can
+drive a finding or card context are validated with fhir.resources (R4B models). A resource that
+fails validation is skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from .catalog import LOINC, Catalog, Ingredient, normalize_system
+
+_MODELS: dict[str, Any] = {}
+
+
+def _model(resource_type: str):
+    """fhir.resources R4B model class, imported lazily (the import is the expensive part)."""
+    if resource_type not in _MODELS:
+        import importlib
+        module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
+        _MODELS[resource_type] = getattr(module, resource_type)
+    return _MODELS[resource_type]
+
+
+TYPED = ("Patient", "Condition", "Observation", "Procedure", "MedicationRequest",
+         "MedicationStatement", "MedicationAdministration", "Medication")
+
+
+def warm_models() -> None:
+    """Import the models at start-up so the first request does not pay for it."""
+    for rt in TYPED:
+        _model(rt)
+
+
+_DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+def parse_date(value: Any) -> date | None:
+    """FHIR date/dateTime/instant -> date (partial dates take their first day)."""
+    if not isinstance(value, str):
+        return None
+    m = _DATE_RE.match(value.strip())
+    if not m:
+        return None
+    try:
+        return date(int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1))
+    except ValueError:
+        return None
+
+
+def reference_of(resource: dict) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id', '?')}"
+
+
+def codings(concept: Any) -> list[dict]:
+    if not isinstance(concept, dict):
+        return []
+    out = concept.get("coding")
+    return [c for c in out if isinstance(c, dict)] if isinstance(out, list) else []
+
+
+def concept_text(concept: Any) -> str:
+    if not isinstance(concept, dict):
+        return ""
+    parts = [concept.get("text")] + [c.get("display") for c in codings(concept)]
+    return " ".join(p for p in parts if isinstance(p, str))
+
+
+def status_code(concept: Any) -> str | None:
+    for c in codings(concept):
+        if isinstance(c.get("code"), str):
+            return c["code"]
+    return None
+
+
+@dataclass
+class MedicationExposure:
+    """One medication record read as an exposure: what, how much, from when to when."""
+
+    reference: str
+    resource_type: str
+    ingredients: list[Ingredient]
+    text: str
+    status: str
+    start: date | None
+    end: date | None               # last day covered (planned end when in the future)
+    ongoing: bool
+    systemic: bool
+    mg_per_dose: float | None
+    doses_per_day: float | None
+    daily_mg: float | None
+    dose_note: str = ""
+    inpatient: bool = False
+    as_needed: bool = False
+
+    def covers(self, day: date) -> bool:
+        return self.start is not None and self.start <= day <= (self.end or self.start)
+
+    def describe(self) -> str:
+        when = self.start.isoformat() if self.start else "date not recorded"
+        if self.end and self.end != self.start:
+            when += f" to {self.end.isoformat()}" + (" (ongoing/planned)" if self.ongoing else "")
+        elif self.ongoing:
+            when += " onwards (active)"
+        dose = f", {self.daily_mg:g} mg/day" if self.daily_mg else ""
+        return f"{self.text or 'medication'}{dose}, {when}"
+
+
+@dataclass
+class Measurement:
+    reference: str
+    code: str
+    when: date
+    value: float | None           # in the analyte's canonical unit when converted
+    unit: str
+    raw_value: Any
+    raw_unit: str
+    ref_low: float | None
+    ref_high: float | None
+    interpretation: set[str]
+    value_codes: list[dict]
+    value_text: str
+
+
+@dataclass
+class CodedEntry:
+    """A Condition or Procedure that matched a catalog code."""
+
+    reference: str
+    resource_type: str
+    text: str
+    when: date | None
+    matches: list[tuple[str, str]]        # (cause_id, role)
+    codes: list[tuple[str, str]]          # (system, code) of the resource
+
+
+@dataclass
+class PatientRecord:
+    patient_id: str
+    as_of: date
+    birth_date: date | None = None
+    sex: str | None = None
+    conditions: list[CodedEntry] = field(default_factory=list)
+    procedures: list[CodedEntry] = field(default_factory=list)
+    medications: list[MedicationExposure] = field(default_factory=list)
+    observations: dict[str, list[Measurement]] = field(default_factory=dict)   # LOINC -> newest first
+    skipped_invalid: int = 0
+    resources_seen: int = 0
+    has_patient: bool = False
+
+    @property
+    def age(self) -> int | None:
+        if not self.birth_date:
+            return None
+        b, t = self.birth_date, self.as_of
+        return t.year - b.year - ((t.month, t.day) < (b.month, b.day))
+
+    def age_on(self, day: date) -> int | None:
+        if not self.birth_date:
+            return None
+        b = self.birth_date
+        return day.year - b.year - ((day.month, day.day) < (b.month, b.day))
+
+    def results(self, loincs: Iterable[str], since: date | None = None) -> list[Measurement]:
+        out: list[Measurement] = []
+        for code in loincs:
+            out += self.observations.get(code, ())
+        if since:
+            out = [m for m in out if m.when >= since]
+        out.sort(key=lambda m: m.when, reverse=True)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+def iter_resources(prefetch: dict) -> Iterable[dict]:
+    """Every resource in the prefetch values (resources or Bundles), OperationOutcomes excluded."""
+    for value in prefetch.values():
+        if not isinstance(value, dict):
+            continue
+        if value.get("resourceType") == "Bundle":
+            for entry in value.get("entry") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                    res = entry["resource"]
+                    if res.get("resourceType") not in (None, "OperationOutcome"):
+                        yield res
+        elif value.get("resourceType") not in (None, "OperationOutcome"):
+            yield value
+
+
+class RecordBuilder:
+    """Builds a PatientRecord from prefetch resources against one catalog."""
+
+    def __init__(self, catalog: Catalog):
+        self.cat = catalog
+        st = catalog.statuses
+        self.cond_clinical = set(st.get("condition_clinical", []))
+        self.cond_verif_excluded = set(st.get("condition_verification_excluded", []))
+        self.med_excluded = {
+            "MedicationRequest": set(st.get("medication_request_excluded", [])),
+            "MedicationStatement": set(st.get("medication_statement_excluded", [])),
+            "MedicationAdministration": set(st.get("medication_administration_excluded", [])),
+        }
+        self.proc_excluded = set(st.get("procedure_excluded", []))
+        self.obs_counted = set(st.get("observation_counted", []))
+        self.loinc_to_analyte: dict[str, str] = {}
+        for rule in catalog.observation_rules.values():
+            for key, analyte in (("loinc", rule.get("analyte")), ("calcium_loinc", "calcium"),
+                                 ("albumin_loinc", "albumin"), ("pth_loinc", "pth"),
+                                 ("weight_loinc", "weight"), ("height_loinc", "height")):
+                for code in rule.get(key, []):
+                    if analyte:
+                        self.loinc_to_analyte.setdefault(code, analyte)
+        det = catalog.detection
+        # codes that shape the card's context (bone diagnoses, DXA procedures, treatment codes)
+        self.context_codes: set[str] = set()
+        for group in det["index_conditions"].values():
+            self.context_codes.update(c["code"] for c in group)
+        for oid in det.get("index_condition_value_sets", []):
+            self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
+        for key in ("procedure_cpt", "procedure_snomed"):
+            self.context_codes.update(c["code"] for c in det["existing_dxa"].get(key, []))
+        self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
+        ms = catalog.medication_settings
+        self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
+
+    def build(self, prefetch: dict, patient_id: str, as_of: date) -> PatientRecord:
+        rec = PatientRecord(patient_id=patient_id, as_of=as_of)
+        resources = list(iter_resources(prefetch))
+        rec.resources_seen = len(resources)
+        medications: dict[str, dict] = {}
+        seen: set[str] = set()
+        for res in resources:
+            rt = res.get("resourceType")
+            if rt == "Medication" and isinstance(res.get("id"), str):
+                medications[f"Medication/{res['id']}"] = res
+        for res in resources:
+            rt = res.get("resourceType")
+            rid = res.get("id")
+            key = f"{rt}/{rid}" if isinstance(rid, str) else None
+            if key and key in seen:
+                continue            # the same resource under two prefetch keys counts once
+            if key:
+                seen.add(key)
+            try:
+                if rt == "Patient":
+                    self._patient(rec, res, patient_id)
+                elif rt == "Condition":
+                    self._coded(rec, res, rec.conditions, self._condition_counts)
+                elif rt == "Procedure":
+                    self._coded(rec, res, rec.procedures, self._procedure_counts)
+                elif rt in ("MedicationRequest", "MedicationStatement", "MedicationAdministration"):
+                    self._medication(rec, res, medications)
+                elif rt == "Observation":
+                    self._observation(rec, res)
+            except (ValidationError, ValueError, TypeError, KeyError, AttributeError):
+                rec.skipped_invalid += 1
+        for lst in rec.observations.values():
+            lst.sort(key=lambda m: m.when, reverse=True)
+        return rec
+
+    # ---- validation ------------------------------------------------------------------------
+    def _validated(self, rec: PatientRecord, res: dict) -> bool:
+        try:
+            _model(res["resourceType"]).model_validate(res)
+            return True
+        except (ValidationError, ValueError, TypeError):
+            rec.skipped_invalid += 1
+            return False
+
+    # ---- Patient -----------------------------------------------------------------------------
+    def _patient(self, rec: PatientRecord, res: dict, patient_id: str) -> None:
+        if rec.has_patient or (patient_id and res.get("id") not in (None, patient_id)):
+            return
+        if not self._validated(rec, res):
+            return
+        rec.has_patient = True
+        rec.birth_date = parse_date(res.get("birthDate"))
+        g = res.get("gender")
+        rec.sex = g if g in ("male", "female") else None
+
+    # ---- Conditions / Procedures ----------------------------------------------------------------
+    def _condition_counts(self, res: dict) -> tuple[bool, date | None]:
+        verification = status_code(res.get("verificationStatus"))
+        if verification in self.cond_verif_excluded:
+            return False, None
+        clinical = status_code(res.get("clinicalStatus"))
+        if clinical is None:
+            # encounter diagnoses may carry no clinical status: count them unless abated
+            if any(k.startswith("abatement") for k in res):
+                return False, None
+        elif clinical not in self.cond_clinical:
+            return False, None
+        when = parse_date(res.get("onsetDateTime")) or parse_date((res.get("onsetPeriod") or {}).get("start")) \
+            or parse_date(res.get("recordedDate"))
+        return True, when
+
+    def _procedure_counts(self, res: dict) -> tuple[bool, date | None]:
+        if res.get("status") in self.proc_excluded:
+            return False, None
+        when = parse_date(res.get("performedDateTime")) or parse_date((res.get("performedPeriod") or {}).get("start"))
+        return True, when
+
+    def _coded(self, rec: PatientRecord, res: dict, target: list, counts) -> None:
+        concept = res.get("code")
+        matches: list[tuple[str, str]] = []
+        codes: list[tuple[str, str]] = []
+        for c in codings(concept):
+            system, code = normalize_system(c.get("system")), c.get("code")
+            if isinstance(code, str):
+                codes.append((system, code))
+                matches += self.cat.causes_for_code(system, code)
+        text = concept_text(concept)
+        if res.get("resourceType") == "Procedure" and text:
+            low = text.lower()
+            for cause in self.cat.causes.values():
+                for word in cause.detect.get("procedure_text", ()):
+                    if word in low:
+                        matches.append((cause.id, "trigger"))
+        context = self._is_context_code(codes)
+        if not matches and not context:
+            return
+        ok, when = counts(res)
+        if not ok or not self._validated(rec, res):
+            return
+        target.append(CodedEntry(reference_of(res), res["resourceType"], text, when, matches, codes))
+
+    def _is_context_code(self, codes: list[tuple[str, str]]) -> bool:
+        return any(code in self.context_codes for _, code in codes)
+
+    # ---- Observations ---------------------------------------------------------------------------
+    def _observation(self, rec: PatientRecord, res: dict) -> None:
+        loincs = [c.get("code") for c in codings(res.get("code"))
+                  if normalize_system(c.get("system")) == LOINC and isinstance(c.get("code"), str)]
+        wanted = [c for c in loincs if c in self.cat.loinc_rules or c in self.cat.context_loincs]
+        if not wanted or res.get("status") not in self.obs_counted:
+            return
+        when = parse_date(res.get("effectiveDateTime")) or parse_date((res.get("effectivePeriod") or {}).get("start")) \
+            or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+        if when is None or not self._validated(rec, res):
+            return
+        q = res.get("valueQuantity") if isinstance(res.get("valueQuantity"), dict) else {}
+        raw_value = q.get("value")
+        raw_unit = q.get("code") or q.get("unit") or ""
+        low = high = None
+        for rr in res.get("referenceRange") or []:
+            if isinstance(rr, dict):
+                low = _number((rr.get("low") or {}).get("value"), low)
+                high = _number((rr.get("high") or {}).get("value"), high)
+                break
+        interp = {c.get("code") for i in res.get("interpretation") or [] for c in codings(i) if c.get("code")}
+        vc = res.get("valueCodeableConcept")
+        for code in wanted:
+            analyte = self.loinc_to_analyte.get(code)
+            value, unit = self._convert(analyte, raw_value, raw_unit, q.get("unit") or "")
+            # reference limits are in the result's own unit: convert them the same way
+            lo = self._convert(analyte, low, raw_unit, q.get("unit") or "")[0] if low is not None else None
+            hi = self._convert(analyte, high, raw_unit, q.get("unit") or "")[0] if high is not None else None
+            rec.observations.setdefault(code, []).append(Measurement(
+                reference=reference_of(res), code=code, when=when, value=value, unit=unit,
+                raw_value=raw_value, raw_unit=q.get("unit") or raw_unit, ref_low=lo, ref_high=hi,
+                interpretation=interp, value_codes=codings(vc), value_text=concept_text(vc) or str(res.get("valueString") or "")))
+
+    def _convert(self, analyte: str | None, value: Any, code: str, unit: str) -> tuple[float | None, str]:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None, ""
+        if analyte is None:
+            return float(value), code or unit
+        spec = self.cat.units[analyte]
+        factors = spec["factors"]
+        for u in (code, unit):
+            if not u:
+                continue
+            if u in factors:
+                return float(value) * factors[u], spec["canonical"]
+            lowered = {k.lower(): v for k, v in factors.items()}
+            if u.lower() in lowered:
+                return float(value) * lowered[u.lower()], spec["canonical"]
+        if not code and not unit and spec.get("assume_when_missing"):
+            return float(value), spec["canonical"]
+        return None, ""        # unknown unit: never guess
+
+    # ---- Medications ----------------------------------------------------------------------------
+    def _medication(self, rec: PatientRecord, res: dict, medications: dict[str, dict]) -> None:
+        rt = res["resourceType"]
+        concept = res.get("medicationCodeableConcept")
+        med_res = None
+        ref = (res.get("medicationReference") or {}).get("reference") if isinstance(res.get("medicationReference"), dict) else None
+        if isinstance(ref, str):
+            if ref.startswith("#"):
+                for c in res.get("contained") or []:
+                    if isinstance(c, dict) and c.get("resourceType") == "Medication" and c.get("id") == ref[1:]:
+                        med_res = c
+            else:
+                med_res = medications.get(ref) or medications.get(ref.split("/_history")[0])
+            if med_res is not None:
+                concept = med_res.get("code")
+        all_codings = codings(concept)
+        if med_res is not None:
+            for ing in med_res.get("ingredient") or []:
+                if isinstance(ing, dict):
+                    all_codings += codings(ing.get("itemCodeableConcept"))
+        text = concept_text(concept) or ((res.get("medicationReference") or {}).get("display") or "" if isinstance(res.get("medicationReference"), dict) else "")
+        ingredients: list[Ingredient] = []
+        for c in all_codings:
+            ingredients += self.cat.ingredients_for_coding(c.get("system"), c.get("code"))
+        if not ingredients:
+            ingredients = self.cat.ingredients_in_text(text)
+        if not ingredients:
+            return
+        status = res.get("status") if isinstance(res.get("status"), str) else ""
+        if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
+            return
+        if not self._validated(rec, res):
+            return
+        # de-duplicate: one exposure per (cause, ingredient)
+        uniq: dict[tuple[str, str], Ingredient] = {}
+        for i in ingredients:
+            uniq.setdefault((i.cause_id, i.name), i)
+        dosages = res.get("dosageInstruction") if rt == "MedicationRequest" else res.get("dosage")
+        if rt == "MedicationAdministration":
+            dosages = [res["dosage"]] if isinstance(res.get("dosage"), dict) else []
+        dosages = [d for d in (dosages or []) if isinstance(d, dict)]
+        dosage_text = " ".join(d.get("text", "") for d in dosages if isinstance(d.get("text"), str))
+        route_text = " ".join(concept_text(d.get("route")) for d in dosages)
+        form_text = concept_text((med_res or {}).get("form"))
+        full_text = " ".join([text, dosage_text, route_text, form_text]).lower()
+        systemic = not self.cat.non_systemic_regex.search(full_text)
+        mg_per_dose, per_day, note, as_needed = self._dose(dosages, text, dosage_text, rt)
+        start, end, ongoing = self._interval(res, rt, dosages, rec.as_of)
+        inpatient = any(c.get("code") == "inpatient" for cat in res.get("category") or [] for c in codings(cat)) \
+            if isinstance(res.get("category"), list) else any(c.get("code") == "inpatient" for c in codings(res.get("category")))
+        daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
+        rec.medications.append(MedicationExposure(
+            reference=reference_of(res), resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
+            status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
+            doses_per_day=per_day, daily_mg=daily, dose_note=note, inpatient=inpatient, as_needed=as_needed))
+
+    def _interval(self, res: dict, rt: str, dosages: list[dict], as_of: date) -> tuple[date | None, date | None, bool]:
+        """First and last day the record covers; `ongoing` when its status says it is current."""
+        status = res.get("status")
+        start = end = None
+        bounds_days = None
+        for d in dosages:
+            timing = d.get("timing") if isinstance(d.get("timing"), dict) else {}
+            rep = timing.get("repeat") if isinstance(timing.get("repeat"), dict) else {}
+            bp = rep.get("boundsPeriod") if isinstance(rep.get("boundsPeriod"), dict) else None
+            if bp:
+                start = start or parse_date(bp.get("start"))
+                end = max(filter(None, [end, parse_date(bp.get("end"))]), default=None)
+            if isinstance(rep.get("boundsDuration"), dict):
+                bounds_days = max(filter(None, [bounds_days, _duration_days(rep["boundsDuration"])]), default=None)
+        if rt == "MedicationRequest":
+            dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
+            vp = dr.get("validityPeriod") if isinstance(dr.get("validityPeriod"), dict) else {}
+            start = start or parse_date(vp.get("start")) or parse_date(res.get("authoredOn"))
+            supply = _duration_days(dr["expectedSupplyDuration"]) if isinstance(dr.get("expectedSupplyDuration"), dict) else None
+            if supply and start:
+                repeats = dr.get("numberOfRepeatsAllowed")
+                repeats = repeats if isinstance(repeats, int) and 0 <= repeats < 100 else 0
+                end = max(filter(None, [end, start + timedelta(days=supply * (1 + repeats) - 1)]), default=None)
+            ongoing = status in ("active", "on-hold", "unknown", None)
+        elif rt == "MedicationStatement":
+            ep = res.get("effectivePeriod") if isinstance(res.get("effectivePeriod"), dict) else {}
+            start = parse_date(ep.get("start")) or parse_date(res.get("effectiveDateTime")) or start \
+                or parse_date(res.get("dateAsserted"))
+            end = parse_date(ep.get("end")) or end
+            ongoing = status in ("active", "intended", "on-hold", "unknown", None) and (end is None or end >= as_of)
+        else:  # MedicationAdministration: a single administration (or an infusion period)
+            ep = res.get("effectivePeriod") if isinstance(res.get("effectivePeriod"), dict) else {}
+            start = parse_date(res.get("effectiveDateTime")) or parse_date(ep.get("start"))
+            end = parse_date(ep.get("end")) or start
+            ongoing = status == "in-progress"
+        if start is None:
+            return None, None, ongoing
+        if bounds_days:
+            end = max(filter(None, [end, start + timedelta(days=bounds_days - 1)]), default=None)
+        if ongoing:
+            end = max(end or as_of, as_of)
+        if end is None or end < start:
+            end = start
+        return start, end, ongoing
+
+    def _dose(self, dosages: list[dict], med_text: str, dosage_text: str, rt: str) -> tuple[float | None, float | None, str, bool]:
+        """(mg per administration, administrations per day, note, as_needed) from structured dosage or text."""
+        strength = _strength_mg(med_text)
+        mg = per_day = None
+        note = ""
+        as_needed = False
+        for d in dosages:
+            if d.get("asNeededBoolean") is True or isinstance(d.get("asNeededCodeableConcept"), dict):
+                as_needed = True
+            dose = None
+            if rt == "MedicationAdministration":
+                dose = d.get("dose") if isinstance(d.get("dose"), dict) else None
+            else:
+                for dr in d.get("doseAndRate") or []:
+                    if isinstance(dr, dict):
+                        if isinstance(dr.get("doseQuantity"), dict):
+                            dose = dr["doseQuantity"]
+                        elif isinstance(dr.get("doseRange"), dict) and isinstance(dr["doseRange"].get("low"), dict):
+                            dose = dr["doseRange"]["low"]
+                        break
+            if dose and isinstance(dose.get("value"), (int, float)) and not isinstance(dose.get("value"), bool):
+                unit = (dose.get("code") or dose.get("unit") or "").lower()
+                value = float(dose["value"])
+                if unit in ("mg", "milligram", "milligrams"):
+                    mg = value
+                elif unit in ("g", "gram", "grams"):
+                    mg = value * 1000
+                elif unit in ("ug", "mcg", "microgram", "micrograms"):
+                    mg = value / 1000
+                elif unit in ("ml", "milliliter") and _concentration_mg_per_ml(med_text):
+                    mg = value * _concentration_mg_per_ml(med_text)
+                elif strength is not None and (unit == "" or re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit)):
+                    mg = value * strength
+            f = self._frequency(d)
+            if f is not None:
+                per_day = f
+            if mg is not None:
+                break
+        if mg is None and dosage_text:
+            mg = _text_mg(dosage_text, strength)
+        if per_day is None and dosage_text:
+            for pattern, value in self.cat.frequency_patterns:
+                if pattern.search(dosage_text):
+                    per_day = value
+                    break
+        if mg is not None and per_day is None and rt != "MedicationAdministration":
+            per_day = 1.0
+            note = "frequency not recorded, once daily assumed"
+        if rt == "MedicationAdministration" and mg is not None:
+            per_day = 1.0
+        if as_needed:
+            per_day = None
+            note = "as-needed dosing: daily dose not computed"
+        return mg, per_day, note, as_needed
+
+    def _frequency(self, dosage: dict) -> float | None:
+        timing = dosage.get("timing") if isinstance(dosage.get("timing"), dict) else None
+        if not timing:
+            return None
+        rep = timing.get("repeat") if isinstance(timing.get("repeat"), dict) else {}
+        period, unit = rep.get("period"), rep.get("periodUnit")
+        if isinstance(period, (int, float)) and period > 0 and unit in _UNIT_DAYS:
+            freq = rep.get("frequency") if isinstance(rep.get("frequency"), int) and rep.get("frequency") > 0 else 1
+            return freq / (period * _UNIT_DAYS[unit])
+        if isinstance(rep.get("frequency"), int) and rep["frequency"] > 0 and not period:
+            return float(rep["frequency"])   # "n times" with no period: per day is the common EHR reading
+        for c in codings(timing.get("code")):
+            if isinstance(c.get("code"), str) and c["code"].upper() in self.timing_codes:
+                return self.timing_codes[c["code"].upper()]
+        return None
+
+
+_UNIT_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1, "wk": 7, "mo": 30, "a": 365}
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _duration_days(q: dict) -> int | None:
+    value = q.get("value")
+    unit = q.get("code") or q.get("unit")
+    if not isinstance(value, (int, float)) or value <= 0:
+        return None
+    factor = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7, "mo": 30, "month": 30, "months": 30,
+              "a": 365, "year": 365, "years": 365, "h": 1 / 24}.get(str(unit).lower())
+    if factor is None:
+        return None
+    days = int(round(value * factor))
+    return days if 0 < days < 36500 else None
+
+
+_STRENGTH_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\b(?!\s*/)", re.I)
+_CONC_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s*/\s*(\d+(?:\.\d+)?)?\s*ml\b", re.I)
+_MG_TOTAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s+total", re.I)
+_MG_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(mg|milligrams?)\b", re.I)
+_UNITS_RE = re.compile(r"\b(\d+(?:\.\d+)?|one|two|three|four|five|six|half|a half)\s*(tablets?|tabs?|capsules?|caps?|pills?)\b", re.I)
+_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "half": 0.5, "a half": 0.5}
+
+
+def _strength_mg(text: str) -> float | None:
+    m = _STRENGTH_RE.search(text or "")
+    return float(m.group(1)) if m else None
+
+
+def _concentration_mg_per_ml(text: str) -> float | None:
+    m = _CONC_RE.search(text or "")
+    if not m:
+        return None
+    per = float(m.group(2)) if m.group(2) else 1.0
+    return float(m.group(1)) / per if per else None
+
+
+def _text_mg(text: str, strength: float | None) -> float | None:
+    """Dose per administration from dosage text such as 'Take 4 tablets (20 mg total) by mouth daily'."""
+    m = _MG_TOTAL_RE.search(text)
+    if m:
+        return float(m.group(1))
+    m = _UNITS_RE.search(text)
+    if m and strength is not None:
+        n = m.group(1).lower()
+        count = _WORDS.get(n) or float(n)
+        return count * strength
+    m = _MG_RE.search(text)
+    if m:
+        return float(m.group(1))
+    return None

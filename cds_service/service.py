@@ -1,0 +1,108 @@
+"""The secondary-osteoporosis CDS service: request -> prefetch -> patient record -> findings -> cards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from .cards import CardRenderer
+from .catalog import Catalog
+from .engine import Assessment, Engine
+from .errors import BadRequest, PrefetchUnavailable
+from .fhir_client import FhirClient
+from .prefetch import PrefetchResolver, PrefetchResult, build_templates
+from .record import RecordBuilder
+
+SERVICE_ID = "secondary-osteoporosis"
+HOOK = "patient-view"
+
+
+@dataclass
+class Invocation:
+    response: dict
+    assessment: Assessment
+    prefetch: PrefetchResult
+
+
+def validate_request(body: object) -> dict:
+    """Check a CDS Hooks 2.0 patient-view request; unknown members are ignored."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    hook = body.get("hook")
+    if not isinstance(hook, str) or not hook:
+        raise BadRequest("'hook' is required.")
+    if hook != HOOK:
+        raise BadRequest(f"This service answers the '{HOOK}' hook, not '{hook[:64]}'.")
+    if not isinstance(body.get("hookInstance"), str) or not body["hookInstance"].strip():
+        raise BadRequest("'hookInstance' is required.")
+    context = body.get("context")
+    if not isinstance(context, dict):
+        raise BadRequest("'context' is required and must be an object.")
+    pid = context.get("patientId")
+    if not isinstance(pid, str) or not pid.strip():
+        raise BadRequest("'context.patientId' is required.")
+    for key in ("userId", "encounterId"):
+        if key in context and not isinstance(context[key], str):
+            raise BadRequest(f"'context.{key}' must be a string.")
+    if "prefetch" in body and body["prefetch"] is not None and not isinstance(body["prefetch"], dict):
+        raise BadRequest("'prefetch' must be an object.")
+    server = body.get("fhirServer")
+    if server is not None and (not isinstance(server, str) or not server.startswith(("http://", "https://"))):
+        raise BadRequest("'fhirServer' must be an http(s) URL.")
+    auth = body.get("fhirAuthorization")
+    if auth is not None:
+        if server is None:
+            raise BadRequest("'fhirAuthorization' requires 'fhirServer'.")
+        if not isinstance(auth, dict):
+            raise BadRequest("'fhirAuthorization' must be an object.")
+        for key in ("access_token", "token_type", "scope", "subject"):
+            if not isinstance(auth.get(key), str) or not auth[key]:
+                raise BadRequest(f"'fhirAuthorization.{key}' is required.")
+        if auth["token_type"].lower() != "bearer":
+            raise BadRequest("'fhirAuthorization.token_type' must be 'Bearer'.")
+        if not isinstance(auth.get("expires_in"), int) or isinstance(auth.get("expires_in"), bool):
+            raise BadRequest("'fhirAuthorization.expires_in' must be an integer.")
+        if "patient" in auth and auth["patient"] != pid:
+            raise BadRequest("'fhirAuthorization.patient' does not match 'context.patientId'.")
+    if "extension" in body and not isinstance(body["extension"], dict):
+        raise BadRequest("'extension' must be an object.")
+    return body
+
+
+class OsteoporosisService:
+    """Holds everything built once at start-up; `invoke` is the per-request hot path."""
+
+    def __init__(self, catalog: Catalog, fhir_client: FhirClient, fhir_timeout: float = 3.0, page_size: int = 200):
+        self.catalog = catalog
+        self.templates = build_templates(catalog, page_size)
+        self.resolver = PrefetchResolver(self.templates, fhir_client, fhir_timeout)
+        self.records = RecordBuilder(catalog)
+        self.engine = Engine(catalog)
+        self.renderer = CardRenderer(catalog)
+
+    def discovery(self) -> dict:
+        return {
+            "hook": HOOK,
+            "id": SERVICE_ID,
+            "title": "Secondary osteoporosis causes",
+            "description": ("Finds recorded causes of secondary osteoporosis (medicines such as long-term "
+                            "glucocorticoids, and endocrine, GI, rheumatologic, hematologic, renal and lifestyle "
+                            "causes), shows the evidence and offers the guideline workup."),
+            "prefetch": dict(self.templates),
+            "usageRequirements": ("Needs read access to Patient, Condition, MedicationRequest, MedicationStatement, "
+                                  "Medication, Observation and Procedure for the patient in context."),
+        }
+
+    def invoke(self, body: object, as_of: date) -> Invocation:
+        request = validate_request(body)
+        prefetch = self.resolver.resolve(request)
+        patient_id = request["context"]["patientId"]
+        record = self.records.build(prefetch.data, patient_id, as_of)
+        if not record.has_patient:
+            raise PrefetchUnavailable(f"The Patient resource for the patient in context is not in the prefetch data.")
+        assessment = self.engine.evaluate(record)
+        return Invocation({"cards": self.renderer.render(assessment)}, assessment, prefetch)
+
+
+def explain(assessment: Assessment) -> list[dict]:
+    """The --explain findings list: every cause found and the resources it rests on."""
+    return [{"cause": f.cause.id, "evidence": f.references} for f in assessment.findings]
