@@ -143,6 +143,12 @@ class Catalog:
         return out
 
 
+def icd_prefix_match(code: str, prefixes: set[str]) -> bool:
+    """True when an ICD-10-CM code equals or descends from one of `prefixes` (dotless keys)."""
+    key = icd_key(code)
+    return any(key[:n] in prefixes for n in range(3, len(key) + 1))
+
+
 def _read(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -281,8 +287,11 @@ def _build_indexes(cat: Catalog) -> None:
         for c in cause.detect.get("codes", []):
             add_code(c["system"], c["code"], cause.id, c.get("role", "trigger"), c.get("match") == "prefix")
         med = cause.medication_rule
+        explicit = {c["code"] for c in cause.detect.get("codes", [])}
         for oid in cause.detect.get("value_sets", []):
             for c in cat.value_sets[oid]["codes"]:
+                if c["code"] in explicit:
+                    continue            # the cause's own entry (and its role) wins over a broad value set
                 if med and normalize_system(c["system"]) == RXNORM:
                     ing = _ingredient_for_product(med, cause.id, c.get("display", ""))
                     cat.med_codes.setdefault((RXNORM, c["code"]), []).append(ing)
@@ -333,7 +342,8 @@ def _build_indexes(cat: Catalog) -> None:
             cat.context_loincs.update(c["code"] for c in w["codes"] if normalize_system(c["system"]) == LOINC)
 
     words = cat.medication_settings["non_systemic"]["words"]
-    cat.non_systemic_regex = re.compile("|".join(re.escape(w.lower()) for w in words))
+    # words match at the start of a word: "cutaneous" must not match "subcutaneously"
+    cat.non_systemic_regex = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w.lower()) for w in words) + ")")
     for f in cat.medication_settings.get("frequency_words", []):
         cat.frequency_patterns.append((re.compile(f["pattern"], re.I), float(f["per_day"])))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, normalize_system
+from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system
 from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
 
 
@@ -76,17 +76,21 @@ class Engine:
         self.gc = catalog.medication_settings["glucocorticoids"]
         det = catalog.detection
         self.bone_groups: dict[str, str] = {}
+        self.bone_prefixes: set[str] = set()
         for group, entries in det["index_conditions"].items():
             if group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
                 for c in entries:
                     self.bone_groups[c["code"]] = group
+                    if c.get("match") == "prefix":
+                        self.bone_prefixes.add(icd_key(c["code"]))
         for oid in det.get("index_condition_value_sets", []):
             vs = catalog.value_sets.get(oid, {})
             group = "osteopenia" if "Osteopenia" in vs.get("name", "") else "osteoporosis"
             for c in vs.get("codes", []):
                 self.bone_groups.setdefault(c["code"], group)
-        self.fracture_prefixes = [c["code"].replace(".", "") for c in det["index_conditions"]["osteoporosis"]
-                                  if c["code"].startswith("M80")]
+        # M80: osteoporosis with current pathological (fragility) fracture
+        self.fracture_prefixes = {icd_key(c["code"]) for c in det["index_conditions"]["osteoporosis"]
+                                  if c.get("match") == "prefix" and c["code"].startswith("M80")}
         self.dxa_loincs = {c["code"] for k in ("t_score", "z_score", "bmd_area_density", "study")
                            for c in det["existing_dxa"].get(k, [])}
         self.dxa_proc_codes = {c["code"] for k in ("procedure_cpt", "procedure_snomed")
@@ -156,8 +160,7 @@ class Engine:
         return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting)
 
     def _is_fracture(self, entry: CodedEntry) -> bool:
-        return any(s == ICD10CM and any(code.replace(".", "").upper().startswith(p) for p in self.fracture_prefixes)
-                   for s, code in entry.codes)
+        return any(s == ICD10CM and icd_prefix_match(code, self.fracture_prefixes) for s, code in entry.codes)
 
     # ---- medications -------------------------------------------------------------------------
     def _exposures(self, cause: Cause, med: dict, rec: PatientRecord) -> list[MedicationExposure]:
@@ -417,8 +420,8 @@ class Engine:
         ctx = BoneContext()
         s = self.cat.settings
         for c in rec.conditions:
-            groups = {self.bone_groups[code] for _, code in c.codes if code in self.bone_groups}
-            if groups:
+            if any(code in self.bone_groups or (system == ICD10CM and icd_prefix_match(code, self.bone_prefixes))
+                   for system, code in c.codes):
                 ctx.bone_diagnoses.append(Evidence(c.reference, _coded_text(c)))
             if any(code in self.treatment_codes for _, code in c.codes):
                 ctx.treatments.append(Evidence(c.reference, _coded_text(c)))

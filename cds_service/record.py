@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
-from .catalog import LOINC, Catalog, Ingredient, normalize_system
+from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system
 
 _MODELS: dict[str, Any] = {}
 
@@ -218,8 +218,10 @@ class RecordBuilder:
         det = catalog.detection
         # codes that shape the card's context (bone diagnoses, DXA procedures, treatment codes)
         self.context_codes: set[str] = set()
+        self.context_icd_prefixes: set[str] = set()
         for group in det["index_conditions"].values():
             self.context_codes.update(c["code"] for c in group)
+            self.context_icd_prefixes.update(icd_key(c["code"]) for c in group if c.get("match") == "prefix")
         for oid in det.get("index_condition_value_sets", []):
             self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
         for key in ("procedure_cpt", "procedure_snomed"):
@@ -330,7 +332,8 @@ class RecordBuilder:
         target.append(CodedEntry(reference_of(res), res["resourceType"], text, when, matches, codes))
 
     def _is_context_code(self, codes: list[tuple[str, str]]) -> bool:
-        return any(code in self.context_codes for _, code in codes)
+        return any(code in self.context_codes
+                   or (system == ICD10CM and icd_prefix_match(code, self.context_icd_prefixes)) for system, code in codes)
 
     # ---- Observations ---------------------------------------------------------------------------
     def _observation(self, rec: PatientRecord, res: dict) -> None:
