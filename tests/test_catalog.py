@@ -1,0 +1,182 @@
+"""The clinical catalog: complete, traceable to the reference, and refused when malformed."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cds_service.catalog import CatalogError, load_catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "cause-catalog-reference.yaml"
+
+STABLE_IDS = """glucocorticoids heparin hyperthyroidism thyroid_hormone_excess hyperparathyroidism cushings
+diabetes_type1 diabetes_type2 hypogonadism premature_menopause celiac ibd gastrectomy_bariatric malabsorption
+rheumatoid_arthritis ankylosing_spondylitis sle multiple_myeloma mgus leukemia_lymphoma ckd chronic_liver_disease
+eating_disorder low_body_weight anticonvulsants aromatase_inhibitors androgen_deprivation ppi dmpa
+thiazolidinediones calcineurin_inhibitors alcohol smoking immobility copd hiv organ_transplant
+vitamin_d_deficiency""".split()
+
+
+def test_catalog_covers_every_reference_cause_with_stable_ids(catalog):
+    assert set(STABLE_IDS) <= set(catalog.causes)
+    assert len(catalog.causes) >= 65
+    for cause in catalog.causes.values():
+        assert cause.strength in ("strong", "moderate", "weak")
+        assert cause.citations and all(c in catalog.citations for c in cause.citations)
+
+
+def test_firing_policy_matches_the_issue(catalog):
+    for cid in STABLE_IDS:
+        assert catalog.causes[cid].fires_alone is (cid != "diabetes_type2"), cid
+    for weak in ("ssri", "loop_diuretics", "lithium", "warfarin", "parkinsons", "multiple_sclerosis", "stroke"):
+        assert catalog.causes[weak].fires_alone is False
+        assert catalog.causes[weak].policy_reason
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE.exists():
+        pytest.skip("shared/reference is not beside this checkout")
+    return yaml.safe_load(REFERENCE.read_text())
+
+
+def _reference_codes(ref) -> dict[tuple[str, str], set[bool]]:
+    out: dict[tuple[str, str], set[bool]] = {}
+
+    def walk(node, in_value_set=False):
+        if isinstance(node, dict):
+            if isinstance(node.get("system"), str) and isinstance(node.get("code"), str):
+                verified = True if in_value_set and "verified" not in node else bool(node.get("verified"))
+                out.setdefault((node["system"], node["code"]), set()).add(verified)
+            for k, v in node.items():
+                walk(v, in_value_set or k == "value_sets")
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, in_value_set)
+    walk(ref)
+    return out
+
+
+def _catalog_codes(cards: Path):
+    """Every (system, code, verified) the catalog carries, with where it sits."""
+    causes = yaml.safe_load((cards / "causes.yaml").read_text())["causes"]
+    detection = yaml.safe_load((cards / "detection.yaml").read_text())
+    rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    atc = "http://www.whocc.no/atc"
+    found = []
+
+    def ingredients(items, where):
+        for ing in items:
+            if ing.get("rxnorm", {}).get("code"):
+                found.append((rx, ing["rxnorm"]["code"], ing["rxnorm"]["verified"], where))
+            if ing.get("atc", {}).get("code"):
+                found.append((atc, ing["atc"]["code"], ing["atc"]["verified"], where))
+
+    for c in causes:
+        d = c["detect"]
+        for e in d.get("codes", []):
+            found.append((e["system"], e["code"], e["verified"], c["id"]))
+        med = d.get("medications") or {}
+        ingredients(med.get("ingredients", []) + med.get("excluded_ingredients", []), c["id"])
+        for e in med.get("products", []):
+            found.append((e["system"], e["code"], e["verified"], c["id"]))
+    for key, group in detection["existing_dxa"].items():
+        for e in group:
+            found.append((e["system"], e["code"], e["verified"], f"existing_dxa.{key}"))
+    ingredients(detection["osteoporosis_treatment"]["ingredients"], "osteoporosis_treatment")
+    for e in detection["osteoporosis_treatment"]["other_codes"]:
+        found.append((e["system"], e["code"], e["verified"], "osteoporosis_treatment"))
+    for key, group in detection["index_conditions"].items():
+        for e in group:
+            found.append((e["system"], e["code"], e["verified"], f"index_conditions.{key}"))
+    for tier, items in detection["workup"].items():
+        for w in items:
+            for e in w["codes"]:
+                found.append((e["system"], e["code"], e["verified"], w["id"]))
+    return found
+
+
+def test_every_catalog_code_is_in_the_reference_with_the_same_verified_flag(reference):
+    ref = _reference_codes(reference)
+    codes = _catalog_codes(ROOT / "cards")
+    assert len(codes) > 400
+    problems = []
+    for system, code, verified, where in codes:
+        flags = ref.get((system, code))
+        if flags is None:
+            problems.append(f"{where}: {system}|{code} is not in the reference")
+        elif verified not in flags:
+            problems.append(f"{where}: {system}|{code} verified={verified}, reference says {sorted(flags)}")
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_unverified_codes_stay_marked(catalog, reference):
+    unverified = {("http://www.nlm.nih.gov/research/umls/rxnorm", c) for c in
+                  ("72965", "258494", "1307298", "1999574", "2180325", "1100072", "69528", "10814", "993449")}
+    codes = {(s, c): v for s, c, v, _ in _catalog_codes(ROOT / "cards")}
+    for key in unverified:
+        if key in codes:
+            assert codes[key] is False, key
+
+
+def test_value_set_expansions_match_the_reference(reference):
+    ref_vs = {v["oid"]: v for v in reference["value_sets"]}
+    ours = yaml.safe_load((ROOT / "cards" / "value_sets.yaml").read_text())["value_sets"]
+    for vs in ours:
+        ref_codes = ref_vs[vs["oid"]].get("codes")
+        ref_set = {(c["system"], c["code"]) for c in ref_codes} if isinstance(ref_codes, list) else set()
+        assert {(c["system"], c["code"]) for c in vs["codes"]} == ref_set, vs["oid"]
+
+
+def test_orders_use_verified_codes_only(catalog):
+    for tier in catalog.detection["workup"].values():
+        for item in tier:
+            codes = {c["code"]: c for c in item["codes"]}
+            for code in item["order"]:
+                assert codes[code]["verified"], (item["id"], code)
+
+
+# ---- the loader refuses malformed catalogs ---------------------------------------------------
+def _broken_copy(tmp_path: Path, edit) -> Path:
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    data = yaml.safe_load((cards / "causes.yaml").read_text())
+    edit(data["causes"])
+    (cards / "causes.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return cards
+
+
+def _cause(causes, cid):
+    return next(c for c in causes if c["id"] == cid)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda cs: _cause(cs, "ckd").update(citations=[]), "ckd: every rule needs a citation"),
+    (lambda cs: _cause(cs, "sle").update(strength="very strong"), "sle: strength must be one of"),
+    (lambda cs: _cause(cs, "sle")["detect"]["codes"][0].update(system="http://example.org/made-up"), "unknown code system"),
+    (lambda cs: _cause(cs, "sle")["detect"]["codes"][0].pop("verified"), "needs verified"),
+    (lambda cs: _cause(cs, "hiv")["detect"]["codes"][-1].update(match="prefix"), "prefix match is only for ICD-10-CM"),
+    (lambda cs: _cause(cs, "celiac").update(workup=["wk_unknown"]), "unknown workup item"),
+    (lambda cs: _cause(cs, "ppi")["detect"]["medications"].update(rule="sometimes"), "medications.rule must be one of"),
+    (lambda cs: _cause(cs, "ssri")["policy"].pop("reason"), "never fires alone needs a reason"),
+    (lambda cs: cs.append(dict(_cause(cs, "copd"))), "duplicate id"),
+    (lambda cs: _cause(cs, "copd").update(citations=["nobody2099"]), "unknown citation nobody2099"),
+])
+def test_loader_fails_loudly_on_a_malformed_entry(tmp_path, edit, message):
+    cards = _broken_copy(tmp_path, edit)
+    with pytest.raises(CatalogError, match=message.replace("(", r"\(")):
+        load_catalog(cards)
+
+
+def test_loader_refuses_an_unverified_order_code(tmp_path):
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    det = yaml.safe_load((cards / "detection.yaml").read_text())
+    item = next(w for w in det["workup"]["cause_directed"] if w["id"] == "wk_cushing")
+    item["order"].append("2142-8")            # salivary cortisol: verified false in the reference
+    (cards / "detection.yaml").write_text(yaml.safe_dump(det, sort_keys=False))
+    with pytest.raises(CatalogError, match="not verified"):
+        load_catalog(cards)

@@ -1,0 +1,277 @@
+"""Findings: exposure logic, statuses, units, thresholds, time as an input, and the labelled set."""
+from __future__ import annotations
+
+import sys
+from datetime import date, timedelta
+
+import pytest
+
+from cds_service.bundles import request_from_bundle
+from cds_service.fhir_client import FhirClient
+from cds_service.service import OsteoporosisService, explain
+
+from .conftest import AS_OF, LABELS, ROOT, load_fixture
+
+sys.path.insert(0, str(ROOT))
+from fixtures.generate import ICD, LOINC, Patient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def service(catalog):
+    return OsteoporosisService(catalog, FhirClient())
+
+
+def run(service, p: Patient, as_of: date = AS_OF):
+    return service.invoke(request_from_bundle(p.bundle()), as_of)
+
+
+def causes(service, p: Patient, as_of: date = AS_OF) -> dict:
+    return {f.cause.id: f for f in run(service, p, as_of).assessment.findings}
+
+
+# ---- glucocorticoids ------------------------------------------------------------------------
+def test_prednisone_equivalent_from_structured_dose(service):
+    p = Patient("gc1")
+    p.med_request("dexamethasone 4 MG Oral Tablet", "3264", start=120, dose=4)
+    f = causes(service, p)["glucocorticoids"]
+    assert f.tier == "high"                                  # 4 mg dexamethasone = 26.7 mg prednisone
+    assert any("26.68 mg/day prednisone-equivalent" in e.text for e in f.evidence)
+    assert "acr2022" in f.citations
+
+
+def test_dose_from_dosage_text_only(service):
+    p = Patient("gc2")
+    p.med_statement("prednisone 5 MG Oral Tablet", None, start=100, text="Take 4 tablets (20 mg total) by mouth daily")
+    f = causes(service, p)["glucocorticoids"]
+    assert any("20 mg/day" in e.text for e in f.evidence) and f.tier == "high"
+
+
+def test_tablet_count_times_strength_and_twice_daily_text(service):
+    p = Patient("gc3")
+    p.med_statement("prednisolone 5 MG Oral Tablet", None, start=100, text="take one tablet by mouth twice daily")
+    f = causes(service, p)["glucocorticoids"]
+    assert any("10 mg/day" in e.text for e in f.evidence)
+
+
+def test_below_2_5_mg_per_day_does_not_count(service):
+    p = Patient("gc4")
+    p.med_request("prednisone 1 MG Oral Tablet", "8640", start=300, dose=2)
+    assert "glucocorticoids" not in causes(service, p)
+
+
+def test_short_course_does_not_count_but_planned_three_months_does(service):
+    short = Patient("gc5")
+    short.med_request("prednisone 10 MG Oral Tablet", "8640", status="completed", start=40, dose=40, supply=10)
+    assert "glucocorticoids" not in causes(service, short)
+    planned = Patient("gc6")            # started a week ago, 30-day supply with 2 refills: 90 days planned
+    planned.med_request("prednisone 10 MG Oral Tablet", "8640", start=7, dose=10, supply=30, repeats=2)
+    assert causes(service, planned)["glucocorticoids"].tier == "high"
+
+
+@pytest.mark.parametrize("route_text, display", [
+    ("Inhalation", "budesonide 0.5 MG/ML Inhalation Suspension"),
+    ("Nasal", "mometasone nasal spray"),
+    (None, "dexamethasone 0.1 % Ophthalmic Suspension"),
+    (None, "hydrocortisone 2.5 % Topical Cream"),
+    (None, "hydrocortisone 100 MG/60ML Enema"),
+    ("Intra-articular", "methylprednisolone acetate 40 MG/ML Injectable Suspension"),
+])
+def test_non_systemic_routes_do_not_count(service, route_text, display):
+    p = Patient("gc7")
+    p.med_request(display, None, start=300, dose=40, route=route_text)
+    assert "glucocorticoids" not in causes(service, p)
+
+
+def test_very_high_dose_tier_and_warning(service):
+    p = Patient("gc8")
+    p.med_request("prednisone 20 MG Oral Tablet", "8640", start=100, dose=40)
+    result = run(service, p)
+    assert {f.cause.id: f for f in result.assessment.findings}["glucocorticoids"].tier == "very_high"
+    card = result.response["cards"][0]
+    assert card["indicator"] == "warning" and "very high dose" in card["summary"]
+
+
+def test_unknown_dose_counts_by_duration_per_cms249(service):
+    p = Patient("gc9")
+    p.med_request("prednisone 5 MG Oral Tablet", "8640", start=200)      # no dose at all
+    f = causes(service, p)["glucocorticoids"]
+    assert f.tier == "dose_not_recorded" and "cms249" in f.citations
+
+
+def test_same_drug_in_request_and_statement_is_not_double_counted(service):
+    p = Patient("gc10")
+    p.med_request("prednisone 1 MG Oral Tablet", "8640", start=200, dose=2)
+    p.med_statement("prednisone 1 MG Oral Tablet", "8640", start=200, text="2 mg daily")
+    assert "glucocorticoids" not in causes(service, p)                     # 2 mg/day, not 4
+
+
+def test_fludrocortisone_is_not_a_glucocorticoid(service):
+    p = Patient("gc11")
+    p.med_request("fludrocortisone acetate 0.1 MG Oral Tablet", "4452", start=500, dose=0.1)
+    assert "glucocorticoids" not in causes(service, p)
+
+
+# ---- statuses ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(clinical="resolved"), dict(clinical="remission"), dict(clinical="inactive"),
+                                dict(verification="refuted"), dict(verification="entered-in-error")])
+def test_condition_status_that_does_not_count(service, kw):
+    p = Patient("st1")
+    p.condition(ICD, "M32.9", "Systemic lupus erythematosus", **kw)
+    assert "sle" not in causes(service, p)
+
+
+@pytest.mark.parametrize("clinical", ["active", "recurrence", "relapse"])
+def test_condition_status_that_counts(service, clinical):
+    p = Patient("st2")
+    p.condition(ICD, "M32.9", "Systemic lupus erythematosus", clinical=clinical)
+    assert "sle" in causes(service, p)
+
+
+@pytest.mark.parametrize("status", ["stopped", "entered-in-error", "cancelled", "draft"])
+def test_medication_request_status_that_does_not_count(service, status):
+    p = Patient("st3")
+    p.med_request("anastrozole 1 MG Oral Tablet", "84857", status=status, start=100, dose=1)
+    assert "aromatase_inhibitors" not in causes(service, p)
+
+
+def test_not_taken_statement_and_do_not_perform_request_do_not_count(service):
+    p = Patient("st4")
+    p.med_statement("anastrozole 1 MG Oral Tablet", "84857", status="not-taken", start=100)
+    req = p.med_request("anastrozole 1 MG Oral Tablet", "84857", start=100, dose=1)
+    req["doNotPerform"] = True
+    assert "aromatase_inhibitors" not in causes(service, p)
+
+
+def test_medication_ended_before_look_back_does_not_count(service):
+    p = Patient("st5")
+    p.med_statement("omeprazole 20 MG Oral Capsule", "7646", status="completed", start=2000, end=900)
+    assert "ppi" not in causes(service, p)
+
+
+def test_preliminary_and_cancelled_observations_do_not_count(service):
+    p = Patient("st6")
+    p.obs("62292-8", "25-OH vitamin D", 8, "ng/mL", 20, status="preliminary")
+    p.obs("62292-8", "25-OH vitamin D", 8, "ng/mL", 10, status="entered-in-error")
+    assert "vitamin_d_deficiency" not in causes(service, p)
+
+
+# ---- matching ---------------------------------------------------------------------------------
+def test_icd10_prefix_matches_descendants_with_or_without_dots(service):
+    for code in ("E05.00", "E0500", "e05.9"):
+        p = Patient("m1")
+        p.condition(ICD, code, "Thyrotoxicosis")
+        assert "hyperthyroidism" in causes(service, p), code
+
+
+def test_medication_found_by_atc_brand_and_text(service):
+    atc = Patient("m2")
+    r = atc.med_request("Local formulary item 123", None, start=500, dose=20)
+    r["medicationCodeableConcept"]["coding"] = [{"system": "http://www.whocc.no/atc", "code": "A02BC01"}]
+    assert "ppi" in causes(service, atc)
+    brand = Patient("m3")
+    brand.med_request("Nexium 40 mg capsule", None, start=500, dose=40)
+    assert "ppi" in causes(service, brand)
+
+
+def test_medication_reference_to_bundled_medication(service):
+    p = Patient("m4", sex="male", age=70)
+    p.med_admin_with_reference("leuprolide acetate 7.5 MG Injection", "42375", 30)       # urn:uuid reference
+    assert "androgen_deprivation" in causes(service, p)
+
+
+def test_invalid_resource_is_skipped_and_counted(service):
+    p = Patient("m5")
+    p.condition(ICD, "M32.9", "Systemic lupus erythematosus")
+    bad = p.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    bad["onsetDateTime"] = "not a date"
+    result = run(service, p)
+    found = {f.cause.id for f in result.assessment.findings}
+    assert "sle" in found and "rheumatoid_arthritis" not in found
+    assert result.assessment.record.skipped_invalid == 1
+
+
+# ---- labs and units ------------------------------------------------------------------------
+def test_tsh_units_are_equivalent_and_thyroid_hormone_changes_the_cause(service):
+    p = Patient("u1")
+    p.obs("3016-3", "TSH", 0.05, "u[IU]/mL", 10)
+    assert "hyperthyroidism" in causes(service, p)
+    p.med_request("levothyroxine 0.15 MG Oral Tablet", "10582", start=400, dose=0.15)
+    found = causes(service, p)
+    assert "thyroid_hormone_excess" in found and "hyperthyroidism" not in found
+
+
+def test_vitamin_d_units(service):
+    low_nmol = Patient("u2")
+    low_nmol.obs("62292-8", "25-OH D", 45, "nmol/L", 10)               # 18 ng/mL
+    assert "vitamin_d_deficiency" in causes(service, low_nmol)
+    unknown_unit = Patient("u3")
+    unknown_unit.obs("62292-8", "25-OH D", 5, "furlongs", 10)        # never guessed
+    assert "vitamin_d_deficiency" not in causes(service, unknown_unit)
+
+
+def test_latest_result_decides(service):
+    p = Patient("u4")
+    p.obs("62292-8", "25-OH D", 9, "ng/mL", 200)
+    p.obs("62292-8", "25-OH D", 35, "ng/mL", 20)
+    assert "vitamin_d_deficiency" not in causes(service, p)
+
+
+def test_egfr_needs_two_low_results_90_days_apart(service):
+    close = Patient("u5")
+    for d in (60, 10):
+        close.obs("98979-8", "eGFR", 40, "mL/min/{1.73_m2}", d)
+    assert "ckd" not in causes(service, close)
+    apart = Patient("u6")
+    for d in (130, 10):
+        apart.obs("98979-8", "eGFR", 40, "mL/min/{1.73_m2}", d)
+    assert "ckd" in causes(service, apart)
+
+
+def test_testosterone_rule_is_for_men_only(service):
+    for sex, expected in (("male", True), ("female", False)):
+        p = Patient("u7", sex=sex)
+        p.obs("2986-8", "Testosterone", 150, "ng/dL", 100)
+        p.obs("2986-8", "Testosterone", 160, "ng/dL", 10)
+        assert ("hypogonadism" in causes(service, p)) is expected
+
+
+# ---- time is an input ---------------------------------------------------------------------
+def test_the_same_record_evaluated_on_different_days(service):
+    p = Patient("t1")
+    p.med_request("omeprazole 20 MG Oral Capsule", "7646", start=200, dose=20)      # started AS_OF - 200
+    assert "ppi" not in causes(service, p, AS_OF)                                  # 201 days: not yet a year
+    assert "ppi" in causes(service, p, AS_OF + timedelta(days=200))               # ongoing: past a year
+
+
+def test_adults_only(service):
+    child = Patient("t2", age=15)
+    child.condition(ICD, "M32.9", "Systemic lupus erythematosus")
+    result = run(service, child)
+    assert result.assessment.findings == [] and result.response == {"cards": []}
+
+
+# ---- the labelled fixture set --------------------------------------------------------------
+@pytest.mark.parametrize("rel", sorted(LABELS["patients"]))
+def test_fixture_patient_has_exactly_its_labelled_causes(service, rel):
+    result = service.invoke(request_from_bundle(load_fixture(rel)), AS_OF)
+    found = {f["cause"] for f in explain(result.assessment)}
+    assert found == set(LABELS["patients"][rel]["causes"])
+
+
+def test_every_cause_has_a_positive_and_a_negative_fixture(catalog):
+    files = {rel.split("/")[-1] for rel in LABELS["patients"]}
+    for cid in catalog.causes:
+        assert any(f.startswith(cid + "-") and "positive" in f for f in files), cid
+        assert any(f.startswith(cid + "-") and "negative" in f for f in files), cid
+
+
+def test_sensitivity_and_specificity_on_the_labelled_set(service, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from accuracy import evaluate_labelled
+    r = evaluate_labelled(service)
+    t = r["total"]
+    sens, spec = t["tp"] / (t["tp"] + t["fn"]), t["tn"] / (t["tn"] + t["fp"])
+    with capsys.disabled():
+        print(f"\nlabelled set: {r['patients']} patients, sensitivity {sens:.3f}, specificity {spec:.3f}")
+    assert r["patients"] >= 60
+    assert sens >= 0.95 and spec >= 0.99
