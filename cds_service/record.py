@@ -71,6 +71,15 @@ def concept_text(concept: Any) -> str:
     return " ".join(p for p in parts if isinstance(p, str))
 
 
+def concept_label(concept: Any) -> str:
+    """What a person would call it: the text, else the first display."""
+    if not isinstance(concept, dict):
+        return ""
+    if isinstance(concept.get("text"), str) and concept["text"].strip():
+        return concept["text"].strip()
+    return next((c["display"] for c in codings(concept) if isinstance(c.get("display"), str)), "")
+
+
 def status_code(concept: Any) -> str | None:
     for c in codings(concept):
         if isinstance(c.get("code"), str):
@@ -85,7 +94,8 @@ class MedicationExposure:
     reference: str
     resource_type: str
     ingredients: list[Ingredient]
-    text: str
+    text: str                      # every name the record carries (for matching)
+    label: str                     # the one name shown to a clinician
     status: str
     start: date | None
     end: date | None               # last day covered (planned end when in the future)
@@ -108,7 +118,7 @@ class MedicationExposure:
         elif self.ongoing:
             when += " onwards (active)"
         dose = f", {self.daily_mg:g} mg/day" if self.daily_mg else ""
-        return f"{self.text or 'medication'}{dose}, {when}"
+        return f"{self.label or 'medication'}{dose}, {when}"
 
 
 @dataclass
@@ -317,6 +327,7 @@ class RecordBuilder:
                 codes.append((system, code))
                 matches += self.cat.causes_for_code(system, code)
         text = concept_text(concept)
+        label = concept_label(concept)
         if res.get("resourceType") == "Procedure" and text:
             low = text.lower()
             for cause in self.cat.causes.values():
@@ -329,7 +340,7 @@ class RecordBuilder:
         ok, when = counts(res)
         if not ok or not self._validated(rec, res):
             return
-        target.append(CodedEntry(reference_of(res), res["resourceType"], text, when, matches, codes))
+        target.append(CodedEntry(reference_of(res), res["resourceType"], label, when, matches, codes))
 
     def _is_context_code(self, codes: list[tuple[str, str]]) -> bool:
         return any(code in self.context_codes
@@ -440,6 +451,7 @@ class RecordBuilder:
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
         rec.medications.append(MedicationExposure(
             reference=reference_of(res), resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
+            label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, inpatient=inpatient, as_needed=as_needed))
 

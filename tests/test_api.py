@@ -1,0 +1,304 @@
+"""CDS Hooks 2.0 endpoints (spec checklist sections A-F and J) through the Flask app."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from cds_service import create_app
+from cds_service.config import Settings
+
+from .conftest import AS_OF, SERVICE_URL, walk_empty
+
+TOKEN_RE = re.compile(r"^\{\{(context\.(patientId|userId|encounterId)|userPractitionerId|userPractitionerRoleId"
+                      r"|userPatientId|userRelatedPersonId)\}\}$")
+FULL = "patients/rheumatoid_arthritis-positive.json"
+
+
+def is_outcome(resp, status):
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = resp.get_json()
+    assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["severity"] == "error"
+    assert "Traceback" not in resp.get_data(as_text=True)
+    return body
+
+
+def cards_of(resp):
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return [{k: v for k, v in c.items() if k != "uuid"} | {"suggestions": [
+        {k: v for k, v in s.items() if k != "uuid"} for s in c.get("suggestions", [])]} for c in resp.get_json()["cards"]]
+
+
+# ---- B. discovery ------------------------------------------------------------------------------
+def test_discovery(client):
+    resp = client.get("/cds-services", headers={"Accept": "application/json"})
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/json")
+    services = resp.get_json()["services"]
+    assert len(services) == 1
+    s = services[0]
+    assert (s["id"], s["hook"]) == ("secondary-osteoporosis", "patient-view")
+    assert s["title"] and s["description"] and walk_empty(s) == []
+    assert set(s["prefetch"]) >= {"patient", "conditions", "medicationRequests", "medicationStatements",
+                                  "observations", "procedures"}
+    for key, template in s["prefetch"].items():
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", key)
+        assert len(template.encode()) < 8192, key
+        assert not template.startswith(("/", "http"))
+        for token in re.findall(r"\{\{[^}]*\}\}", template):
+            assert TOKEN_RE.match(token), token
+
+
+def test_observation_templates_are_code_filtered_from_the_catalog(client, catalog):
+    prefetch = client.get("/cds-services").get_json()["services"][0]["prefetch"]
+    obs = prefetch["observations"]
+    assert "code=" in obs
+    for code in ("3016-3", "62292-8", "98979-8", "39156-5", "72166-2", "74013-4", "2986-8"):
+        assert f"http://loinc.org|{code}" in obs
+    rule_codes = {c for r in catalog.observation_rules.values() for k in ("loinc", "pth_loinc") for c in r.get(k, [])}
+    assert all(f"|{c}" in obs for c in rule_codes)
+    assert "38267-1" in prefetch["boneHealthObservations"]          # DXA T-score, for card context
+
+
+# ---- C. invocation -------------------------------------------------------------------------------
+def test_full_prefetch_gives_a_card(client, request_for):
+    resp = client.post(SERVICE_URL, json=request_for(FULL))
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/json")
+    assert len(resp.get_json()["cards"]) == 1
+
+
+def test_no_risk_gives_empty_cards(client, request_for):
+    resp = client.post(SERVICE_URL, json=request_for("patients/no-risk-factors-negative.json"))
+    assert resp.status_code == 200 and resp.get_json() == {"cards": []}
+
+
+def test_repeated_hook_instance_is_fine(client, request_for):
+    body = request_for(FULL)
+    assert client.post(SERVICE_URL, json=body).status_code == 200
+    assert client.post(SERVICE_URL, json=body).status_code == 200
+
+
+def test_unknown_members_and_extensions_are_ignored(client, request_for):
+    body = request_for(FULL)
+    plain = cards_of(client.post(SERVICE_URL, json=body))
+    extra = copy.deepcopy(body)
+    extra["foo"] = 1
+    extra["extension"] = {"org.example.x": "y"}
+    extra["context"]["encounterId"] = "enc-1"
+    extra["prefetch"]["unknownKey"] = {"resourceType": "Bundle", "type": "searchset"}
+    assert cards_of(client.post(SERVICE_URL, json=extra)) == plain
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b.pop("hook"), "'hook' is required"),
+    (lambda b: b.update(hook="order-sign"), "answers the 'patient-view' hook"),
+    (lambda b: b.pop("hookInstance"), "'hookInstance' is required"),
+    (lambda b: b.update(hookInstance=""), "'hookInstance' is required"),
+    (lambda b: b.pop("context"), "'context' is required"),
+    (lambda b: b["context"].pop("patientId"), "'context.patientId' is required"),
+    (lambda b: b["context"].update(patientId=42), "'context.patientId' is required"),
+    (lambda b: b.update(prefetch=[1, 2]), "'prefetch' must be an object"),
+    (lambda b: b.update(fhirAuthorization={"access_token": "t", "token_type": "Bearer", "expires_in": 60,
+                                           "scope": "patient/*.read", "subject": "cds"}), "requires 'fhirServer'"),
+    (lambda b: b.update(fhirServer="https://ehr.example.org/fhir", fhirAuthorization={"access_token": "t"}),
+     "'fhirAuthorization.token_type' is required"),
+    (lambda b: b.update(fhirServer="https://ehr.example.org/fhir", fhirAuthorization={
+        "access_token": "t", "token_type": "Bearer", "expires_in": 60, "scope": "s", "subject": "c", "patient": "other"}),
+     "does not match"),
+    (lambda b: b.update(fhirServer="ftp://ehr.example.org"), "http\\(s\\) URL"),
+    (lambda b: b.update(extension="x"), "'extension' must be an object"),
+])
+def test_bad_requests_get_400_with_an_operation_outcome(client, request_for, mutate, message):
+    body = request_for(FULL)
+    mutate(body)
+    outcome = is_outcome(client.post(SERVICE_URL, json=body), 400)
+    assert re.search(message, outcome["issue"][0]["diagnostics"])
+
+
+def test_malformed_json_and_wrong_content_type(client):
+    is_outcome(client.post(SERVICE_URL, data=b"{not json", content_type="application/json"), 400)
+    is_outcome(client.post(SERVICE_URL, data=b'{"hook": "patient-view"}', content_type="text/plain"), 400)
+    is_outcome(client.post(SERVICE_URL, data=b"", content_type="application/json"), 400)
+    is_outcome(client.post(SERVICE_URL, data=b"[1,2]", content_type="application/json"), 400)
+
+
+def test_unknown_service_404_and_get_on_service_405(client, request_for):
+    is_outcome(client.post("/cds-services/does-not-exist", json=request_for(FULL)), 404)
+    is_outcome(client.post("/cds-services/does-not-exist/feedback", json={"feedback": []}), 404)
+    is_outcome(client.get("/nothing-here"), 404)
+    resp = client.get(SERVICE_URL)
+    is_outcome(resp, 405)
+    assert "POST" in resp.headers["Allow"]
+
+
+def test_oversize_body_gets_413(tmp_path, request_for):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=512))
+    resp = app.test_client().post(SERVICE_URL, json=request_for(FULL))
+    is_outcome(resp, 413)
+
+
+# ---- D. prefetch and 412 -------------------------------------------------------------------------
+def test_null_prefetch_value_means_no_data(client, request_for):
+    body = request_for(FULL)
+    for key in ("medicationRequests", "medicationStatements", "observations", "boneHealthObservations", "procedures"):
+        body["prefetch"][key] = None
+    assert len(client.post(SERVICE_URL, json=body).get_json()["cards"]) == 1
+
+
+def test_empty_searchset_means_no_data(client, request_for):
+    body = request_for(FULL)
+    body["prefetch"]["conditions"] = {"resourceType": "Bundle", "type": "searchset"}
+    assert client.post(SERVICE_URL, json=body).get_json() == {"cards": []}
+
+
+def test_missing_prefetch_without_fhir_server_is_412(client, request_for):
+    body = request_for(FULL)
+    del body["prefetch"]
+    outcome = is_outcome(client.post(SERVICE_URL, json=body), 412)
+    assert "no fhirServer" in outcome["issue"][0]["diagnostics"]
+    body = request_for(FULL)
+    del body["prefetch"]["conditions"]
+    is_outcome(client.post(SERVICE_URL, json=body), 412)
+
+
+def test_operation_outcome_in_prefetch_is_a_failed_key(client, request_for):
+    body = request_for(FULL)
+    body["prefetch"]["conditions"] = {"resourceType": "OperationOutcome",
+                                      "issue": [{"severity": "error", "code": "timeout"}]}
+    is_outcome(client.post(SERVICE_URL, json=body), 412)
+    body = request_for(FULL)
+    body["prefetch"]["observations"]["entry"].append({"resource": {
+        "resourceType": "OperationOutcome", "issue": [{"severity": "fatal", "code": "exception"}]},
+        "search": {"mode": "outcome"}})
+    is_outcome(client.post(SERVICE_URL, json=body), 412)
+
+
+def test_missing_patient_resource_is_412(client, request_for):
+    body = request_for(FULL)
+    body["prefetch"]["patient"] = None
+    is_outcome(client.post(SERVICE_URL, json=body), 412)
+
+
+# ---- E. responses never carry nulls or empties -------------------------------------------------------
+def test_response_has_no_null_or_empty_members(client, request_for):
+    body = client.post(SERVICE_URL, json=request_for("patients/already-treated-glucocorticoids-positive.json")).get_json()
+    assert walk_empty(body["cards"]) == []
+
+
+# ---- F. feedback ---------------------------------------------------------------------------------
+FEEDBACK = SERVICE_URL + "/feedback"
+ACCEPTED = {"card": "b6a1d2e4-5f3c-4e7a-8d90-1c2b3a4d5e6f", "outcome": "accepted",
+            "acceptedSuggestions": [{"id": "0d3e5c7a-9b1f-4a2e-8c4d-6f7a8b9c0d1e"}],
+            "outcomeTimestamp": "2026-05-02T14:03:11Z"}
+OVERRIDDEN = {"card": "9a8b7c6d-5e4f-4a3b-9c2d-1e0f2a3b4c5d", "outcome": "overridden",
+              "overrideReason": {"reason": {"system": "https://cds.example.org/CodeSystem/override",
+                                            "code": "already-evaluated"}, "userComment": "DXA done elsewhere"},
+              "outcomeTimestamp": "2026-05-02T14:05:40Z"}
+
+
+def test_feedback_is_persisted_by_card_uuid(app, client):
+    resp = client.post(FEEDBACK, json={"feedback": [ACCEPTED, OVERRIDDEN, {**ACCEPTED, "card": "c" * 8}]})
+    assert resp.status_code == 200 and resp.get_json() == {"stored": 3, "received": 3}
+    store = app.extensions["cds"]["feedback"]
+    saved = store.entries_for_card(OVERRIDDEN["card"])
+    assert saved == [{"outcome": "overridden", "outcomeTimestamp": "2026-05-02T14:05:40Z", "acceptedSuggestions": [],
+                      "overrideSystem": "https://cds.example.org/CodeSystem/override",
+                      "overrideCode": "already-evaluated", "userComment": "DXA done elsewhere"}]
+    assert store.entries_for_card(ACCEPTED["card"])[0]["acceptedSuggestions"] == [ACCEPTED["acceptedSuggestions"][0]["id"]]
+
+
+def test_duplicate_feedback_is_idempotent(app, client):
+    for _ in range(2):
+        assert client.post(FEEDBACK, json={"feedback": [ACCEPTED]}).status_code == 200
+    assert app.extensions["cds"]["feedback"].count() == 1
+
+
+@pytest.mark.parametrize("entry", [
+    {**OVERRIDDEN, "overrideReason": {"reason": {"system": "s", "code": "c"}}},     # sandbox: no display
+    {**OVERRIDDEN, "overrideReason": {"userComment": "not now"}},
+    {k: v for k, v in OVERRIDDEN.items() if k != "overrideReason"},
+    {**OVERRIDDEN, "overrideReason": {"system": "s", "code": "c", "display": "d"}},  # older: bare Coding
+    {**ACCEPTED, "acceptedSuggestions": ["0d3e5c7a-9b1f-4a2e-8c4d-6f7a8b9c0d1e"]},   # older: bare ids
+])
+def test_feedback_shapes_clients_send(client, entry):
+    assert client.post(FEEDBACK, json={"feedback": [entry]}).status_code == 200
+
+
+@pytest.mark.parametrize("entry", [
+    {**ACCEPTED, "outcome": "rejected"},
+    {k: v for k, v in ACCEPTED.items() if k != "acceptedSuggestions"},
+    {k: v for k, v in ACCEPTED.items() if k != "outcomeTimestamp"},
+    {**ACCEPTED, "outcomeTimestamp": "yesterday"},
+    {**OVERRIDDEN, "overrideReason": {}},
+    {k: v for k, v in ACCEPTED.items() if k != "card"},
+    "not an object",
+])
+def test_invalid_feedback_is_400_and_nothing_is_stored(app, client, entry):
+    is_outcome(client.post(FEEDBACK, json={"feedback": [ACCEPTED, entry]}), 400)
+    assert app.extensions["cds"]["feedback"].count() == 0
+
+
+def test_feedback_body_must_be_a_feedback_array(client):
+    for body in ({}, {"feedback": []}, {"feedback": "x"}, [1]):
+        is_outcome(client.post(FEEDBACK, json=body), 400)
+
+
+# ---- J. CORS -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, method", [("/cds-services", "GET"), (SERVICE_URL, "POST"), (FEEDBACK, "POST")])
+def test_cors_preflight_needs_no_credentials(client, path, method):
+    resp = client.options(path, headers={"Origin": "https://sandbox.cds-hooks.org",
+                                         "Access-Control-Request-Method": method,
+                                         "Access-Control-Request-Headers": "authorization,content-type"})
+    assert resp.status_code in (200, 204)
+    assert resp.headers["Access-Control-Allow-Origin"] in ("*", "https://sandbox.cds-hooks.org")
+    allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type"} <= allowed
+    assert {"GET", "POST"} <= {m.strip() for m in resp.headers["Access-Control-Allow-Methods"].split(",")}
+
+
+def test_cors_header_on_errors_too(client):
+    resp = client.post(SERVICE_URL, data=b"nope", content_type="application/json",
+                       headers={"Origin": "https://sandbox.cds-hooks.org"})
+    assert resp.status_code == 400 and resp.headers["Access-Control-Allow-Origin"]
+
+
+def test_cors_allowlist_reflects_only_listed_origins(tmp_path):
+    app = create_app(Settings(data_dir=str(tmp_path), cors_origins="https://ehr.example.org"))
+    c = app.test_client()
+    assert c.get("/cds-services", headers={"Origin": "https://ehr.example.org"}).headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
+    assert "Access-Control-Allow-Origin" not in c.get("/cds-services", headers={"Origin": "https://evil.example"}).headers
+
+
+def test_healthz(client):
+    resp = client.get("/healthz")
+    assert resp.status_code == 200 and resp.get_json()["status"] == "ok"
+
+
+def test_logs_carry_no_patient_data(client, request_for):
+    import io
+    import logging
+    from cds_service.logs import JsonFormatter
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("cds_service")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        body = request_for(FULL)
+        client.post(SERVICE_URL, json=body)
+        client.post(FEEDBACK, json={"feedback": [OVERRIDDEN]})
+        client.post(SERVICE_URL, data=b"{broken " + body["context"]["patientId"].encode(), content_type="application/json")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    requests_logged = [line for line in lines if line.get("event") == "request"]
+    assert len(requests_logged) == 3 and {r["status"] for r in requests_logged} == {200, 400}
+    assert all("request_id" in r and "duration_ms" in r for r in requests_logged)
+    text = buf.getvalue()
+    for secret in (body["context"]["patientId"], "Rheumatoid", "M06.9", "69896004", "DXA done elsewhere", OVERRIDDEN["card"]):
+        assert secret not in text

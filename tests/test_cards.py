@@ -1,0 +1,149 @@
+"""The card: one per invocation, CDS Hooks 2.0-valid, evidence-bearing, workup in one click."""
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from cds_service.bundles import request_from_bundle
+from cds_service.fhir_client import FhirClient
+from cds_service.service import OsteoporosisService
+
+from .conftest import AS_OF, LABELS, ROOT, load_fixture, walk_empty
+
+import sys
+sys.path.insert(0, str(ROOT))
+from fixtures.generate import ICD, SPECS, Patient  # noqa: E402
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@pytest.fixture(scope="module")
+def service(catalog):
+    return OsteoporosisService(catalog, FhirClient())
+
+
+def response_for(service, bundle: dict) -> tuple[dict, object]:
+    result = service.invoke(request_from_bundle(bundle), AS_OF)
+    return result.response, result.assessment
+
+
+ALL_RESPONSES = sorted(LABELS["patients"])
+
+
+@pytest.mark.parametrize("rel", ALL_RESPONSES)
+def test_every_fixture_response_is_valid_cds_hooks(service, rel):
+    body, assessment = response_for(service, load_fixture(rel))
+    assert set(body) == {"cards"} and len(body["cards"]) <= 1          # one card, no alert storm
+    expected_card = any(service.catalog.causes[c].fires_alone for c in LABELS["patients"][rel]["causes"])
+    assert bool(body["cards"]) is expected_card
+    assert walk_empty(body["cards"]) == [] if body["cards"] else body == {"cards": []}
+    for card in body["cards"]:
+        assert len(card["summary"]) < 140
+        assert card["indicator"] in ("info", "warning", "critical")
+        assert UUID_RE.match(card["uuid"])
+        assert card["source"]["label"]
+        assert "<" not in card["detail"].replace("\\<", "")                 # no raw HTML
+        assert card["selectionBehavior"] == "any"
+        for s in card["suggestions"]:
+            assert s["label"] and UUID_RE.match(s["uuid"]) and s["actions"]
+            for a in s["actions"]:
+                assert a["type"] == "create" and a["description"]
+                ServiceRequest.model_validate(a["resource"])                 # standard R4 JSON
+                assert a["resource"]["subject"]["reference"] == f"Patient/{assessment.patient_id}"
+        for r in card["overrideReasons"]:
+            assert r["code"] and r["system"] and r["display"]
+        for link in card.get("links", []):
+            assert link["type"] == "absolute" and link["url"].startswith("https://") and "appContext" not in link
+
+
+def test_indicator_follows_cause_strength(service):
+    strong = Patient("ind1")
+    strong.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    moderate = Patient("ind2")
+    moderate.condition(ICD, "J44.9", "COPD")
+    assert response_for(service, strong.bundle())[0]["cards"][0]["indicator"] == "warning"
+    assert response_for(service, moderate.bundle())[0]["cards"][0]["indicator"] == "info"
+
+
+def test_detail_shows_evidence_with_resource_date_value_and_guideline(service):
+    body, _ = response_for(service, load_fixture("patients/hyperparathyroidism-positive.json"))
+    detail = body["cards"][0]["detail"]
+    assert "Calcium 11.2 mg/dL on 2026-06-10" in detail and "albumin-corrected" in detail
+    assert "PTH 128 pg/mL" in detail and "Observation/" in detail
+    assert "Guideline: Fifth International Workshop on Primary Hyperparathyroidism 2022" in detail
+
+
+def test_summary_stays_under_140_with_every_cause_at_once(service):
+    p = Patient("many", sex="male", age=60)
+    for name, sex, age, fn, expected in SPECS:
+        if name.endswith("-positive") and "thyroid_hormone_excess" not in name:
+            fn(p)
+    body, assessment = response_for(service, p.bundle())
+    assert len(assessment.findings) > 40
+    summary = body["cards"][0]["summary"]
+    assert len(summary) < 140 and re.search(r"\+\d+ more", summary)
+
+
+def test_listed_only_causes_appear_under_also_noted(service):
+    body, _ = response_for(service, load_fixture("patients/ssri-positive.json"))
+    detail = body["cards"][0]["detail"]
+    assert "Also noted" in detail and "Selective serotonin reuptake inhibitors" in detail
+    assert "SSRI" not in body["cards"][0]["summary"]
+
+
+def test_one_click_workup_and_dxa_when_none_recent(service):
+    body, _ = response_for(service, load_fixture("patients/multiple_myeloma-positive.json"))
+    suggestions = body["cards"][0]["suggestions"]
+    labels = [s["label"] for s in suggestions]
+    assert labels[0].startswith("Order secondary-osteoporosis baseline labs")
+    baseline_codes = {a["resource"]["code"]["coding"][0]["code"] for a in suggestions[0]["actions"]}
+    assert {"58410-2", "24323-8", "62292-8", "2731-8", "3016-3", "2986-8"} <= baseline_codes   # man: testosterone
+    spep = next(s for s in suggestions if "SPEP" in s["label"])
+    assert {a["resource"]["code"]["coding"][0]["code"] for a in spep["actions"]} == {"24351-9", "36916-5", "33944-0", "48378-4"}
+    dxa = next(s for s in suggestions if "DXA" in s["label"])
+    coding = dxa["actions"][0]["resource"]["code"]["coding"][0]
+    assert (coding["system"], coding["code"]) == ("http://www.ama-assn.org/go/cpt", "77080")
+
+
+def test_testosterone_is_not_offered_to_women(service):
+    body, _ = response_for(service, load_fixture("patients/sle-positive.json"))
+    codes = {a["resource"]["code"]["coding"][0]["code"] for s in body["cards"][0]["suggestions"] for a in s["actions"]}
+    assert "2986-8" not in codes
+
+
+def test_context_shapes_the_card_recent_dxa_treatment_and_done_labs(service):
+    body, _ = response_for(service, load_fixture("patients/already-treated-glucocorticoids-positive.json"))
+    card = body["cards"][0]
+    labels = " | ".join(s["label"] for s in card["suggestions"])
+    assert "DXA" not in labels                                     # DXA 200 days ago: not re-offered
+    assert "Already on osteoporosis therapy: alendronate" in card["detail"]
+    assert "Age-related osteoporosis" in card["detail"]
+    ordered = {a["resource"]["code"]["coding"][0]["code"] for s in card["suggestions"] for a in s["actions"]}
+    assert not ({"62292-8", "3016-3", "2731-8"} & ordered)         # resulted 90 days ago
+    assert "Already resulted in the last 365 days" in card["detail"]
+
+
+def test_glucocorticoid_patient_gets_dxa_with_vfa(service):
+    body, _ = response_for(service, load_fixture("patients/glucocorticoids-positive.json"))
+    dxa = next(s for s in body["cards"][0]["suggestions"] if "DXA" in s["label"])
+    assert dxa["actions"][0]["resource"]["code"]["coding"][0]["code"] == "77085"
+
+
+def test_card_and_suggestion_uuids_are_unique_across_invocations(service):
+    bundle = load_fixture("patients/celiac-positive.json")
+    ids = []
+    for _ in range(3):
+        card = response_for(service, bundle)[0]["cards"][0]
+        ids += [card["uuid"]] + [s["uuid"] for s in card["suggestions"]]
+    assert len(ids) == len(set(ids))
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_chart_text_cannot_inject_markdown_or_html(service):
+    p = Patient("inj")
+    p.condition(ICD, "M32.9", "<script>alert(1)</script> [click](https://evil.example) **bold**")
+    detail = response_for(service, p.bundle())[0]["cards"][0]["detail"]
+    assert "<script>" not in detail and "](https://evil" not in detail
