@@ -29,7 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["cds"] = {
         "settings": settings,
         "catalog": catalog,
-        "service": OsteoporosisService(catalog, client, settings.fhir_timeout, settings.fhir_page_size),
+        "service": OsteoporosisService(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
+                                       settings.fhir_allowlist_prefixes),
         "feedback": open_store(settings.resolved_database_url),
     }
     app.register_blueprint(api.bp)

@@ -15,7 +15,7 @@ _URN = re.compile(r"^urn:uuid:([0-9a-fA-F-]{36})$")
 PREFETCH_KEY = {
     "Condition": "conditions",
     "MedicationRequest": "medicationRequests",
-    "MedicationAdministration": "medicationRequests",
+    "MedicationAdministration": "medicationAdministrations",
     "Medication": "medicationRequests",
     "MedicationStatement": "medicationStatements",
     "Observation": "observations",
@@ -70,8 +70,8 @@ def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
         raise BadRequest(f"The Bundle must hold exactly one Patient (found {len(patients)}).")
     patient = patients[0]
     prefetch: dict = {"patient": patient}
-    for key in ("conditions", "medicationRequests", "medicationStatements", "observations",
-                "boneHealthObservations", "procedures"):
+    for key in ("conditions", "medicationRequests", "medicationStatements", "medicationAdministrations",
+                "observations", "boneHealthObservations", "procedures"):
         prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": []}
     for r in resources:
         key = PREFETCH_KEY.get(r["resourceType"])

@@ -29,6 +29,7 @@ class Settings:
     fhir_max_pages: int = 10               # `next` links followed per prefetch key
     fhir_max_bytes: int = 20 * 1024 * 1024  # largest FHIR response read
     fhir_page_size: int = 200              # _count in the prefetch templates
+    fhir_allowlist: str = ""               # comma-separated fhirServer URL prefixes; empty: any server
     max_body_bytes: int = 10 * 1024 * 1024
     cors_origins: str = "*"                # "*" or a comma-separated list of allowed origins
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
@@ -59,6 +60,10 @@ class Settings:
             return self.database_url
         return f"sqlite:///{Path(self.data_dir).resolve() / 'feedback.sqlite3'}"
 
+    @property
+    def fhir_allowlist_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.fhir_allowlist.split(",") if p.strip())
+
     def evaluation_date(self) -> date:
         return date.fromisoformat(self.as_of) if self.as_of else date.today()
 
@@ -75,6 +80,7 @@ ENV_DOC = {
     "fhir_max_pages": "Pages (`next` links) followed per prefetch key",
     "fhir_max_bytes": "Largest FHIR response body read, in bytes",
     "fhir_page_size": "_count used in prefetch templates",
+    "fhir_allowlist": "Comma-separated URL prefixes of FHIR servers the fallback may contact (empty: any)",
     "max_body_bytes": "Largest request body accepted, in bytes (larger: 413)",
     "cors_origins": "Allowed CORS origins: * or a comma-separated list",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",

@@ -44,6 +44,9 @@ def build_templates(catalog: Catalog, page_size: int = 200) -> dict[str, str]:
                               "&_include=MedicationRequest:medication",
         "medicationStatements": f"MedicationStatement?patient={{{{context.patientId}}}}&_count={page_size}"
                                 "&_include=MedicationStatement:medication",
+        # clinic-given drugs (depot GnRH agonists, DMPA, zoledronic acid) are often only administrations
+        "medicationAdministrations": f"MedicationAdministration?patient={{{{context.patientId}}}}&_count={page_size}"
+                                     "&_include=MedicationAdministration:medication",
         "observations": obs(rule_codes),
         "boneHealthObservations": obs(context_codes),
         "procedures": f"Procedure?patient={{{{context.patientId}}}}&_count={page_size}",
@@ -99,10 +102,11 @@ class PrefetchResult:
 
 
 class PrefetchResolver:
-    def __init__(self, templates: dict[str, str], client: FhirClient, timeout: float):
+    def __init__(self, templates: dict[str, str], client: FhirClient, timeout: float, allowlist: tuple[str, ...] = ()):
         self.templates = templates
         self.client = client
         self.timeout = timeout
+        self.allowlist = allowlist
 
     def resolve(self, request: dict) -> PrefetchResult:
         given = request.get("prefetch") or {}
@@ -131,6 +135,8 @@ class PrefetchResolver:
         if not isinstance(server, str) or not server:
             keys = ", ".join(sorted(missing) + partial)
             raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the request has no fhirServer to query.")
+        if self.allowlist and not any(server.startswith(prefix) for prefix in self.allowlist):
+            raise PrefetchUnavailable("Prefetch incomplete and the request's fhirServer is not on this service's allowlist.")
         auth = request.get("fhirAuthorization")
         token = auth.get("access_token") if isinstance(auth, dict) else None
         deadline = time.monotonic() + self.timeout     # one deadline for all fallback work

@@ -71,10 +71,11 @@ def validate_request(body: object) -> dict:
 class OsteoporosisService:
     """Holds everything built once at start-up; `invoke` is the per-request hot path."""
 
-    def __init__(self, catalog: Catalog, fhir_client: FhirClient, fhir_timeout: float = 3.0, page_size: int = 200):
+    def __init__(self, catalog: Catalog, fhir_client: FhirClient, fhir_timeout: float = 3.0, page_size: int = 200,
+                 fhir_allowlist: tuple[str, ...] = ()):
         self.catalog = catalog
         self.templates = build_templates(catalog, page_size)
-        self.resolver = PrefetchResolver(self.templates, fhir_client, fhir_timeout)
+        self.resolver = PrefetchResolver(self.templates, fhir_client, fhir_timeout, fhir_allowlist)
         self.records = RecordBuilder(catalog)
         self.engine = Engine(catalog)
         self.renderer = CardRenderer(catalog)

@@ -1,0 +1,258 @@
+"""Prefetch fallback to the EHR's FHIR server: a real FHIR server (Medplum) and scripted faults."""
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+
+from cds_service import create_app
+from cds_service.config import Settings
+
+from .conftest import AS_OF, FHIR_PATIENTS, SERVICE_URL, fixture_request
+
+TOKEN = "fallback-test-token-7c1e"
+AUTH = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
+        "scope": "patient/Patient.read patient/Condition.read patient/Observation.read", "subject": "cds-client"}
+
+
+def strip_ids(body: dict) -> list:
+    out = []
+    for c in body["cards"]:
+        c = {k: v for k, v in c.items() if k != "uuid"}
+        c["suggestions"] = [{k: v for k, v in s.items() if k != "uuid"} for s in c.get("suggestions", [])]
+        out.append(c)
+    return out
+
+
+@pytest.fixture
+def fallback_client(tmp_path):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
+    return app.test_client()
+
+
+# ---- against Medplum's FHIR engine --------------------------------------------------------------
+@pytest.mark.parametrize("rel", FHIR_PATIENTS)
+def test_fallback_gives_the_same_cards_as_full_prefetch(fallback_client, fhir_server, rel):
+    full = fixture_request(rel)
+    expected = strip_ids(fallback_client.post(SERVICE_URL, json=full).get_json())
+    fhir_server.requests_seen()
+    bare = {k: v for k, v in full.items() if k != "prefetch"}
+    bare.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
+    resp = fallback_client.post(SERVICE_URL, json=bare)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert strip_ids(resp.get_json()) == expected
+    seen = fhir_server.requests_seen()
+    assert len(seen) == 8                                   # every template, each once
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in seen)
+
+
+def test_full_prefetch_makes_no_fhir_call(fallback_client, fhir_server):
+    body = fixture_request(FHIR_PATIENTS[0])
+    body.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
+    fhir_server.requests_seen()
+    assert fallback_client.post(SERVICE_URL, json=body).status_code == 200
+    assert fhir_server.requests_seen() == []
+
+
+def test_only_missing_keys_are_fetched_with_the_resolved_template(fallback_client, fhir_server):
+    body = fixture_request("patients/ckd-positive.json")
+    expected = strip_ids(fallback_client.post(SERVICE_URL, json=body).get_json())
+    del body["prefetch"]["observations"]
+    body["prefetch"]["conditions"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
+    body.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
+    fhir_server.requests_seen()
+    resp = fallback_client.post(SERVICE_URL, json=body)
+    assert strip_ids(resp.get_json()) == expected and expected        # CKD from fetched eGFRs
+    urls = sorted(r["url"] for r in fhir_server.requests_seen())
+    assert len(urls) == 2
+    assert urls[0] == "/Condition?patient=ckd-positive&_count=200"
+    assert urls[1].startswith("/Observation?patient=ckd-positive&code=http://loinc.org%7C")
+
+
+def test_open_server_without_fhir_authorization_gets_no_token(fallback_client, fhir_server):
+    body = {k: v for k, v in fixture_request(FHIR_PATIENTS[1]).items() if k != "prefetch"}
+    body["fhirServer"] = fhir_server.base
+    fhir_server.requests_seen()
+    assert fallback_client.post(SERVICE_URL, json=body).status_code == 200
+    assert all(r["authorization"] is None for r in fhir_server.requests_seen())
+
+
+def test_unknown_patient_on_the_server_is_412(fallback_client, fhir_server):
+    body = {"hook": "patient-view", "hookInstance": "x1", "context": {"patientId": "nobody-here", "userId": "Practitioner/1"},
+            "fhirServer": fhir_server.base}
+    resp = fallback_client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 412 and resp.get_json()["resourceType"] == "OperationOutcome"
+
+
+# ---- scripted faults on loopback -----------------------------------------------------------------
+class FaultServer:
+    """A tiny HTTP server whose every answer is set by the test. Records what it was asked."""
+
+    def __init__(self):
+        self.mode = "ok"
+        self.seen: list[dict] = []
+        self.bundle = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.seen.append({"path": self.path, "authorization": self.headers.get("Authorization")})
+                mode = outer.mode
+                if mode == "slow":
+                    time.sleep(4)
+                if mode in ("401", "403", "500"):
+                    return self._send(int(mode), {"resourceType": "OperationOutcome", "issue": []})
+                if mode == "garbage":
+                    return self._send(200, b"<html>definitely not json", raw=True)
+                if mode == "not-fhir":
+                    return self._send(200, [1, 2, 3])
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                    self.end_headers()
+                    return
+                if mode == "huge":
+                    return self._send(200, b'{"resourceType":"Bundle","type":"searchset","entry":[' + b" " * 3_000_000 + b"]}", raw=True)
+                if mode == "endless-next":
+                    n = int(self.path.rsplit("page=", 1)[-1]) if "page=" in self.path else 0
+                    return self._send(200, {"resourceType": "Bundle", "type": "searchset", "entry": [],
+                                            "link": [{"relation": "next", "url": f"{outer.base}/Observation?page={n + 1}"}]})
+                if mode == "next-off-server":
+                    return self._send(200, {"resourceType": "Bundle", "type": "searchset", "entry": [],
+                                            "link": [{"relation": "next", "url": "https://elsewhere.invalid/page2"}]})
+                path = urlsplit(self.path).path
+                if path.startswith("/Patient/"):
+                    return self._send(200, {"resourceType": "Patient", "id": path.split("/")[-1], "gender": "female",
+                                            "birthDate": "1950-01-01"})
+                if path == "/page2":
+                    return self._send(200, outer.page2)
+                return self._send(200, outer.bundle)
+
+            def _send(self, status, body, raw=False):
+                data = body if raw else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.page2 = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def faults():
+    server = FaultServer()
+    yield server
+    server.close()
+
+
+def bare_request(base: str, token: bool = True) -> dict:
+    body = {"hook": "patient-view", "hookInstance": "f-1", "context": {"patientId": "pat-9", "userId": "Practitioner/7"},
+            "fhirServer": base}
+    if token:
+        body["fhirAuthorization"] = AUTH
+    return body
+
+
+@pytest.mark.parametrize("mode", ["401", "403", "500", "garbage", "not-fhir", "redirect", "huge", "next-off-server"])
+def test_fhir_failures_give_412_quickly(tmp_path, faults, mode):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+                              fhir_max_bytes=1_000_000, log_level="WARNING"))
+    faults.mode = mode
+    start = time.monotonic()
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base))
+    elapsed = time.monotonic() - start
+    assert resp.status_code == 412, resp.get_data(as_text=True)
+    assert resp.get_json()["resourceType"] == "OperationOutcome"
+    assert TOKEN not in resp.get_data(as_text=True)
+    assert elapsed < 2.5
+    assert all("169.254" not in r["path"] for r in faults.seen)
+
+
+def test_slow_server_beyond_the_deadline_gives_412_at_the_deadline(tmp_path, faults):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=1.0, log_level="WARNING"))
+    faults.mode = "slow"
+    start = time.monotonic()
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base))
+    assert resp.status_code == 412
+    assert time.monotonic() - start < 1.8
+
+
+def test_endless_next_links_stop_at_the_page_cap(tmp_path, faults):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_max_pages=5, log_level="WARNING"))
+    faults.mode = "endless-next"
+    body = bare_request(faults.base)
+    body["prefetch"] = {"patient": {"resourceType": "Patient", "id": "pat-9", "gender": "male", "birthDate": "1950-01-01"}}
+    resp = app.test_client().post(SERVICE_URL, json=body)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert len(faults.seen) <= 7 * 5                           # 7 keys x 5 pages at most
+
+
+def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
+    body = copy.deepcopy(fixture_request("patients/no-risk-factors-negative.json"))
+    body.update(fhirServer=faults.base, fhirAuthorization=AUTH)
+    pid = body["context"]["patientId"]
+    body["prefetch"]["conditions"]["link"] = [{"relation": "next", "url": f"{faults.base}/page2"}]
+    faults.page2 = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {
+        "resourceType": "Condition", "id": "c-page2", "subject": {"reference": f"Patient/{pid}"},
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M32.9"}], "text": "SLE"}}}]}
+    resp = app.test_client().post(SERVICE_URL, json=body)
+    assert resp.status_code == 200
+    assert "Condition/c-page2" in resp.get_json()["cards"][0]["detail"]
+    assert [r["path"] for r in faults.seen] == ["/page2"] and faults.seen[0]["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_token_is_never_sent_over_plain_http_off_loopback(fallback_client):
+    # refused before any connection is made
+    body = bare_request("http://ehr.invalid/fhir")
+    resp = fallback_client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 412 and "https" in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_parallel_fetch_takes_about_one_query_not_seven(tmp_path, faults):
+    """Eight missing keys against a server that takes 0.3 s per answer: parallel, not serial."""
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=3.0, log_level="WARNING"))
+    original = faults.httpd.RequestHandlerClass.do_GET
+
+    def slow_get(handler):
+        time.sleep(0.3)
+        original(handler)
+    faults.httpd.RequestHandlerClass.do_GET = slow_get
+    start = time.monotonic()
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base))
+    elapsed = time.monotonic() - start
+    assert resp.status_code == 200 and len(faults.seen) == 8
+    assert elapsed < 8 * 0.3 * 0.5                                 # serial would take 2.4 s
+
+
+def test_fhir_server_off_the_allowlist_is_never_contacted(tmp_path, faults):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist="https://ehr.example.org/fhir",
+                              log_level="WARNING"))
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base, token=False))
+    assert resp.status_code == 412 and "allowlist" in resp.get_json()["issue"][0]["diagnostics"]
+    assert faults.seen == []
+    allowed = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=faults.base,
+                                  log_level="WARNING"))
+    assert allowed.test_client().post(SERVICE_URL, json=bare_request(faults.base, token=False)).status_code == 200

@@ -1,0 +1,80 @@
+"""The production server (gunicorn via `cds-service serve`) on loopback, over real HTTP."""
+from __future__ import annotations
+
+import signal
+
+import requests
+
+from .conftest import SERVICE_URL, LiveServer, fixture_request
+
+ACCEPTED = {"card": "5b0c6f1e-2a8d-4a3b-9f7e-1c2d3e4f5a6b", "outcome": "accepted",
+            "acceptedSuggestions": [{"id": "7e8f9a0b-1c2d-4e3f-8a9b-0c1d2e3f4a5b"}],
+            "outcomeTimestamp": "2026-06-30T09:00:00Z"}
+
+
+def test_discovery_and_invocation_over_http(live_server):
+    s = requests.Session()
+    d = s.get(live_server.base + "/cds-services", headers={"Accept": "application/json"}, timeout=5)
+    assert d.status_code == 200 and d.json()["services"][0]["id"] == "secondary-osteoporosis"
+    r = s.post(live_server.base + SERVICE_URL, json=fixture_request("patients/glucocorticoids-positive.json"), timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    assert r.json()["cards"][0]["indicator"] == "warning"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_errors_over_http_are_operation_outcomes(live_server):
+    base = live_server.base
+    cases = [
+        requests.post(base + SERVICE_URL, data="{oops", headers={"Content-Type": "application/json"}, timeout=5),
+        requests.post(base + "/cds-services/nope", json={}, timeout=5),
+        requests.get(base + SERVICE_URL, timeout=5),
+        requests.post(base + SERVICE_URL, data=b"x" * (11 * 1024 * 1024), headers={"Content-Type": "application/json"}, timeout=10),
+    ]
+    assert [c.status_code for c in cases] == [400, 404, 405, 413]
+    for c in cases:
+        assert c.json()["resourceType"] == "OperationOutcome"
+        assert "Traceback" not in c.text and c.headers["Access-Control-Allow-Origin"]
+
+
+def test_preflight_over_http(live_server):
+    r = requests.options(live_server.base + SERVICE_URL, headers={
+        "Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"}, timeout=5)
+    assert r.status_code == 204 and "Authorization" in r.headers["Access-Control-Allow-Headers"]
+
+
+def test_request_log_lines_have_no_patient_data(live_server):
+    body = fixture_request("patients/sle-positive.json")
+    requests.post(live_server.base + SERVICE_URL, json=body, timeout=5)
+    logs = live_server.logs()
+    assert '"event":"request"' in logs
+    assert body["context"]["patientId"] not in logs and "M32.9" not in logs and "lupus" not in logs.lower()
+
+
+def test_acknowledged_feedback_survives_a_killed_server(tmp_path):
+    server = LiveServer(tmp_path / "srv").start()
+    try:
+        entries = [dict(ACCEPTED, card=f"card-{i}") for i in range(20)]
+        for i in range(0, 20, 5):
+            r = requests.post(server.base + SERVICE_URL + "/feedback", json={"feedback": entries[i:i + 5]}, timeout=5)
+            assert r.status_code == 200
+    finally:
+        server.kill(signal.SIGKILL)              # no graceful shutdown: master and workers die at once
+    restarted = LiveServer(tmp_path / "srv").start()
+    try:
+        from cds_service.feedback import SQLiteFeedbackStore
+        store = SQLiteFeedbackStore(tmp_path / "srv" / "feedback.sqlite3")
+        assert store.count() == 20
+        r = requests.post(restarted.base + SERVICE_URL + "/feedback", json={"feedback": entries[:5]}, timeout=5)
+        assert r.json() == {"stored": 0, "received": 5} and store.count() == 20
+    finally:
+        restarted.kill(signal.SIGTERM)
+
+
+def test_fallback_through_the_live_server_to_the_fhir_server(live_server, fhir_server):
+    full = fixture_request("patients/thyroid_hormone_excess-positive.json")
+    bare = {k: v for k, v in full.items() if k != "prefetch"}
+    bare["fhirServer"] = fhir_server.base
+    r = requests.post(live_server.base + SERVICE_URL, json=bare, timeout=10)
+    assert r.status_code == 200
+    assert "Excess thyroid hormone" in r.json()["cards"][0]["detail"]
