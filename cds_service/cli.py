@@ -30,6 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)            # our own JSON request log has no patient data
             self.cfg.set("loglevel", settings.log_level.lower())
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)   # one socket in $HOME would be shared by every instance
 
         def load(self):
             return create_app(settings)
