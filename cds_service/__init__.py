@@ -1,6 +1,7 @@
 """Secondary-osteoporosis CDS Hooks service."""
 from __future__ import annotations
 
+import gc
 import logging
 
 from flask import Flask
@@ -34,6 +35,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         "feedback": open_store(settings.resolved_database_url),
     }
     app.register_blueprint(api.bp)
+    if settings.bench_endpoint:
+        app.register_blueprint(api.bench_bp)
     api.install_handlers(app)
     logging.getLogger(__name__).info("service ready", extra={"event": "startup", "catalog_version": catalog.version})
+    # The catalog and models live for the whole process: keep them out of the cyclic GC's scans.
+    gc.collect()
+    gc.freeze()
     return app

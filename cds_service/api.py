@@ -74,6 +74,16 @@ def feedback(service_id: str):
     return json_response({"stored": stored, "received": len(entries)})
 
 
+bench_bp = Blueprint("bench", __name__)
+
+
+@bench_bp.post("/cds-services/_parse-only")
+def parse_only():
+    """The benchmark's floor: receive and parse the body, answer with no cards."""
+    _read_json()
+    return json_response({"cards": []})
+
+
 @bp.get("/healthz")
 def healthz():
     return json_response({"status": "ok", "catalog_version": _cds()["catalog"].version})

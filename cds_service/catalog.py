@@ -54,11 +54,20 @@ class CatalogError(ValueError):
     """The catalog in cards/ is malformed: the service must not start with it."""
 
 
+_NORMALIZED: dict[str, str] = {}
+
+
 def normalize_system(system: str | None) -> str:
-    if not system:
+    """The canonical URI for a code system (memoized: called for every coding on the hot path)."""
+    if not system or not isinstance(system, str):
         return ""
-    s = system.strip()
-    return SYSTEM_ALIASES.get(s, SYSTEM_ALIASES.get(s.lower(), s))
+    out = _NORMALIZED.get(system)
+    if out is None:
+        s = system.strip()
+        out = SYSTEM_ALIASES.get(s, SYSTEM_ALIASES.get(s.lower(), s))
+        if len(_NORMALIZED) < 10000:
+            _NORMALIZED[system] = out
+    return out
 
 
 def icd_key(code: str) -> str:

@@ -34,6 +34,7 @@ class Settings:
     cors_origins: str = "*"                # "*" or a comma-separated list of allowed origins
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
     log_level: str = "INFO"
+    bench_endpoint: bool = False           # adds POST /cds-services/_parse-only (benchmark floor)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -45,6 +46,11 @@ class Settings:
                 continue
             kind = type(getattr(cls(), f.name))
             try:
+                if kind is bool:
+                    if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    continue
                 values[f.name] = kind(raw)
             except ValueError as exc:
                 raise ValueError(f"CDS_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
@@ -85,4 +91,5 @@ ENV_DOC = {
     "cors_origins": "Allowed CORS origins: * or a comma-separated list",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",
     "log_level": "Log level",
+    "bench_endpoint": "Add POST /cds-services/_parse-only, the benchmark's parse-and-return-nothing floor",
 }

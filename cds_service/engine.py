@@ -64,6 +64,15 @@ class Assessment:
     def card_due(self) -> bool:
         return self.in_scope and bool(self.triggering)
 
+    def cited_references(self) -> set[str]:
+        """Every resource the card would show: findings' evidence and the bone-health context."""
+        refs = {e.reference for f in self.findings for e in f.evidence + f.supporting}
+        ctx = self.context
+        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + list(ctx.workup_done.values())}
+        if ctx.dxa_evidence:
+            refs.add(ctx.dxa_evidence.reference)
+        return refs
+
 
 _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
 
@@ -95,10 +104,31 @@ class Engine:
                            for c in det["existing_dxa"].get(k, [])}
         self.dxa_proc_codes = {c["code"] for k in ("procedure_cpt", "procedure_snomed")
                                for c in det["existing_dxa"].get(k, [])}
+        # causes whose lab/vital rules run on any record that has a result for one of their codes
+        self.obs_causes: dict[str, set[str]] = {}
+        for cause in catalog.causes.values():
+            for rid in cause.detect.get("observations", []):
+                rule = catalog.observation_rules[rid]
+                for key in ("loinc", "calcium_loinc", "pth_loinc"):
+                    for code in rule.get(key, []):
+                        self.obs_causes.setdefault(code, set()).add(cause.id)
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
 
     # ------------------------------------------------------------------------------------------
+    def assess(self, record: PatientRecord) -> Assessment:
+        """Evaluate, then validate (fhir.resources) only the resources the result rests on.
+
+        A cited resource that fails validation is dropped and counted, and the record is
+        evaluated again without it, so nothing invalid ever reaches a card.
+        """
+        while True:
+            assessment = self.evaluate(record)
+            invalid = {ref for ref in assessment.cited_references() if not record.validate(ref)}
+            if not invalid:
+                return assessment
+            record.without(invalid)
+
     def evaluate(self, record: PatientRecord) -> Assessment:
         age = record.age
         min_age = self.cat.settings.get("min_age_years", 18)
@@ -122,14 +152,14 @@ class Engine:
             return None
         if pat.get("max_age") is not None and (rec.age is None or rec.age > pat["max_age"]):
             return None
+        if cause.id not in rec.cause_candidates(self.obs_causes):
+            return None                        # nothing in the record points to this cause
         evidence: list[Evidence] = []
         supporting: list[Evidence] = []
         citations: list[str] = []
         tier = None
-        for entry in rec.conditions + rec.procedures:
+        for entry in rec.coded_by_cause().get(cause.id, ()):
             roles = {role for cid, role in entry.matches if cid == cause.id}
-            if not roles:
-                continue
             ev = Evidence(entry.reference, _coded_text(entry))
             (evidence if "trigger" in roles else supporting).append(ev)
         if evidence:
@@ -166,9 +196,7 @@ class Engine:
     def _exposures(self, cause: Cause, med: dict, rec: PatientRecord) -> list[MedicationExposure]:
         since = rec.as_of - timedelta(days=med.get("lookback_days", 365))
         out = []
-        for m in rec.medications:
-            if not any(i.cause_id == cause.id for i in m.ingredients):
-                continue
+        for m in rec.medications_by_cause().get(cause.id, ()):
             if m.start is None or (m.end or m.start) < since or m.start > rec.as_of + timedelta(days=1):
                 continue
             if not m.systemic:
@@ -236,40 +264,40 @@ class Engine:
         horizon = rec.as_of + timedelta(days=365)
         no_equiv = set(gc.get("no_equivalent", []))
         replacement = gc.get("replacement_dose_max_mg", {})
-        dose_days: dict[date, dict[str, float]] = {}
-        unknown_days: set[date] = set()
-        budesonide_days: set[date] = set()
+        dosed: list[tuple[date, date, str, float]] = []        # (start, end, ingredient, mg/day prednisone-eq)
+        unknown: list[tuple[date, date]] = []
+        budesonide: list[tuple[date, date]] = []
         used: list[tuple[MedicationExposure, str]] = []
         for m in exps:
             ing = next(i for i in m.ingredients if i.cause_id == "glucocorticoids")
             if ing.name in replacement and m.daily_mg is not None and m.daily_mg <= replacement[ing.name]:
                 continue              # physiologic replacement, not GIOP-level exposure
             start, end = max(m.start, lookback), min(m.end or m.start, horizon)
+            if end < start:
+                continue
             if ing.name in no_equiv:
-                budesonide_days.update(_days(start, end))
+                budesonide.append((start, end))
                 used.append((m, f"{m.describe()}; no accepted prednisone equivalent, counted by duration for review"))
-                continue
-            if m.daily_mg is None or ing.prednisone_equivalent_factor is None:
-                unknown_days.update(_days(start, end))
+            elif m.daily_mg is None or ing.prednisone_equivalent_factor is None:
+                unknown.append((start, end))
                 used.append((m, f"{m.describe()}; dose not recorded" + (f" ({m.dose_note})" if m.dose_note else "")))
-                continue
-            pe = m.daily_mg * ing.prednisone_equivalent_factor
-            for d in _days(start, end):
-                slot = dose_days.setdefault(d, {})
-                slot[ing.name] = max(slot.get(ing.name, 0.0), pe)   # the same drug twice is one exposure
-            note = f" ({m.dose_note})" if m.dose_note else ""
-            used.append((m, f"{m.describe()} = {pe:g} mg/day prednisone-equivalent{note}"))
-        totals = {d: sum(v.values()) for d, v in dose_days.items()}
+            else:
+                pe = m.daily_mg * ing.prednisone_equivalent_factor
+                dosed.append((start, end, ing.name, pe))
+                note = f" ({m.dose_note})" if m.dose_note else ""
+                used.append((m, f"{m.describe()} = {pe:g} mg/day prednisone-equivalent{note}"))
+        segments = _dose_segments(dosed)           # [(start, end, total mg/day)], non-overlapping
 
         def days_at(mg: float) -> int:
-            return sum(1 for v in totals.values() if v >= mg)
+            return sum((e - s).days + 1 for s, e, v in segments if v >= mg)
 
         ev = [Evidence(m.reference, text) for m, text in used]
         tier = None
         cites = []
         if days_at(gc["min_mg_per_day"]) >= gc["min_days"]:
             year_ago = rec.as_of - timedelta(days=365)
-            cumulative = sum(v for d, v in totals.items() if year_ago <= d <= rec.as_of)
+            cumulative = sum(((min(e, rec.as_of) - max(s, year_ago)).days + 1) * v
+                             for s, e, v in segments if s <= rec.as_of and e >= year_ago)
             for t in gc["tiers"]:
                 n = days_at(t["min_mg_per_day"])
                 if n >= t["min_days"] or (t.get("or_cumulative_mg_per_365_days") and cumulative >= t["or_cumulative_mg_per_365_days"]):
@@ -280,11 +308,12 @@ class Engine:
                                f"{days_at(gc['min_mg_per_day'])} days at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent "
                                f"(cumulative {cumulative:,.0f} mg in the last 365 days, planned days included)"))
             cites.insert(0, gc["citation"])
-        elif len(unknown_days | set(totals)) >= gc["unknown_dose_min_days"] and unknown_days:
+        elif unknown and _union_days(unknown + [(s, e) for s, e, _, _ in dosed]) >= gc["unknown_dose_min_days"]:
             tier = "dose_not_recorded"
             cites.append(gc["unknown_dose_citation"])
-            ev.append(Evidence(used[0][0].reference, f"{len(unknown_days | set(totals))} days of systemic glucocorticoid orders; dose not recorded"))
-        elif len(budesonide_days) >= gc["min_days"]:
+            ev.append(Evidence(used[0][0].reference,
+                               f"{_union_days(unknown + [(s, e) for s, e, _, _ in dosed])} days of systemic glucocorticoid orders; dose not recorded"))
+        elif _union_days(budesonide) >= gc["min_days"]:
             tier = "budesonide_review"
             cites.append(gc["citation"])
         else:
@@ -462,11 +491,24 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _days(start: date, end: date):
-    d = start
-    while d <= end:
-        yield d
-        d += timedelta(days=1)
+def _dose_segments(dosed: list[tuple[date, date, str, float]]) -> list[tuple[date, date, float]]:
+    """Split dosed intervals into non-overlapping segments with the total mg/day on each.
+
+    Two records of the same ingredient on the same day count once (the higher dose): a
+    MedicationRequest and a MedicationStatement for one prescription are one exposure.
+    """
+    if not dosed:
+        return []
+    cuts = sorted({s for s, _, _, _ in dosed} | {e + timedelta(days=1) for _, e, _, _ in dosed})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        per_ingredient: dict[str, float] = {}
+        for s, e, ing, pe in dosed:
+            if s <= a and e >= a:
+                per_ingredient[ing] = max(per_ingredient.get(ing, 0.0), pe)
+        if per_ingredient:
+            out.append((a, b - timedelta(days=1), sum(per_ingredient.values())))
+    return out
 
 
 def _union_days(intervals: list[tuple[date, date]]) -> int:

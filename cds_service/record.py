@@ -44,6 +44,11 @@ def parse_date(value: Any) -> date | None:
     """FHIR date/dateTime/instant -> date (partial dates take their first day)."""
     if not isinstance(value, str):
         return None
+    if len(value) >= 10 and value[4] == "-" and value[7] == "-":
+        try:
+            return date.fromisoformat(value[:10])       # the common full date: C fast path
+        except ValueError:
+            pass
     m = _DATE_RE.match(value.strip())
     if not m:
         return None
@@ -121,20 +126,54 @@ class MedicationExposure:
         return f"{self.label or 'medication'}{dose}, {when}"
 
 
-@dataclass
 class Measurement:
-    reference: str
-    code: str
-    when: date
-    value: float | None           # in the analyte's canonical unit when converted
-    unit: str
-    raw_value: Any
-    raw_unit: str
-    ref_low: float | None
-    ref_high: float | None
-    interpretation: set[str]
-    value_codes: list[dict]
-    value_text: str
+    """One Observation result for one LOINC code. Only `when` is read up front; the value, unit
+    conversion and reference range are worked out the first time a rule asks (most results are
+    never read: rules look at the newest few)."""
+
+    __slots__ = ("reference", "code", "when", "_res", "_builder", "_analyte", "_cache")
+
+    def __init__(self, reference: str, code: str, when: date, res: dict, builder: "RecordBuilder", analyte: str | None):
+        self.reference, self.code, self.when = reference, code, when
+        self._res, self._builder, self._analyte = res, builder, analyte
+        self._cache: dict | None = None
+
+    def _load(self) -> dict:
+        if self._cache is None:
+            res = self._res
+            q = res.get("valueQuantity") if isinstance(res.get("valueQuantity"), dict) else {}
+            raw_value = q.get("value")
+            code_unit = q.get("code") if isinstance(q.get("code"), str) else ""
+            unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
+            convert = self._builder._convert
+            value, unit = convert(self._analyte, raw_value, code_unit, unit_text)
+            low = high = None
+            for rr in res.get("referenceRange") or []:
+                if isinstance(rr, dict):
+                    low = _number((rr.get("low") or {}).get("value") if isinstance(rr.get("low"), dict) else None, None)
+                    high = _number((rr.get("high") or {}).get("value") if isinstance(rr.get("high"), dict) else None, None)
+                    break
+            interp = {c.get("code") for i in res.get("interpretation") or [] for c in codings(i) if c.get("code")} \
+                if isinstance(res.get("interpretation"), list) else set()
+            vc = res.get("valueCodeableConcept")
+            self._cache = {
+                "value": value, "unit": unit, "raw_value": raw_value, "raw_unit": unit_text or code_unit,
+                "ref_low": convert(self._analyte, low, code_unit, unit_text)[0] if low is not None else None,
+                "ref_high": convert(self._analyte, high, code_unit, unit_text)[0] if high is not None else None,
+                "interpretation": interp, "value_codes": codings(vc),
+                "value_text": concept_text(vc) or str(res.get("valueString") or ""),
+            }
+        return self._cache
+
+    value = property(lambda self: self._load()["value"])
+    unit = property(lambda self: self._load()["unit"])
+    raw_value = property(lambda self: self._load()["raw_value"])
+    raw_unit = property(lambda self: self._load()["raw_unit"])
+    ref_low = property(lambda self: self._load()["ref_low"])
+    ref_high = property(lambda self: self._load()["ref_high"])
+    interpretation = property(lambda self: self._load()["interpretation"])
+    value_codes = property(lambda self: self._load()["value_codes"])
+    value_text = property(lambda self: self._load()["value_text"])
 
 
 @dataclass
@@ -162,6 +201,69 @@ class PatientRecord:
     skipped_invalid: int = 0
     resources_seen: int = 0
     has_patient: bool = False
+    raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
+    validated: set[str] = field(default_factory=set)
+
+    def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
+        idx = self.__dict__.get("_coded_idx")
+        if idx is None:
+            idx = {}
+            for entry in self.conditions + self.procedures:
+                for cid in {cid for cid, _ in entry.matches}:
+                    idx.setdefault(cid, []).append(entry)
+            self.__dict__["_coded_idx"] = idx
+        return idx
+
+    def medications_by_cause(self) -> dict[str, list[MedicationExposure]]:
+        idx = self.__dict__.get("_med_idx")
+        if idx is None:
+            idx = {}
+            for m in self.medications:
+                for cid in {i.cause_id for i in m.ingredients}:
+                    idx.setdefault(cid, []).append(m)
+            self.__dict__["_med_idx"] = idx
+        return idx
+
+    def cause_candidates(self, obs_causes: dict[str, set[str]]) -> set[str]:
+        """Causes that something in the record points to: only these need their rules run."""
+        cands = self.__dict__.get("_cands")
+        if cands is None:
+            cands = set(self.coded_by_cause()) | set(self.medications_by_cause())
+            for code, lst in self.observations.items():
+                if lst:
+                    cands |= obs_causes.get(code, set())
+            self.__dict__["_cands"] = cands
+        return cands
+
+    def _reindex(self) -> None:
+        for key in ("_coded_idx", "_med_idx", "_cands"):
+            self.__dict__.pop(key, None)
+
+    def validate(self, reference: str) -> bool:
+        """Type and validate one resource with fhir.resources (R4B); cached per record."""
+        if reference in self.validated:
+            return True
+        res = self.raw.get(reference)
+        if res is None:
+            return True
+        try:
+            _model(res["resourceType"]).model_validate(res)
+        except (ValidationError, ValueError, TypeError, KeyError):
+            return False
+        self.validated.add(reference)
+        return True
+
+    def without(self, references: set[str]) -> None:
+        """Drop resources that failed validation; they are skipped and counted, never fatal."""
+        self.skipped_invalid += len(references)
+        self.conditions = [c for c in self.conditions if c.reference not in references]
+        self.procedures = [p for p in self.procedures if p.reference not in references]
+        self.medications = [m for m in self.medications if m.reference not in references]
+        for code, lst in list(self.observations.items()):
+            self.observations[code] = [m for m in lst if m.reference not in references]
+        for ref in references:
+            self.raw.pop(ref, None)
+        self._reindex()
 
     @property
     def age(self) -> int | None:
@@ -225,6 +327,7 @@ class RecordBuilder:
                 for code in rule.get(key, []):
                     if analyte:
                         self.loinc_to_analyte.setdefault(code, analyte)
+        self.wanted_loincs = set(catalog.loinc_rules) | set(catalog.context_loincs)
         det = catalog.detection
         # codes that shape the card's context (bone diagnoses, DXA procedures, treatment codes)
         self.context_codes: set[str] = set()
@@ -276,19 +379,20 @@ class RecordBuilder:
         return rec
 
     # ---- validation ------------------------------------------------------------------------
-    def _validated(self, rec: PatientRecord, res: dict) -> bool:
-        try:
-            _model(res["resourceType"]).model_validate(res)
-            return True
-        except (ValidationError, ValueError, TypeError):
-            rec.skipped_invalid += 1
-            return False
+    @staticmethod
+    def _keep(rec: PatientRecord, res: dict) -> str:
+        """Remember a resource that can drive a finding; it is validated only if it does."""
+        ref = reference_of(res)
+        rec.raw[ref] = res
+        return ref
 
     # ---- Patient -----------------------------------------------------------------------------
     def _patient(self, rec: PatientRecord, res: dict, patient_id: str) -> None:
         if rec.has_patient or (patient_id and res.get("id") not in (None, patient_id)):
             return
-        if not self._validated(rec, res):
+        rec.raw[reference_of(res)] = res
+        if not rec.validate(reference_of(res)):
+            rec.skipped_invalid += 1
             return
         rec.has_patient = True
         rec.birth_date = parse_date(res.get("birthDate"))
@@ -338,9 +442,9 @@ class RecordBuilder:
         if not matches and not context:
             return
         ok, when = counts(res)
-        if not ok or not self._validated(rec, res):
+        if not ok:
             return
-        target.append(CodedEntry(reference_of(res), res["resourceType"], label, when, matches, codes))
+        target.append(CodedEntry(self._keep(rec, res), res["resourceType"], label, when, matches, codes))
 
     def _is_context_code(self, codes: list[tuple[str, str]]) -> bool:
         return any(code in self.context_codes
@@ -348,36 +452,24 @@ class RecordBuilder:
 
     # ---- Observations ---------------------------------------------------------------------------
     def _observation(self, rec: PatientRecord, res: dict) -> None:
-        loincs = [c.get("code") for c in codings(res.get("code"))
-                  if normalize_system(c.get("system")) == LOINC and isinstance(c.get("code"), str)]
-        wanted = [c for c in loincs if c in self.cat.loinc_rules or c in self.cat.context_loincs]
-        if not wanted or res.get("status") not in self.obs_counted:
+        concept = res.get("code")
+        cs = concept.get("coding") if type(concept) is dict else None
+        if type(cs) is not list or res.get("status") not in self.obs_counted:
             return
-        when = parse_date(res.get("effectiveDateTime")) or parse_date((res.get("effectivePeriod") or {}).get("start")) \
+        wanted_loincs = self.wanted_loincs
+        wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
+                  and normalize_system(c.get("system")) == LOINC]
+        if not wanted:
+            return
+        when = parse_date(res.get("effectiveDateTime")) or parse_date((res.get("effectivePeriod") or {}).get("start")
+                                                                      if isinstance(res.get("effectivePeriod"), dict) else None) \
             or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
-        if when is None or not self._validated(rec, res):
+        if when is None:
             return
-        q = res.get("valueQuantity") if isinstance(res.get("valueQuantity"), dict) else {}
-        raw_value = q.get("value")
-        raw_unit = q.get("code") or q.get("unit") or ""
-        low = high = None
-        for rr in res.get("referenceRange") or []:
-            if isinstance(rr, dict):
-                low = _number((rr.get("low") or {}).get("value"), low)
-                high = _number((rr.get("high") or {}).get("value"), high)
-                break
-        interp = {c.get("code") for i in res.get("interpretation") or [] for c in codings(i) if c.get("code")}
-        vc = res.get("valueCodeableConcept")
+        ref = self._keep(rec, res)
         for code in wanted:
-            analyte = self.loinc_to_analyte.get(code)
-            value, unit = self._convert(analyte, raw_value, raw_unit, q.get("unit") or "")
-            # reference limits are in the result's own unit: convert them the same way
-            lo = self._convert(analyte, low, raw_unit, q.get("unit") or "")[0] if low is not None else None
-            hi = self._convert(analyte, high, raw_unit, q.get("unit") or "")[0] if high is not None else None
-            rec.observations.setdefault(code, []).append(Measurement(
-                reference=reference_of(res), code=code, when=when, value=value, unit=unit,
-                raw_value=raw_value, raw_unit=q.get("unit") or raw_unit, ref_low=lo, ref_high=hi,
-                interpretation=interp, value_codes=codings(vc), value_text=concept_text(vc) or str(res.get("valueString") or "")))
+            rec.observations.setdefault(code, []).append(
+                Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code)))
 
     def _convert(self, analyte: str | None, value: Any, code: str, unit: str) -> tuple[float | None, str]:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -429,8 +521,7 @@ class RecordBuilder:
         status = res.get("status") if isinstance(res.get("status"), str) else ""
         if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
             return
-        if not self._validated(rec, res):
-            return
+        self._keep(rec, res)
         # de-duplicate: one exposure per (cause, ingredient)
         uniq: dict[tuple[str, str], Ingredient] = {}
         for i in ingredients:

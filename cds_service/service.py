@@ -100,7 +100,7 @@ class OsteoporosisService:
         record = self.records.build(prefetch.data, patient_id, as_of)
         if not record.has_patient:
             raise PrefetchUnavailable(f"The Patient resource for the patient in context is not in the prefetch data.")
-        assessment = self.engine.evaluate(record)
+        assessment = self.engine.assess(record)
         return Invocation({"cards": self.renderer.render(assessment)}, assessment, prefetch)
 
 

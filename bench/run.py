@@ -1,0 +1,365 @@
+"""Benchmark suite: every figure beside a baseline measured in the same run.
+
+    make bench              (or: .venv/bin/python bench/run.py [--quick])
+
+Prints a table and writes bench/results/latest.json. Sections:
+  engine    p50/p95/p99 at ~40/400/4000 resources vs orjson-parsing the same body (the floor)
+  http      wrk against `cds-service serve` at concurrency 1/4/16 vs a parse-only endpoint
+  fallback  wall time with 8 missing keys vs the slowest single query; bytes fetched per call
+  startup   cold start to the first answer; worker RSS before/after 10,000 requests
+All load is on loopback, bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from synthetic import AS_OF, patient_request, resource_count  # noqa: E402
+
+from cds_service.catalog import load_catalog  # noqa: E402
+from cds_service.fhir_client import FhirClient  # noqa: E402
+from cds_service.record import warm_models  # noqa: E402
+from cds_service.service import OsteoporosisService  # noqa: E402
+
+SERVICE = "/cds-services/secondary-osteoporosis"
+FLOOR = "/cds-services/_parse-only"
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def ms(v: float) -> float:
+    return round(v * 1000, 3)
+
+
+# ---- engine -----------------------------------------------------------------------------------
+def bench_engine(quick: bool) -> list[dict]:
+    warm_models()
+    service = OsteoporosisService(load_catalog(), FhirClient())
+    rows = []
+    for size, reps in ((40, 400), (400, 200), (4000, 25)):
+        if quick:
+            reps = max(10, reps // 5)
+        req = patient_request(size)
+        body = orjson.dumps(req)
+        for _ in range(5):                                      # warm-up
+            service.invoke(orjson.loads(body), AS_OF)
+        parse, engine, full = [], [], []
+        for _ in range(reps):                                   # interleaved, so noise hits both alike
+            t0 = time.perf_counter()
+            data = orjson.loads(body)
+            t1 = time.perf_counter()
+            result = service.invoke(data, AS_OF)
+            t2 = time.perf_counter()
+            orjson.dumps(result.response)
+            t3 = time.perf_counter()
+            parse.append(t1 - t0)
+            engine.append(t2 - t1)
+            full.append(t3 - t0)
+        rows.append({"resources": resource_count(req), "body_bytes": len(body), "reps": reps,
+                     "parse_p50_ms": ms(pct(parse, 50)), "parse_p95_ms": ms(pct(parse, 95)),
+                     "engine_p50_ms": ms(pct(engine, 50)), "engine_p95_ms": ms(pct(engine, 95)),
+                     "engine_p99_ms": ms(pct(engine, 99)), "full_p50_ms": ms(pct(full, 50)),
+                     "ratio_engine_parse_p50": round(pct(engine, 50) / pct(parse, 50), 2),
+                     "ratio_full_parse_p50": round(pct(full, 50) / pct(parse, 50), 2),
+                     "cards": len(result.response["cards"])})
+    return rows
+
+
+# ---- the production server ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workers: int, data_dir: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CDS_DATA_DIR": data_dir, "CDS_AS_OF": AS_OF.isoformat(), "CDS_WORKERS": str(workers),
+               "CDS_BENCH_ENDPOINT": "true", "CDS_LOG_LEVEL": "WARNING"}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "serve", "--port", str(self.port)],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_first_answer(self, body: bytes, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = requests.post(self.base + SERVICE, data=body, headers={"Content-Type": "application/json"}, timeout=5)
+                if r.status_code == 200:
+                    return time.perf_counter() - self.started
+            except requests.RequestException:
+                time.sleep(0.01)
+        raise RuntimeError("server did not answer")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*a")
+f:close()
+"""
+
+
+def run_wrk(url: str, body_file: str, conns: int, seconds: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_LUA.format(body=body_file))
+        script = f.name
+    out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s",
+                          "--latency", "-s", script, url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    os.unlink(script)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def lat(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50_ms": lat("50"), "p90_ms": lat("90"), "p99_ms": lat("99"), "requests": total,
+            "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed for the HTTP benchmark (Debian package 'wrk'; `make bench` installs it)")
+    seconds = 3 if quick else 8
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        body400 = orjson.dumps(patient_request(400))
+        body_file = os.path.join(tmp, "body.json")
+        Path(body_file).write_bytes(body400)
+        server = Server(workers, tmp)
+        try:
+            server.wait_first_answer(body400)
+            for conns in (1, 4, 16):
+                svc = run_wrk(server.base + SERVICE, body_file, conns, seconds)
+                floor = run_wrk(server.base + FLOOR, body_file, conns, seconds)
+                rows.append({"concurrency": conns, "service": svc, "floor": floor,
+                             "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2)})
+            # p50/p95 of single patient-view calls over HTTP (sequential, one connection)
+            s = requests.Session()
+            lat = []
+            for _ in range(50 if quick else 200):
+                t = time.perf_counter()
+                r = s.post(server.base + SERVICE, data=body400, headers={"Content-Type": "application/json"}, timeout=5)
+                lat.append(time.perf_counter() - t)
+                assert r.status_code == 200
+            single = {"resources": 400, "p50_ms": ms(pct(lat, 50)), "p95_ms": ms(pct(lat, 95)), "n": len(lat)}
+        finally:
+            server.stop()
+    return rows, single
+
+
+# ---- FHIR fallback ----------------------------------------------------------------------------------
+class StubFhir:
+    """A loopback FHIR stub answering each search after a fixed delay (Observation is the slowest)."""
+
+    def __init__(self, prefetch: dict, delays: dict[str, float]):
+        self.by_type = {}
+        for key, value in prefetch.items():
+            if value.get("resourceType") == "Bundle":
+                for e in value.get("entry", []):
+                    self.by_type.setdefault(e["resource"]["resourceType"], []).append(e)
+        self.patient = prefetch["patient"]
+        stub = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path = urlsplit(self.path).path.strip("/")
+                rtype = path.split("/")[0]
+                time.sleep(delays.get(rtype, 0.05))
+                if "/" in path:
+                    body = stub.patient
+                else:
+                    entries = stub.by_type.get(rtype, [])
+                    body = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+                data = orjson.dumps(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def bench_fallback(quick: bool) -> dict:
+    req = patient_request(400)
+    delays = {"Patient": 0.03, "Condition": 0.06, "MedicationRequest": 0.08, "MedicationStatement": 0.05,
+              "MedicationAdministration": 0.05, "Observation": 0.15, "Procedure": 0.04}
+    stub = StubFhir(req["prefetch"], delays)
+    service = OsteoporosisService(load_catalog(), FhirClient(), fhir_timeout=5.0)
+    reps = 5 if quick else 15
+    try:
+        def call(missing: list[str]) -> tuple[float, int, int]:
+            body = dict(req)
+            body["fhirServer"] = stub.base
+            body["prefetch"] = {k: v for k, v in req["prefetch"].items() if k not in missing}
+            t = time.perf_counter()
+            result = service.invoke(body, AS_OF)
+            return time.perf_counter() - t, result.prefetch.stats.bytes, result.prefetch.stats.requests
+        keys = list(req["prefetch"])
+        call(keys)                                               # warm the connection pool
+        singles = {k: statistics.median(call([k])[0] for _ in range(reps)) for k in keys}
+        runs = [call(keys) for _ in range(reps)]
+        wall = statistics.median(r[0] for r in runs)
+        slowest = max(singles.values())
+        return {"missing_keys": len(keys), "wall_ms": ms(wall), "slowest_single_ms": ms(slowest),
+                "slowest_key": max(singles, key=singles.get), "ratio_wall_slowest": round(wall / slowest, 2),
+                "serial_sum_ms": ms(sum(singles.values())), "bytes_per_call": runs[0][1],
+                "requests_per_call": runs[0][2], "stub_delays_ms": {k: int(v * 1000) for k, v in delays.items()}}
+    finally:
+        stub.close()
+
+
+# ---- cold start and memory -----------------------------------------------------------------------------
+def bench_startup_memory(quick: bool, workers: int) -> dict:
+    body400 = orjson.dumps(patient_request(400))
+    body40 = orjson.dumps(patient_request(40))
+    colds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(3):
+            server = Server(1, tmp)
+            try:
+                colds.append(server.wait_first_answer(body400))
+            finally:
+                server.stop()
+        server = Server(workers, tmp)
+        total = 2000 if quick else 10000
+        try:
+            server.wait_first_answer(body40)
+            s = requests.Session()
+            for _ in range(200):
+                s.post(server.base + SERVICE, data=body40, headers={"Content-Type": "application/json"}, timeout=5)
+            pids = server.worker_pids()
+            before = {pid: rss_kb(pid) for pid in pids}
+            counter = {"n": 0, "errors": 0}
+            lock = threading.Lock()
+
+            def worker():
+                sess = requests.Session()
+                while True:
+                    with lock:
+                        if counter["n"] >= total:
+                            return
+                        counter["n"] += 1
+                    r = sess.post(server.base + SERVICE, data=body40, headers={"Content-Type": "application/json"}, timeout=5)
+                    if r.status_code != 200:
+                        with lock:
+                            counter["errors"] += 1
+            threads = [threading.Thread(target=worker) for _ in range(4)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(timeout=600)
+            elapsed = time.perf_counter() - t
+            after = {pid: rss_kb(pid) for pid in pids}
+        finally:
+            server.stop()
+    return {"cold_start_first_answer_s": round(statistics.median(colds), 3), "cold_starts_s": [round(c, 3) for c in colds],
+            "requests": total, "errors": counter["errors"], "seconds": round(elapsed, 1),
+            "rss_kb_before": list(before.values()), "rss_kb_after": list(after.values()),
+            "rss_growth_kb_max": max(after[p] - before[p] for p in pids)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    ap.add_argument("--only", choices=["engine", "http", "fallback", "startup"], action="append")
+    args = ap.parse_args()
+    workers = len(os.sched_getaffinity(0))
+    results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": {
+        "cores": workers, "python": platform.python_version(), "platform": platform.platform()}}
+    only = set(args.only or ["engine", "http", "fallback", "startup"])
+    if "engine" in only:
+        results["engine"] = bench_engine(args.quick)
+        print("\nEngine (in process): patient-view on a parsed request vs orjson-parsing the same body")
+        print(f"{'resources':>9} {'body KB':>8} {'parse p50':>10} {'engine p50':>11} {'p95':>8} {'p99':>8} {'engine/parse':>13} {'(parse+engine+dump)/parse':>26}")
+        for r in results["engine"]:
+            print(f"{r['resources']:>9} {r['body_bytes'] / 1024:>8.0f} {r['parse_p50_ms']:>8.2f}ms {r['engine_p50_ms']:>9.2f}ms "
+                  f"{r['engine_p95_ms']:>6.2f}ms {r['engine_p99_ms']:>6.2f}ms {r['ratio_engine_parse_p50']:>12.2f}x {r['ratio_full_parse_p50']:>25.2f}x")
+    if "http" in only:
+        rows, single = bench_http(args.quick, workers)
+        results["http"], results["http_single_call"] = rows, single
+        print(f"\nHTTP ({workers} gunicorn workers, wrk on loopback, ~400-resource patient-view) vs parse-only endpoint")
+        print(f"{'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8} {'floor req/s':>12} {'floor p50':>10} {'service/floor':>14}")
+        for r in rows:
+            s, f = r["service"], r["floor"]
+            print(f"{r['concurrency']:>4} {s['rps']:>8.1f} {s['p50_ms']:>6.2f}ms {s['p99_ms']:>6.2f}ms {f['rps']:>12.1f} "
+                  f"{f['p50_ms']:>8.2f}ms {r['ratio_rps_service_floor']:>13.2f}x")
+        print(f"single calls, one connection: p50 {single['p50_ms']:.2f} ms, p95 {single['p95_ms']:.2f} ms (n={single['n']})")
+    if "fallback" in only:
+        fb = results["fallback"] = bench_fallback(args.quick)
+        print(f"\nFHIR fallback: {fb['missing_keys']} missing keys in {fb['wall_ms']:.1f} ms vs slowest single query "
+              f"{fb['slowest_single_ms']:.1f} ms ({fb['slowest_key']}): ratio {fb['ratio_wall_slowest']:.2f}x "
+              f"(serial would be {fb['serial_sum_ms']:.0f} ms); {fb['bytes_per_call']:,} bytes in {fb['requests_per_call']} requests per call")
+    if "startup" in only:
+        st = results["startup"] = bench_startup_memory(args.quick, workers)
+        print(f"\nCold start to first answer: {st['cold_start_first_answer_s']:.2f} s (runs {st['cold_starts_s']})")
+        print(f"Worker RSS over {st['requests']} requests ({st['errors']} errors, {st['seconds']} s): "
+              f"before {st['rss_kb_before']} KB, after {st['rss_kb_after']} KB, max growth {st['rss_growth_kb_max']} KB")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
