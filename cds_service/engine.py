@@ -65,10 +65,12 @@ class Assessment:
         return self.in_scope and bool(self.triggering)
 
     def cited_references(self) -> set[str]:
-        """Every resource the card would show: findings' evidence and the bone-health context."""
+        """Resources that drive a finding or the card's wording: findings' evidence, bone
+        diagnoses, osteoporosis treatment and the last DXA. (Recently resulted workup labs only
+        keep a test from being offered again, and are not validated.)"""
         refs = {e.reference for f in self.findings for e in f.evidence + f.supporting}
         ctx = self.context
-        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + list(ctx.workup_done.values())}
+        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments}
         if ctx.dxa_evidence:
             refs.add(ctx.dxa_evidence.reference)
         return refs
