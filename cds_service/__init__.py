@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 
 from flask import Flask
 
@@ -27,7 +28,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     catalog = load_catalog(settings.cards_dir or None)
     warm_models()
     client = FhirClient(max_pages=settings.fhir_max_pages, max_bytes=settings.fhir_max_bytes)
+    authenticator = None
+    if settings.auth_required:
+        from .auth import ClientAuthenticator, JtiStore, parse_trusted_issuers
+        issuers = parse_trusted_issuers(settings.trusted_issuers)
+        if not issuers:
+            raise ValueError("Client authentication is required but CDS_TRUSTED_ISSUERS is empty "
+                             "(set it, or CDS_AUTH=off for local testing)")
+        authenticator = ClientAuthenticator(issuers, JtiStore(Path(settings.data_dir) / "jti.sqlite3"))
+    else:
+        logging.getLogger(__name__).warning(
+            "client JWT authentication is OFF (CDS_AUTH=%s, host %s): for local testing only", settings.auth,
+            settings.host, extra={"event": "auth_off"})
     app.extensions["cds"] = {
+        "authenticator": authenticator,
         "settings": settings,
         "catalog": catalog,
         "service": OsteoporosisService(catalog, client, settings.fhir_timeout, settings.fhir_page_size,

@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
+from .auth import AuthError
 from .errors import BadRequest, NotFound, ServiceError, operation_outcome
 from .feedback import normalize_feedback
 from .service import SERVICE_ID
@@ -24,8 +25,21 @@ def json_response(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
+UNAUTHENTICATED = {"/healthz", "/metrics"}
+
+
 def _cds() -> dict:
     return current_app.extensions["cds"]
+
+
+def _audiences() -> list[str]:
+    """The URL that was called (as the client sees it), the JWT's required `aud`."""
+    base = _cds()["settings"].public_base_url.rstrip("/") or request.host_url.rstrip("/")
+    url = base + request.path
+    out = [url]
+    if url.endswith("/feedback"):
+        out.append(url[: -len("/feedback")])      # some clients sign feedback with the service URL
+    return out
 
 
 def _read_json() -> object:
@@ -98,6 +112,20 @@ def install_handlers(app: Flask) -> None:
         if request.method == "OPTIONS":
             # CORS preflight: answered here, never needs a JWT
             return Response(status=204)
+        authenticator = _cds()["authenticator"]
+        if authenticator is not None and request.path not in UNAUTHENTICATED:
+            start = time.perf_counter()
+            try:
+                claims = authenticator.authenticate(request.headers.get("Authorization"), _audiences())
+                g.client = {"iss": claims.get("iss"), "tenant": claims.get("tenant")}
+            except AuthError as exc:
+                log.warning("client authentication failed", extra={"event": "auth_failed", "reason": str(exc),
+                                                                   "request_id": g.request_id})
+                resp = json_response(operation_outcome("Authentication failed.", "login"), 401)
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="cds-services", error="invalid_token"'
+                return resp
+            finally:
+                g.timings["auth_ms"] = round((time.perf_counter() - start) * 1000, 2)
 
     @app.after_request
     def _finish(resp: Response):

@@ -35,6 +35,9 @@ class Settings:
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
     log_level: str = "INFO"
     bench_endpoint: bool = False           # adds POST /cds-services/_parse-only (benchmark floor)
+    auth: str = "auto"                     # required | off | auto (off only when bound to loopback)
+    trusted_issuers: str = ""              # JSON: issuer -> JWKS URL (or list of allowed JWKS URLs)
+    public_base_url: str = ""              # e.g. https://cds.example.org (the JWT aud behind a proxy)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -56,6 +59,8 @@ class Settings:
                 raise ValueError(f"CDS_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         s = cls(**values)
+        if s.auth not in ("auto", "required", "off"):
+            raise ValueError("CDS_AUTH must be required, off or auto")
         if s.as_of:
             date.fromisoformat(s.as_of)   # fail at start-up, not per request
         return s
@@ -69,6 +74,13 @@ class Settings:
     @property
     def fhir_allowlist_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.fhir_allowlist.split(",") if p.strip())
+
+    @property
+    def auth_required(self) -> bool:
+        if self.auth == "auto":
+            from .fhir_client import _is_loopback
+            return not _is_loopback(self.host)
+        return self.auth == "required"
 
     def evaluation_date(self) -> date:
         return date.fromisoformat(self.as_of) if self.as_of else date.today()
@@ -91,5 +103,8 @@ ENV_DOC = {
     "cors_origins": "Allowed CORS origins: * or a comma-separated list",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",
     "log_level": "Log level",
+    "auth": "Client JWT authentication: required, off, or auto (off only when bound to a loopback address)",
+    "trusted_issuers": "JSON object: trusted JWT issuer -> JWKS URL (or list of allowed JWKS URLs for jku)",
+    "public_base_url": "The service's public base URL, used as the expected JWT aud behind a proxy",
     "bench_endpoint": "Add POST /cds-services/_parse-only, the benchmark's parse-and-return-nothing floor",
 }

@@ -21,7 +21,8 @@ def test_compose_services_ports_and_env_match_the_config():
     services = compose()["services"]
     assert {"cds", "fhir", "fhir-loader"} <= set(services)
     cds = services["cds"]
-    env = {k: str(v) for k, v in cds["environment"].items()}
+    # resolve compose's ${VAR:-default} to its default, as compose does with VAR unset
+    env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in cds["environment"].items()}
     assert set(env) <= SETTING_NAMES, set(env) - SETTING_NAMES
     assert env["CDS_HOST"] == "0.0.0.0"
     host_port, container_port = cds["ports"][0].split(":")
@@ -31,7 +32,10 @@ def test_compose_services_ports_and_env_match_the_config():
     loader = services["fhir-loader"]["command"]
     assert f"http://fhir:{fhir_container_port}/fhir" in loader and "tools/load_fixtures.py" in loader
     assert "fhir" in cds["depends_on"]
-    Settings.from_env(env)                                   # the values parse as the service reads them
+    settings = Settings.from_env(env)                        # the values parse as the service reads them
+    assert settings.auth_required
+    from cds_service.auth import parse_trusted_issuers
+    assert "https://sandbox.cds-hooks.org" in parse_trusted_issuers(settings.trusted_issuers)
 
 
 def test_dockerfile_serves_with_the_production_server():

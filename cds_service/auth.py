@@ -1,0 +1,163 @@
+"""CDS Hooks 2.0 client authentication: a signed JWT on every call (spec "Trusting CDS Clients").
+
+Verification is PyJWT's; this module decides which keys and claims to trust:
+  * alg must be ES384 or RS384 (never `none`, never an HMAC);
+  * `iss` must be a configured trusted issuer; its keys come from that issuer's JWKS URL, or
+    from the `jku` header only when the issuer's allowlist names that URL (never fetched else);
+  * `kid` selects the key; an unknown `kid` refreshes the JWKS (at most once per cooldown);
+  * `aud` must be the URL that was called (public base URL behind a proxy), `exp`/`iat` are
+    checked with a small skew, and a `jti` seen before (within its lifetime) is a replay.
+Failures raise AuthError; callers answer 401 without saying why.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import jwt
+from jwt import PyJWKClient
+
+ALLOWED_ALGORITHMS = ("ES384", "RS384")
+REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]
+
+
+class AuthError(Exception):
+    """The client JWT is missing or not trusted. The message is for logs only, never the client."""
+
+
+class JtiStore:
+    """Seen `jti` values until they expire, shared by every worker through SQLite."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._inserts = 0
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp REAL NOT NULL,"
+                         " PRIMARY KEY (iss, jti))")
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def first_use(self, iss: str, jti: str, exp: float) -> bool:
+        """Record the jti; False when it was already used (a replay)."""
+        conn = self._conn()
+        self._inserts += 1
+        if self._inserts % 500 == 0:
+            conn.execute("DELETE FROM jti WHERE exp < ?", (time.time() - 300,))
+        try:
+            conn.execute("INSERT INTO jti (iss, jti, exp) VALUES (?, ?, ?)", (iss, jti, exp))
+            return True
+        except sqlite3.IntegrityError:
+            row = conn.execute("SELECT exp FROM jti WHERE iss = ? AND jti = ?", (iss, jti)).fetchone()
+            if row and row[0] < time.time() - 300:           # expired long ago: reuse after purge window
+                conn.execute("UPDATE jti SET exp = ? WHERE iss = ? AND jti = ?", (exp, iss, jti))
+                return True
+            return False
+
+
+class ClientAuthenticator:
+    def __init__(self, trusted_issuers: dict[str, list[str]], jti_store: JtiStore, leeway: int = 30,
+                 jwks_cache_seconds: int = 300, jwks_refresh_cooldown: float = 30):
+        self.trusted = trusted_issuers
+        self.jti = jti_store
+        self.leeway = leeway
+        self.jwks_cache_seconds = jwks_cache_seconds
+        # an unknown kid refetches the JWKS at most once per cooldown, so forged kids cannot
+        # turn the service into a request flood against the issuer
+        self.jwks_refresh_cooldown = jwks_refresh_cooldown
+        self._clients: dict[str, PyJWKClient] = {}
+        self._lock = threading.Lock()
+
+    def _jwks(self, url: str) -> PyJWKClient:
+        with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                client = PyJWKClient(url, cache_keys=True, lifespan=self.jwks_cache_seconds, timeout=5,
+                                     cooldown_duration=self.jwks_refresh_cooldown)
+                self._clients[url] = client
+            return client
+
+    def authenticate(self, authorization: str | None, audiences: list[str]) -> dict:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise AuthError("no bearer token")
+        token = authorization[len("Bearer "):].strip()
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"malformed token ({type(exc).__name__})") from None
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AuthError(f"algorithm {alg!r} not allowed")
+        if header.get("typ") != "JWT":
+            raise AuthError("typ must be JWT")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError("no kid")
+        iss = unverified.get("iss")
+        urls = self.trusted.get(iss) if isinstance(iss, str) else None
+        if not urls:
+            raise AuthError("untrusted issuer")
+        jku = header.get("jku")
+        if jku is not None and jku not in urls:
+            raise AuthError("jku not on the issuer's allowlist")   # and it is never fetched
+        try:
+            key = self._jwks(jku or urls[0]).get_signing_key(kid).key
+        except jwt.PyJWKClientError as exc:
+            raise AuthError(f"no key ({type(exc).__name__})") from None
+        try:
+            claims = jwt.decode(token, key, algorithms=[alg], audience=audiences, issuer=iss, leeway=self.leeway,
+                                options={"require": REQUIRED_CLAIMS, "verify_iat": True})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"rejected ({type(exc).__name__})") from None
+        now = time.time()
+        if not isinstance(claims.get("iat"), (int, float)) or claims["iat"] > now + self.leeway:
+            raise AuthError("iat in the future")
+        if not isinstance(claims.get("jti"), str) or not claims["jti"]:
+            raise AuthError("no jti")
+        if not self.jti.first_use(iss, claims["jti"], float(claims["exp"])):
+            raise AuthError("replayed jti")
+        return claims
+
+
+def parse_trusted_issuers(raw: str) -> dict[str, list[str]]:
+    """CDS_TRUSTED_ISSUERS: a JSON object issuer -> JWKS URL, or issuer -> [allowed JWKS URLs]."""
+    import json
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object") from exc
+    if not isinstance(data, dict):
+        raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object")
+    from .fhir_client import _is_loopback
+    from urllib.parse import urlsplit
+
+    def acceptable(url: object) -> bool:       # https, or http on loopback (local tests only)
+        if not isinstance(url, str):
+            return False
+        parts = urlsplit(url)
+        return parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or ""))
+    out = {}
+    for iss, urls in data.items():
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(urls, list) or not urls or not all(acceptable(u) for u in urls):
+            raise ValueError(f"CDS_TRUSTED_ISSUERS[{iss!r}] must be an https JWKS URL or a list of them")
+        out[iss] = urls
+    return out
