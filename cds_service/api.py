@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
+from . import metrics
 from .auth import AuthError
 from .errors import BadRequest, NotFound, ServiceError, operation_outcome
 from .feedback import normalize_feedback
@@ -70,6 +71,8 @@ def invoke(service_id: str):
     start = time.perf_counter()
     result = cds["service"].invoke(body, cds["settings"].evaluation_date())
     g.timings["engine_ms"] = round((time.perf_counter() - start) * 1000, 2)
+    for card in result.response["cards"]:
+        metrics.CARDS.labels(card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
                 "skipped_invalid": result.assessment.record.skipped_invalid,
                 "findings": len(result.assessment.findings), "cards": len(result.response["cards"]),
@@ -83,6 +86,8 @@ def feedback(service_id: str):
     if service_id != SERVICE_ID:
         raise NotFound("No CDS service with that id.")
     entries = normalize_feedback(_read_json())
+    for e in entries:
+        metrics.FEEDBACK.labels(e["outcome"]).inc()
     stored = _cds()["feedback"].save(service_id, entries)
     g.counts = {"feedback_entries": len(entries), "feedback_new": stored}
     return json_response({"stored": stored, "received": len(entries)})
@@ -96,6 +101,12 @@ def parse_only():
     """The benchmark's floor: receive and parse the body, answer with no cards."""
     _read_json()
     return json_response({"cards": []})
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE.split(";")[0],
+                    headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 @bp.get("/healthz")
@@ -142,6 +153,10 @@ def install_handlers(app: Flask) -> None:
         resp.headers["X-Request-Id"] = g.get("request_id", "")
         resp.headers["Cache-Control"] = "no-store"
         if request.method != "OPTIONS":
+            label = metrics.endpoint_label(request.url_rule.rule if request.url_rule else None)
+            elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+            metrics.REQUESTS.labels(label, str(resp.status_code)).inc()
+            metrics.LATENCY.labels(label, str(resp.status_code)).observe(elapsed)
             log.info("request", extra={
                 "event": "request", "request_id": g.get("request_id"), "method": request.method,
                 "route": request.url_rule.rule if request.url_rule else "unmatched", "hook": g.get("hook"),

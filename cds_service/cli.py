@@ -12,11 +12,24 @@ from .config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    from pathlib import Path
+
+    settings = Settings.from_env(host=args.host, port=args.port, workers=args.workers)
+    # metrics from every worker: prometheus_client's multiprocess mode, set up before it is imported
+    prom_dir = Path(settings.data_dir).resolve() / f"prometheus-{os.getpid()}"
+    shutil.rmtree(prom_dir, ignore_errors=True)
+    prom_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+
     from gunicorn.app.base import BaseApplication
+    from prometheus_client import multiprocess
 
     from . import create_app
 
-    settings = Settings.from_env(host=args.host, port=args.port, workers=args.workers)
+    def child_exit(server, worker):
+        multiprocess.mark_process_dead(worker.pid)
 
     class Server(BaseApplication):
         def load_config(self):
@@ -30,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)            # our own JSON request log has no patient data
             self.cfg.set("loglevel", settings.log_level.lower())
+            self.cfg.set("child_exit", child_exit)
             if "control_socket_disable" in self.cfg.settings:
                 self.cfg.set("control_socket_disable", True)   # one socket in $HOME would be shared by every instance
 
@@ -38,7 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
           f"({max(1, settings.workers)} workers); discovery at /cds-services", file=sys.stderr, flush=True)
-    Server().run()
+    try:
+        Server().run()
+    finally:
+        shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from .catalog import LOINC, Catalog, normalize_system
+from . import metrics
 from .errors import PrefetchUnavailable
 from .fhir_client import FhirClient, FhirError, FetchStats
 
@@ -136,15 +137,18 @@ class PrefetchResolver:
             keys = ", ".join(sorted(missing) + partial)
             raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the request has no fhirServer to query.")
         if self.allowlist and not any(server.startswith(prefix) for prefix in self.allowlist):
+            metrics.FALLBACK_FAILURES.labels("NotAllowlisted").inc()
             raise PrefetchUnavailable("Prefetch incomplete and the request's fhirServer is not on this service's allowlist.")
         auth = request.get("fhirAuthorization")
         token = auth.get("access_token") if isinstance(auth, dict) else None
         deadline = time.monotonic() + self.timeout     # one deadline for all fallback work
+        metrics.FALLBACK_CALLS.inc()
         try:
             fetched, stats = self.client.fetch_many(server, token, missing, self.timeout) if missing else ({}, FetchStats())
             for key in partial:
                 fetched[key] = self.client.follow_next(server, token, data[key], max(0.0, deadline - time.monotonic()))
         except FhirError as exc:
+            metrics.FALLBACK_FAILURES.labels(type(exc).__name__).inc()
             keys = ", ".join(sorted(missing) + partial)
             raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the FHIR server could not supply it: {exc}") from exc
         for key, value in fetched.items():

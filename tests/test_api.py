@@ -303,3 +303,12 @@ def test_logs_carry_no_patient_data(client, request_for):
     text = buf.getvalue()
     for secret in (body["context"]["patientId"], "Rheumatoid", "M06.9", "69896004", "DXA done elsewhere", OVERRIDDEN["card"]):
         assert secret not in text
+
+
+def test_metrics_endpoint(client, request_for):
+    client.post(SERVICE_URL, json=request_for(FULL))
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    text = resp.get_data(as_text=True)
+    assert 'cds_requests_total{service="service",status="200"}' in text
+    assert 'cds_cards_total{indicator="warning"}' in text and "cds_fhir_fallback_calls_total" in text

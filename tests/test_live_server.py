@@ -78,3 +78,17 @@ def test_fallback_through_the_live_server_to_the_fhir_server(live_server, fhir_s
     r = requests.post(live_server.base + SERVICE_URL, json=bare, timeout=10)
     assert r.status_code == 200
     assert "Excess thyroid hormone" in r.json()["cards"][0]["detail"]
+
+
+def test_metrics_add_up_across_workers(live_server):
+    for _ in range(6):
+        requests.post(live_server.base + SERVICE_URL, json=fixture_request("patients/sle-positive.json"), timeout=5)
+    requests.post(live_server.base + SERVICE_URL, data="{", headers={"Content-Type": "application/json"}, timeout=5)
+    text = requests.get(live_server.base + "/metrics", timeout=5).text
+    import re
+    ok = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",status="200"\} ([\d.e+]+)', text, re.M))
+    bad = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",status="400"\} ([\d.e+]+)', text, re.M))
+    assert ok >= 6 and bad >= 1
+    assert 'cds_cards_total{indicator="info"}' in text or 'cds_cards_total{indicator="warning"}' in text
+    assert "cds_request_duration_seconds_bucket" in text
+    assert "sle-positive" not in text
