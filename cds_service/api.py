@@ -1,6 +1,7 @@
 """HTTP endpoints: discovery, the patient-view service, feedback, health; errors as OperationOutcome."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -53,6 +54,11 @@ def _read_json() -> object:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
+        pass
+    # orjson refuses some valid JSON (integers beyond 64 bits): the standard parser decides
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
 
 

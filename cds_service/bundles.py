@@ -9,6 +9,7 @@ import re
 import uuid
 
 from .errors import BadRequest
+from .jsonutil import as_list
 
 _URN = re.compile(r"^urn:uuid:([0-9a-fA-F-]{36})$")
 # where each resource type goes among the service's prefetch keys
@@ -26,7 +27,7 @@ PREFETCH_KEY = {
 def bundle_resources(bundle: dict) -> list[dict]:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise BadRequest("Not a FHIR Bundle.")
-    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    entries = [e for e in as_list(bundle.get("entry")) if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
     refs: dict[str, str] = {}
     resources = []
     for e in entries:

@@ -6,6 +6,7 @@ synchronous=FULL), so nothing acknowledged is lost. Re-posting the same entry is
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 from datetime import datetime, timezone
@@ -56,6 +57,8 @@ def normalize_feedback(body: object) -> list[dict]:
                 raw_or = {"reason": raw_or}                           # a bare Coding: pre-2.0 clients
             reason = raw_or.get("reason")
             comment = raw_or.get("userComment")
+            if isinstance(reason, dict):
+                reason = {k: reason[k] for k in ("system", "code", "display") if isinstance(reason.get(k), str)}
             if reason is None and comment is None:
                 raise BadRequest(f"{where}.overrideReason needs a reason or a userComment.")
             if reason is not None and (not isinstance(reason, dict) or not isinstance(reason.get("code"), str)):
@@ -129,7 +132,7 @@ class SQLiteFeedbackStore:
         now = datetime.now(timezone.utc).isoformat()
         rows = []
         for e in entries:
-            digest = hashlib.sha256(orjson.dumps([service_id, e], option=orjson.OPT_SORT_KEYS)).hexdigest()
+            digest = hashlib.sha256(json.dumps([service_id, e], sort_keys=True, default=str).encode()).hexdigest()
             reason = e["reason"] or {}
             rows.append((service_id, e["card"], e["outcome"], e["outcomeTimestamp"],
                          orjson.dumps(e["acceptedSuggestions"]).decode(), reason.get("system"), reason.get("code"),

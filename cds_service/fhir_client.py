@@ -18,6 +18,8 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
+from .jsonutil import as_list
+
 log = logging.getLogger(__name__)
 
 
@@ -130,11 +132,11 @@ class FhirClient:
         return first
 
     def _pages(self, base: str, token: str | None, bundle: dict, deadline: float, stats: FetchStats, lock) -> dict:
-        entries = list(bundle.get("entry") or [])
+        entries = list(as_list(bundle.get("entry")))
         page, pages = bundle, 1
         root = base.rstrip("/") + "/"
         while True:
-            nxt = next((l.get("url") for l in page.get("link") or []
+            nxt = next((l.get("url") for l in as_list(page.get("link"))
                         if isinstance(l, dict) and l.get("relation") == "next" and isinstance(l.get("url"), str)), None)
             if not nxt:
                 break
@@ -146,7 +148,7 @@ class FhirClient:
             page = self._get(nxt, token, deadline, stats, lock)
             if page.get("resourceType") != "Bundle":
                 raise FhirBadResponse("a next page is not a Bundle")
-            entries += page.get("entry") or []
+            entries += as_list(page.get("entry"))
             pages += 1
         merged = {k: v for k, v in bundle.items() if k not in ("entry", "link")}
         merged["entry"] = entries

@@ -16,6 +16,7 @@ from .catalog import LOINC, Catalog, normalize_system
 from . import metrics
 from .errors import PrefetchUnavailable
 from .fhir_client import FhirClient, FhirError, FetchStats
+from .jsonutil import as_list
 
 TOKEN_RE = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 USER_TOKENS = {"userPractitionerId": "Practitioner", "userPractitionerRoleId": "PractitionerRole",
@@ -82,17 +83,17 @@ def _failed(value: dict) -> bool:
     if value.get("resourceType") == "OperationOutcome":
         return True
     if value.get("resourceType") == "Bundle":
-        for e in value.get("entry") or []:
+        for e in as_list(value.get("entry")):
             res = e.get("resource") if isinstance(e, dict) else None
             if isinstance(res, dict) and res.get("resourceType") == "OperationOutcome":
-                if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in res.get("issue") or []):
+                if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in as_list(res.get("issue"))):
                     return True
     return False
 
 
 def _has_next(value: dict) -> bool:
     return value.get("resourceType") == "Bundle" and any(
-        isinstance(l, dict) and l.get("relation") == "next" for l in value.get("link") or [])
+        isinstance(l, dict) and l.get("relation") == "next" for l in as_list(value.get("link")))
 
 
 @dataclass

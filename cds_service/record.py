@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from pydantic import ValidationError
 
 from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system
+from .jsonutil import as_list
 
 _MODELS: dict[str, Any] = {}
 
@@ -148,12 +149,12 @@ class Measurement:
             convert = self._builder._convert
             value, unit = convert(self._analyte, raw_value, code_unit, unit_text)
             low = high = None
-            for rr in res.get("referenceRange") or []:
+            for rr in as_list(res.get("referenceRange")):
                 if isinstance(rr, dict):
                     low = _number((rr.get("low") or {}).get("value") if isinstance(rr.get("low"), dict) else None, None)
                     high = _number((rr.get("high") or {}).get("value") if isinstance(rr.get("high"), dict) else None, None)
                     break
-            interp = {c.get("code") for i in res.get("interpretation") or [] for c in codings(i) if c.get("code")} \
+            interp = {c.get("code") for i in as_list(res.get("interpretation")) for c in codings(i) if c.get("code")} \
                 if isinstance(res.get("interpretation"), list) else set()
             vc = res.get("valueCodeableConcept")
             self._cache = {
@@ -295,7 +296,7 @@ def iter_resources(prefetch: dict) -> Iterable[dict]:
         if not isinstance(value, dict):
             continue
         if value.get("resourceType") == "Bundle":
-            for entry in value.get("entry") or []:
+            for entry in as_list(value.get("entry")):
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     res = entry["resource"]
                     if res.get("resourceType") not in (None, "OperationOutcome"):
@@ -498,7 +499,7 @@ class RecordBuilder:
         ref = (res.get("medicationReference") or {}).get("reference") if isinstance(res.get("medicationReference"), dict) else None
         if isinstance(ref, str):
             if ref.startswith("#"):
-                for c in res.get("contained") or []:
+                for c in as_list(res.get("contained")):
                     if isinstance(c, dict) and c.get("resourceType") == "Medication" and c.get("id") == ref[1:]:
                         med_res = c
             else:
@@ -507,7 +508,7 @@ class RecordBuilder:
                 concept = med_res.get("code")
         all_codings = codings(concept)
         if med_res is not None:
-            for ing in med_res.get("ingredient") or []:
+            for ing in as_list(med_res.get("ingredient")):
                 if isinstance(ing, dict):
                     all_codings += codings(ing.get("itemCodeableConcept"))
         text = concept_text(concept) or ((res.get("medicationReference") or {}).get("display") or "" if isinstance(res.get("medicationReference"), dict) else "")
@@ -529,7 +530,7 @@ class RecordBuilder:
         dosages = res.get("dosageInstruction") if rt == "MedicationRequest" else res.get("dosage")
         if rt == "MedicationAdministration":
             dosages = [res["dosage"]] if isinstance(res.get("dosage"), dict) else []
-        dosages = [d for d in (dosages or []) if isinstance(d, dict)]
+        dosages = [d for d in as_list(dosages) if isinstance(d, dict)]
         dosage_text = " ".join(d.get("text", "") for d in dosages if isinstance(d.get("text"), str))
         route_text = " ".join(concept_text(d.get("route")) for d in dosages)
         form_text = concept_text((med_res or {}).get("form"))
@@ -604,7 +605,7 @@ class RecordBuilder:
             if rt == "MedicationAdministration":
                 dose = d.get("dose") if isinstance(d.get("dose"), dict) else None
             else:
-                for dr in d.get("doseAndRate") or []:
+                for dr in as_list(d.get("doseAndRate")):
                     if isinstance(dr, dict):
                         if isinstance(dr.get("doseQuantity"), dict):
                             dose = dr["doseQuantity"]
