@@ -20,6 +20,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test fhir-server
+	tests/ensure_postgres.sh
 
 # Medplum's in-memory FHIR server for the fallback tests (exact versions from the lockfile)
 fhir-server: $(FHIR_SERVER_DIR)/node_modules/.installed
@@ -35,6 +36,7 @@ test: install-test
 	$(PY) -m pytest
 
 bench: install-test
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
 
 clean:

@@ -132,7 +132,7 @@ class SQLiteFeedbackStore:
         now = datetime.now(timezone.utc).isoformat()
         rows = []
         for e in entries:
-            digest = hashlib.sha256(json.dumps([service_id, e], sort_keys=True, default=str).encode()).hexdigest()
+            digest = _entry_hash(service_id, e)
             reason = e["reason"] or {}
             rows.append((service_id, e["card"], e["outcome"], e["outcomeTimestamp"],
                          orjson.dumps(e["acceptedSuggestions"]).decode(), reason.get("system"), reason.get("code"),
@@ -161,9 +161,105 @@ class SQLiteFeedbackStore:
         return self._connect().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
 
 
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id BIGSERIAL PRIMARY KEY,
+    service_id TEXT NOT NULL,
+    card_uuid TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    outcome_timestamp TEXT NOT NULL,
+    accepted_suggestions TEXT NOT NULL,
+    override_system TEXT,
+    override_code TEXT,
+    override_comment TEXT,
+    entry_hash TEXT NOT NULL UNIQUE,
+    received_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
+"""
+
+
+class PostgresFeedbackStore:
+    """Shared store for several workers or replicas. A row is acknowledged only after COMMIT
+    (synchronous_commit as the server is configured: durable by default)."""
+
+    def __init__(self, url: str):
+        import psycopg
+        self._psycopg = psycopg
+        self.url = url
+        self._local = threading.local()
+        with psycopg.connect(url, autocommit=False) as conn:     # own connection: never crosses a fork
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(4242001)")   # workers may start at once
+                cur.execute(PG_SCHEMA)
+            conn.commit()
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._psycopg.connect(self.url, autocommit=False)
+            self._local.conn = conn
+        return conn
+
+    def _run(self, fn):
+        """Run fn(conn) in a transaction; one retry on a dropped connection (server restart)."""
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                with conn.transaction():
+                    return fn(conn)
+            except self._psycopg.OperationalError:
+                self._local.conn = None
+                try:
+                    conn.close()
+                finally:
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    def save(self, service_id: str, entries: list[dict]) -> int:
+        now = datetime.now(timezone.utc)
+        rows = [(service_id, e["card"], e["outcome"], e["outcomeTimestamp"], orjson.dumps(e["acceptedSuggestions"]).decode(),
+                 (e["reason"] or {}).get("system"), (e["reason"] or {}).get("code"), e["userComment"],
+                 _entry_hash(service_id, e), now) for e in entries]
+
+        def insert(conn) -> int:
+            stored = 0
+            with conn.cursor() as cur:
+                for row in rows:
+                    cur.execute("INSERT INTO feedback (service_id, card_uuid, outcome, outcome_timestamp,"
+                                " accepted_suggestions, override_system, override_code, override_comment, entry_hash,"
+                                " received_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                                " ON CONFLICT (entry_hash) DO NOTHING", row)
+                    stored += cur.rowcount
+            return stored
+        return self._run(insert)
+
+    def entries_for_card(self, card_uuid: str) -> list[dict]:
+        def select(conn):
+            with conn.cursor() as cur:
+                cur.execute("SELECT outcome, outcome_timestamp, accepted_suggestions, override_system, override_code,"
+                            " override_comment FROM feedback WHERE card_uuid = %s ORDER BY id", (card_uuid,))
+                return cur.fetchall()
+        return [{"outcome": r[0], "outcomeTimestamp": r[1], "acceptedSuggestions": orjson.loads(r[2]),
+                 "overrideSystem": r[3], "overrideCode": r[4], "userComment": r[5]} for r in self._run(select)]
+
+    def count(self) -> int:
+        def count(conn):
+            with conn.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM feedback")
+                return cur.fetchone()[0]
+        return self._run(count)
+
+
+def _entry_hash(service_id: str, entry: dict) -> str:
+    """Identity of a feedback entry, so that a re-post is stored once."""
+    return hashlib.sha256(json.dumps([service_id, entry], sort_keys=True, default=str).encode()).hexdigest()
+
+
 def open_store(url: str) -> FeedbackStore:
     if url.startswith("sqlite:///"):
         return SQLiteFeedbackStore(url[len("sqlite:///"):])
-    if url.startswith("sqlite://"):
-        return SQLiteFeedbackStore(url[len("sqlite://"):])
-    raise ValueError("CDS_DATABASE_URL must be sqlite:///<path> (PostgreSQL support is tracked separately)")
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresFeedbackStore(url)
+    raise ValueError("CDS_DATABASE_URL must be sqlite:///<path> or postgresql://user@host:port/db")

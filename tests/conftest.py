@@ -176,3 +176,11 @@ def walk_empty(node, path="$"):
         for i, v in enumerate(node):
             bad += walk_empty(v, f"{path}[{i}]")
     return bad
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from .pg import PostgresServer
+    server = PostgresServer()
+    yield server
+    server.stop()
