@@ -256,3 +256,11 @@ def test_fhir_server_off_the_allowlist_is_never_contacted(tmp_path, faults):
     allowed = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=faults.base,
                                   log_level="WARNING"))
     assert allowed.test_client().post(SERVICE_URL, json=bare_request(faults.base, token=False)).status_code == 200
+
+
+def test_connection_refused_gives_412_quickly(tmp_path):
+    from .conftest import free_port
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
+    start = time.monotonic()
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(f"http://127.0.0.1:{free_port()}"))
+    assert resp.status_code == 412 and time.monotonic() - start < 2.5

@@ -92,3 +92,33 @@ def test_metrics_add_up_across_workers(live_server):
     assert 'cds_cards_total{indicator="info"}' in text or 'cds_cards_total{indicator="warning"}' in text
     assert "cds_request_duration_seconds_bucket" in text
     assert "sle-positive" not in text
+
+
+def test_soak_memory_stays_flat(tmp_path):
+    """3,000 patient-view calls on one worker: resident memory does not keep growing."""
+    import threading
+    server = LiveServer(tmp_path / "soak", env={"CDS_WORKERS": "1", "CDS_LOG_LEVEL": "WARNING"}).start()
+    try:
+        import subprocess as sp
+        worker = int(sp.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        body = fixture_request("labelled/mixed-007.json")
+
+        def rss() -> int:
+            return int(next(line for line in open(f"/proc/{worker}/status") if line.startswith("VmRSS")).split()[1])
+
+        def hammer(n: int):
+            s = requests.Session()
+            for _ in range(n):
+                assert s.post(server.base + SERVICE_URL, json=body, timeout=10).status_code == 200
+        hammer(500)                                             # warm-up: caches, pools, allocator
+        before = rss()
+        threads = [threading.Thread(target=hammer, args=(750,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        growth_kb = rss() - before
+        print(f"\nsoak: 3000 requests, worker RSS {before} KB -> {before + growth_kb} KB")
+        assert growth_kb < 8 * 1024
+    finally:
+        server.kill(signal.SIGTERM)
