@@ -19,6 +19,8 @@ from pathlib import Path
 import jwt
 from jwt import PyJWKClient
 
+from .sqlite_util import ThreadLocalSQLite
+
 ALLOWED_ALGORITHMS = ("ES384", "RS384")
 REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]
 
@@ -31,27 +33,12 @@ class JtiStore:
     """Seen `jti` values until they expire, shared by every worker through SQLite."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self.db = ThreadLocalSQLite(path, "CREATE TABLE IF NOT EXISTS jti (iss TEXT NOT NULL, jti TEXT NOT NULL,"
+                                          " exp REAL NOT NULL, PRIMARY KEY (iss, jti));", synchronous="NORMAL")
         self._inserts = 0
-        conn = sqlite3.connect(self.path, timeout=30)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS jti (iss TEXT NOT NULL, jti TEXT NOT NULL, exp REAL NOT NULL,"
-                         " PRIMARY KEY (iss, jti))")
-            conn.commit()
-        finally:
-            conn.close()
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     def first_use(self, iss: str, jti: str, exp: float) -> bool:
         """Record the jti; False when it was already used (a replay)."""

@@ -16,6 +16,7 @@ from typing import Protocol
 import orjson
 
 from .errors import BadRequest
+from .sqlite_util import ThreadLocalSQLite
 
 
 def normalize_feedback(body: object) -> list[dict]:
@@ -106,27 +107,11 @@ class SQLiteFeedbackStore:
     """The embedded default store. Safe across threads and worker processes (SQLite locking)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        # schema on a throw-away connection: a connection must never cross a worker fork
-        conn = sqlite3.connect(self.path, timeout=30)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            conn.commit()
-        finally:
-            conn.close()
+        self.db = ThreadLocalSQLite(path, SCHEMA, synchronous="FULL")    # durable before the 200
+        self.path = self.db.path
 
     def _connect(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     def save(self, service_id: str, entries: list[dict]) -> int:
         now = datetime.now(timezone.utc).isoformat()
