@@ -74,9 +74,8 @@ def invoke(service_id: str):
     body = _read_json()
     cds = _cds()
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
-    start = time.perf_counter()
     result = cds["service"].invoke(body, cds["settings"].evaluation_date())
-    g.timings["engine_ms"] = round((time.perf_counter() - start) * 1000, 2)
+    g.timings.update(result.timings)
     for card in result.response["cards"]:
         metrics.CARDS.labels(card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
@@ -165,7 +164,8 @@ def install_handlers(app: Flask) -> None:
             metrics.LATENCY.labels(label, str(resp.status_code)).observe(elapsed)
             log.info("request", extra={
                 "event": "request", "request_id": g.get("request_id"), "method": request.method,
-                "route": request.url_rule.rule if request.url_rule else "unmatched", "hook": g.get("hook"),
+                "route": request.url_rule.rule if request.url_rule else "unmatched", "service": label,
+                "hook": g.get("hook"),
                 "status": resp.status_code,
                 "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
                 **g.get("timings", {}), **g.get("counts", {})})

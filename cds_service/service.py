@@ -1,6 +1,7 @@
 """The secondary-osteoporosis CDS service: request -> prefetch -> patient record -> findings -> cards."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import date
 
@@ -21,6 +22,7 @@ class Invocation:
     response: dict
     assessment: Assessment
     prefetch: PrefetchResult
+    timings: dict          # milliseconds per stage: prefetch, engine, render
 
 
 def validate_request(body: object) -> dict:
@@ -94,14 +96,21 @@ class OsteoporosisService:
         }
 
     def invoke(self, body: object, as_of: date) -> Invocation:
+        t0 = time.perf_counter()
         request = validate_request(body)
         prefetch = self.resolver.resolve(request)
+        t1 = time.perf_counter()
         patient_id = request["context"]["patientId"]
         record = self.records.build(prefetch.data, patient_id, as_of)
         if not record.has_patient:
-            raise PrefetchUnavailable(f"The Patient resource for the patient in context is not in the prefetch data.")
+            raise PrefetchUnavailable("The Patient resource for the patient in context is not in the prefetch data.")
         assessment = self.engine.assess(record)
-        return Invocation({"cards": self.renderer.render(assessment)}, assessment, prefetch)
+        t2 = time.perf_counter()
+        response = {"cards": self.renderer.render(assessment)}
+        t3 = time.perf_counter()
+        timings = {"prefetch_ms": round((t1 - t0) * 1000, 2), "engine_ms": round((t2 - t1) * 1000, 2),
+                   "render_ms": round((t3 - t2) * 1000, 2)}
+        return Invocation(response, assessment, prefetch, timings)
 
 
 def explain(assessment: Assessment) -> list[dict]:

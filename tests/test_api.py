@@ -299,7 +299,9 @@ def test_logs_carry_no_patient_data(client, request_for):
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
     requests_logged = [line for line in lines if line.get("event") == "request"]
     assert len(requests_logged) == 3 and {r["status"] for r in requests_logged} == {200, 400}
-    assert all("request_id" in r and "duration_ms" in r for r in requests_logged)
+    assert all("request_id" in r and "duration_ms" in r and r["service"] in ("service", "feedback") for r in requests_logged)
+    served = next(r for r in requests_logged if r["status"] == 200 and r["service"] == "service")
+    assert {"prefetch_ms", "engine_ms", "render_ms", "resources", "findings", "cards"} <= set(served)
     text = buf.getvalue()
     for secret in (body["context"]["patientId"], "Rheumatoid", "M06.9", "69896004", "DXA done elsewhere", OVERRIDDEN["card"]):
         assert secret not in text
