@@ -184,3 +184,21 @@ def postgres():
     server = PostgresServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def json_log():
+    """The service's JSON log lines while the test runs (INFO and up), as a StringIO."""
+    import io
+    import logging
+    from cds_service.logs import JsonFormatter
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("cds_service")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -277,25 +277,12 @@ def test_healthz(client):
     assert resp.status_code == 200 and resp.get_json()["status"] == "ok"
 
 
-def test_logs_carry_no_patient_data(client, request_for):
-    import io
-    import logging
-    from cds_service.logs import JsonFormatter
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("cds_service")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        body = request_for(FULL)
-        client.post(SERVICE_URL, json=body)
-        client.post(FEEDBACK, json={"feedback": [OVERRIDDEN]})
-        client.post(SERVICE_URL, data=b"{broken " + body["context"]["patientId"].encode(), content_type="application/json")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def test_logs_carry_no_patient_data(client, request_for, json_log):
+    body = request_for(FULL)
+    client.post(SERVICE_URL, json=body)
+    client.post(FEEDBACK, json={"feedback": [OVERRIDDEN]})
+    client.post(SERVICE_URL, data=b"{broken " + body["context"]["patientId"].encode(), content_type="application/json")
+    buf = json_log
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
     requests_logged = [line for line in lines if line.get("event") == "request"]
     assert len(requests_logged) == 3 and {r["status"] for r in requests_logged} == {200, 400}

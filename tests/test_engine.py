@@ -13,7 +13,7 @@ from cds_service.service import OsteoporosisService, explain
 from .conftest import AS_OF, LABELS, ROOT, load_fixture
 
 sys.path.insert(0, str(ROOT))
-from fixtures.generate import ICD, LOINC, Patient  # noqa: E402
+from fixtures.generate import ICD, Patient  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Feedback stores (embedded SQLite and a real PostgreSQL): nothing acknowledged is ever lost."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

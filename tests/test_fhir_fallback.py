@@ -36,26 +36,13 @@ def fallback_client(tmp_path):
 
 
 # ---- against Medplum's FHIR engine --------------------------------------------------------------
-def test_the_access_token_never_reaches_the_logs(fallback_client, fhir_server, faults):
-    import io
-    import logging
-    from cds_service.logs import JsonFormatter
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("cds_service")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        body = {k: v for k, v in fixture_request(FHIR_PATIENTS[0]).items() if k != "prefetch"}
-        body.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
-        assert fallback_client.post(SERVICE_URL, json=body).status_code == 200
-        faults.mode = "500"
-        assert fallback_client.post(SERVICE_URL, json=bare_request(faults.base)).status_code == 412
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def test_the_access_token_never_reaches_the_logs(fallback_client, fhir_server, faults, json_log):
+    body = {k: v for k, v in fixture_request(FHIR_PATIENTS[0]).items() if k != "prefetch"}
+    body.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
+    assert fallback_client.post(SERVICE_URL, json=body).status_code == 200
+    faults.mode = "500"
+    assert fallback_client.post(SERVICE_URL, json=bare_request(faults.base)).status_code == 412
+    buf = json_log
     assert '"event":"request"' in buf.getvalue() and TOKEN not in buf.getvalue()
 
 
