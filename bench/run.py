@@ -290,10 +290,10 @@ def bench_startup_memory(quick: bool, workers: int) -> dict:
             server.wait_first_answer(body40)
 
             def warm(n):
-                s = requests.Session()
-                for _ in range(n):
-                    s.post(server.base + SERVICE, data=body40, headers={"Content-Type": "application/json"}, timeout=5)
-            warmers = [threading.Thread(target=warm, args=(250,)) for _ in range(4)]   # reaches every worker
+                for _ in range(n):      # a new connection each time, so that every worker is warmed
+                    requests.post(server.base + SERVICE, data=body40, headers={"Content-Type": "application/json",
+                                                                              "Connection": "close"}, timeout=5)
+            warmers = [threading.Thread(target=warm, args=(250,)) for _ in range(4)]
             for th in warmers:
                 th.start()
             for th in warmers:
