@@ -31,6 +31,7 @@ class CardRenderer:
         self.new_uuid = new_uuid or (lambda: str(uuid.uuid4()))
         self.workup = {w["id"]: w for tier in catalog.detection["workup"].values() for w in tier}
         self.baseline_ids = [w["id"] for w in catalog.detection["workup"]["baseline"]]
+        self.imaging_ids = {w["id"] for w in catalog.detection["workup"]["imaging"]}
         codes = {}
         for w in self.workup.values():
             for c in w["codes"]:
@@ -142,7 +143,7 @@ class CardRenderer:
         directed: list[str] = []
         for f in firing + a.listed:
             for wid in f.cause.workup:
-                if wid not in directed and wid not in done and self.workup[wid] not in self.cat.detection["workup"]["imaging"]:
+                if wid not in directed and wid not in done and wid not in self.imaging_ids:
                     directed.append(wid)
         for wid in directed:
             item = self.workup[wid]

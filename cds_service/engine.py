@@ -86,19 +86,17 @@ class Engine:
         self.cat = catalog
         self.gc = catalog.medication_settings["glucocorticoids"]
         det = catalog.detection
-        self.bone_groups: dict[str, str] = {}
+        # osteoporosis, osteopenia and fragility-fracture codes (exact, or ICD-10-CM prefixes)
+        self.bone_codes: set[str] = set()
         self.bone_prefixes: set[str] = set()
         for group, entries in det["index_conditions"].items():
             if group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
                 for c in entries:
-                    self.bone_groups[c["code"]] = group
+                    self.bone_codes.add(c["code"])
                     if c.get("match") == "prefix":
                         self.bone_prefixes.add(icd_key(c["code"]))
         for oid in det.get("index_condition_value_sets", []):
-            vs = catalog.value_sets.get(oid, {})
-            group = "osteopenia" if "Osteopenia" in vs.get("name", "") else "osteoporosis"
-            for c in vs.get("codes", []):
-                self.bone_groups.setdefault(c["code"], group)
+            self.bone_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
         # M80: osteoporosis with current pathological (fragility) fracture
         self.fracture_prefixes = {icd_key(c["code"]) for c in det["index_conditions"]["osteoporosis"]
                                   if c.get("match") == "prefix" and c["code"].startswith("M80")}
@@ -138,7 +136,10 @@ class Engine:
         context = self._context(record)
         findings: list[Finding] = []
         if in_scope:
+            candidates = record.cause_candidates(self.obs_causes)   # causes something in the record points to
             for cause in self.cat.causes.values():
+                if cause.id not in candidates:
+                    continue
                 finding = self._detect(cause, record, context)
                 if finding:
                     findings.append(finding)
@@ -154,13 +155,11 @@ class Engine:
             return None
         if pat.get("max_age") is not None and (rec.age is None or rec.age > pat["max_age"]):
             return None
-        if cause.id not in rec.cause_candidates(self.obs_causes):
-            return None                        # nothing in the record points to this cause
         evidence: list[Evidence] = []
         supporting: list[Evidence] = []
         citations: list[str] = []
         tier = None
-        for entry in rec.coded_by_cause().get(cause.id, ()):
+        for entry in rec.coded_by_cause.get(cause.id, ()):
             roles = {role for cid, role in entry.matches if cid == cause.id}
             ev = Evidence(entry.reference, _coded_text(entry))
             (evidence if "trigger" in roles else supporting).append(ev)
@@ -198,7 +197,7 @@ class Engine:
     def _exposures(self, cause: Cause, med: dict, rec: PatientRecord) -> list[MedicationExposure]:
         since = rec.as_of - timedelta(days=med.get("lookback_days", 365))
         out = []
-        for m in rec.medications_by_cause().get(cause.id, ()):
+        for m in rec.medications_by_cause.get(cause.id, ()):
             if m.start is None or (m.end or m.start) < since or m.start > rec.as_of + timedelta(days=1):
                 continue
             if not m.systemic:
@@ -217,11 +216,15 @@ class Engine:
             return []
         return out
 
+    @staticmethod
+    def _current(exps: list[MedicationExposure], rec: PatientRecord) -> list[MedicationExposure]:
+        """Exposures still running, or ended within the last 90 days."""
+        recent = rec.as_of - timedelta(days=90)
+        return [m for m in exps if m.end and m.end >= recent]
+
     def _currently_on(self, cause_id: str, rec: PatientRecord) -> bool:
         cause = self.cat.causes[cause_id]
-        med = cause.medication_rule or {}
-        recent = rec.as_of - timedelta(days=90)
-        return any(m.end and m.end >= recent for m in self._exposures(cause, med, rec))
+        return bool(self._current(self._exposures(cause, cause.medication_rule or {}, rec), rec))
 
     def _medication_rule(self, cause: Cause, med: dict, rec: PatientRecord) -> tuple[list[Evidence], str | None, list[str]]:
         exps = self._exposures(cause, med, rec)
@@ -234,8 +237,7 @@ class Engine:
         if rule == "any_use":
             return [Evidence(m.reference, m.describe()) for m in exps], None, cause.citations[:1]
         if rule == "current_use_with_lab":
-            recent = rec.as_of - timedelta(days=90)
-            current = [m for m in exps if m.end and m.end >= recent]
+            current = self._current(exps, rec)
             if not current:
                 return [], None, []
             lab = self._observation_rule(self.cat.observation_rules[med["requires_observation"]], rec)
@@ -451,7 +453,7 @@ class Engine:
         ctx = BoneContext()
         s = self.cat.settings
         for c in rec.conditions:
-            if any(code in self.bone_groups or (system == ICD10CM and icd_prefix_match(code, self.bone_prefixes))
+            if any(code in self.bone_codes or (system == ICD10CM and icd_prefix_match(code, self.bone_prefixes))
                    for system, code in c.codes):
                 ctx.bone_diagnoses.append(Evidence(c.reference, _coded_text(c)))
             if any(code in self.treatment_codes for _, code in c.codes):

@@ -95,11 +95,11 @@ class FhirClient:
         if token and parts.scheme != "https" and not _is_loopback(parts.hostname):
             raise FhirRefused("an access token is only sent over https")
 
-    def fetch_many(self, base: str, token: str | None, queries: dict[str, str], timeout: float) -> tuple[dict[str, dict], FetchStats]:
+    def fetch_many(self, base: str, token: str | None, queries: dict[str, str], timeout: float,
+                   stats: FetchStats) -> dict[str, dict]:
         """Run every query in parallel; all must succeed before `timeout` seconds, else FhirError."""
         self.check_server(base, token)
         deadline = time.monotonic() + timeout
-        stats = FetchStats()
         lock = threading.Lock()
         futures = {self._executor().submit(self._fetch, base, token, q, deadline, stats, lock): key
                    for key, q in queries.items()}
@@ -114,13 +114,12 @@ class FhirClient:
             results[futures[f]] = f.result()
         if pending:
             raise FhirTimeout(f"FHIR server did not answer within {timeout:g} s")
-        return results, stats
+        return results
 
-    def follow_next(self, base: str, token: str | None, bundle: dict, timeout: float) -> dict:
+    def follow_next(self, base: str, token: str | None, bundle: dict, timeout: float, stats: FetchStats) -> dict:
         """Complete a paginated prefetch Bundle by following its `next` links."""
         self.check_server(base, token)
         deadline = time.monotonic() + timeout
-        stats = FetchStats()
         return self._pages(base, token, bundle, deadline, stats, threading.Lock())
 
     # ------------------------------------------------------------------------------------------

@@ -144,10 +144,12 @@ class PrefetchResolver:
         token = auth.get("access_token") if isinstance(auth, dict) else None
         deadline = time.monotonic() + self.timeout     # one deadline for all fallback work
         metrics.FALLBACK_CALLS.inc()
+        stats = result.stats                           # requests and bytes of every page fetched
         try:
-            fetched, stats = self.client.fetch_many(server, token, missing, self.timeout) if missing else ({}, FetchStats())
+            fetched = self.client.fetch_many(server, token, missing, self.timeout, stats) if missing else {}
             for key in partial:
-                fetched[key] = self.client.follow_next(server, token, data[key], max(0.0, deadline - time.monotonic()))
+                fetched[key] = self.client.follow_next(server, token, data[key], max(0.0, deadline - time.monotonic()),
+                                                       stats)
         except FhirError as exc:
             metrics.FALLBACK_FAILURES.labels(type(exc).__name__).inc()
             keys = ", ".join(sorted(missing) + partial)
@@ -157,5 +159,4 @@ class PrefetchResolver:
                 raise PrefetchUnavailable(f"The FHIR server returned an error outcome for '{key}'.")
             data[key] = value
         result.fetched_keys = sorted(fetched)
-        result.stats = stats
         return result

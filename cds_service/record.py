@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import date, timedelta
 from typing import Any, Iterable
 
@@ -151,11 +152,10 @@ class Measurement:
             low = high = None
             for rr in as_list(res.get("referenceRange")):
                 if isinstance(rr, dict):
-                    low = _number((rr.get("low") or {}).get("value") if isinstance(rr.get("low"), dict) else None, None)
-                    high = _number((rr.get("high") or {}).get("value") if isinstance(rr.get("high"), dict) else None, None)
+                    low = _number(rr["low"].get("value") if isinstance(rr.get("low"), dict) else None, None)
+                    high = _number(rr["high"].get("value") if isinstance(rr.get("high"), dict) else None, None)
                     break
-            interp = {c.get("code") for i in as_list(res.get("interpretation")) for c in codings(i) if c.get("code")} \
-                if isinstance(res.get("interpretation"), list) else set()
+            interp = {c.get("code") for i in as_list(res.get("interpretation")) for c in codings(i) if c.get("code")}
             vc = res.get("valueCodeableConcept")
             self._cache = {
                 "value": value, "unit": unit, "raw_value": raw_value, "raw_unit": unit_text or code_unit,
@@ -205,40 +205,33 @@ class PatientRecord:
     raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
     validated: set[str] = field(default_factory=set)
 
+    @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
-        idx = self.__dict__.get("_coded_idx")
-        if idx is None:
-            idx = {}
-            for entry in self.conditions + self.procedures:
-                for cid in {cid for cid, _ in entry.matches}:
-                    idx.setdefault(cid, []).append(entry)
-            self.__dict__["_coded_idx"] = idx
+        idx: dict[str, list[CodedEntry]] = {}
+        for entry in self.conditions + self.procedures:
+            for cid in {cid for cid, _ in entry.matches}:
+                idx.setdefault(cid, []).append(entry)
         return idx
 
+    @cached_property
     def medications_by_cause(self) -> dict[str, list[MedicationExposure]]:
-        idx = self.__dict__.get("_med_idx")
-        if idx is None:
-            idx = {}
-            for m in self.medications:
-                for cid in {i.cause_id for i in m.ingredients}:
-                    idx.setdefault(cid, []).append(m)
-            self.__dict__["_med_idx"] = idx
+        idx: dict[str, list[MedicationExposure]] = {}
+        for m in self.medications:
+            for cid in {i.cause_id for i in m.ingredients}:
+                idx.setdefault(cid, []).append(m)
         return idx
 
     def cause_candidates(self, obs_causes: dict[str, set[str]]) -> set[str]:
         """Causes that something in the record points to: only these need their rules run."""
-        cands = self.__dict__.get("_cands")
-        if cands is None:
-            cands = set(self.coded_by_cause()) | set(self.medications_by_cause())
-            for code, lst in self.observations.items():
-                if lst:
-                    cands |= obs_causes.get(code, set())
-            self.__dict__["_cands"] = cands
+        cands = set(self.coded_by_cause) | set(self.medications_by_cause)
+        for code, lst in self.observations.items():
+            if lst:
+                cands |= obs_causes.get(code, set())
         return cands
 
     def _reindex(self) -> None:
-        for key in ("_coded_idx", "_med_idx", "_cands"):
-            self.__dict__.pop(key, None)
+        for key in ("coded_by_cause", "medications_by_cause"):
+            self.__dict__.pop(key, None)          # cached_property values: rebuilt on next use
 
     def validate(self, reference: str) -> bool:
         """Type and validate one resource with fhir.resources (R4B); cached per record."""
@@ -391,8 +384,7 @@ class RecordBuilder:
     def _patient(self, rec: PatientRecord, res: dict, patient_id: str) -> None:
         if rec.has_patient or (patient_id and res.get("id") not in (None, patient_id)):
             return
-        rec.raw[reference_of(res)] = res
-        if not rec.validate(reference_of(res)):
+        if not rec.validate(self._keep(rec, res)):
             rec.skipped_invalid += 1
             return
         rec.has_patient = True
@@ -522,7 +514,7 @@ class RecordBuilder:
         status = res.get("status") if isinstance(res.get("status"), str) else ""
         if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
             return
-        self._keep(rec, res)
+        ref = self._keep(rec, res)
         # de-duplicate: one exposure per (cause, ingredient)
         uniq: dict[tuple[str, str], Ingredient] = {}
         for i in ingredients:
@@ -542,7 +534,7 @@ class RecordBuilder:
             if isinstance(res.get("category"), list) else any(c.get("code") == "inpatient" for c in codings(res.get("category")))
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
         rec.medications.append(MedicationExposure(
-            reference=reference_of(res), resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
+            reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, inpatient=inpatient, as_needed=as_needed))

@@ -218,8 +218,8 @@ def test_endless_next_links_stop_at_the_page_cap(tmp_path, faults):
     assert len(faults.seen) <= 7 * 5                           # 7 keys x 5 pages at most
 
 
-def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
+def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults, json_log):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="INFO"))
     body = copy.deepcopy(fixture_request("patients/no-risk-factors-negative.json"))
     body.update(fhirServer=faults.base, fhirAuthorization=AUTH)
     pid = body["context"]["patientId"]
@@ -232,6 +232,9 @@ def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults):
     assert resp.status_code == 200
     assert "Condition/c-page2" in resp.get_json()["cards"][0]["detail"]
     assert [r["path"] for r in faults.seen] == ["/page2"] and faults.seen[0]["authorization"] == f"Bearer {TOKEN}"
+    logged = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    served = next(r for r in logged if r.get("event") == "request" and r["status"] == 200)
+    assert served["fhir_requests"] == 1                      # the next page is counted
 
 
 def test_token_is_never_sent_over_plain_http_off_loopback(fallback_client):
