@@ -8,7 +8,7 @@ from typing import Callable
 from .catalog import Catalog
 from .engine import Assessment, Finding
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+_MD_SPECIAL = "\\`*_{}[]<>()#+!|~"            # backslash first, so escapes are not escaped again
 
 TIER_LABELS = {
     "very_high": "very high dose",
@@ -21,7 +21,11 @@ TIER_LABELS = {
 
 def md(text: str) -> str:
     """Escape chart text for Markdown so it cannot inject links, HTML or formatting."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    out = " ".join(str(text).split())
+    for c in _MD_SPECIAL:
+        if c in out:                  # most chart text has none or one of these: test before replacing
+            out = out.replace(c, "\\" + c)
+    return out
 
 
 class CardRenderer:

@@ -80,14 +80,17 @@ def resolve_template(template: str, context: dict) -> str | None:
 
 def _failed(value: dict) -> bool:
     """An OperationOutcome, or a Bundle whose entries carry an error outcome, is a failed key."""
-    if value.get("resourceType") == "OperationOutcome":
+    rt = value.get("resourceType")
+    if rt == "OperationOutcome":
         return True
-    if value.get("resourceType") == "Bundle":
-        for e in as_list(value.get("entry")):
-            res = e.get("resource") if isinstance(e, dict) else None
-            if isinstance(res, dict) and res.get("resourceType") == "OperationOutcome":
-                if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in as_list(res.get("issue"))):
-                    return True
+    entries = value.get("entry") if rt == "Bundle" else None
+    if type(entries) is not list:
+        return False
+    for e in entries:                                  # every entry of every key: keep this loop tight
+        res = e.get("resource") if type(e) is dict else None
+        if type(res) is dict and res.get("resourceType") == "OperationOutcome" and any(
+                isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in as_list(res.get("issue"))):
+            return True
     return False
 
 

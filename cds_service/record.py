@@ -7,11 +7,15 @@ fails validation is skipped and counted, never fatal.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from datetime import date, timedelta
+from hashlib import blake2b
 from typing import Any, Iterable
 
+import orjson
 from pydantic import ValidationError
 
 from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system
@@ -37,6 +41,45 @@ def warm_models() -> None:
     """Import the models at start-up so the first request does not pay for it."""
     for rt in TYPED:
         _model(rt)
+
+
+class ValidatedResources:
+    """Which resources fhir.resources has already accepted, for this process.
+
+    Validation is a pure function of a resource's content, and the same chart is opened again
+    and again (by each user, at each visit), so a resource once found valid is not validated
+    again. Only a 16-byte digest of its JSON is kept, never the resource; the set is bounded
+    (least recently used out). Invalid resources are not remembered: they are checked each time.
+    """
+
+    def __init__(self, capacity: int = 16384):
+        self.capacity = capacity
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def is_valid(self, resource: dict) -> bool:
+        try:
+            digest = blake2b(orjson.dumps(resource), digest_size=16).digest()
+        except (TypeError, orjson.JSONEncodeError):
+            digest = None                         # not plain JSON data: validate, do not remember
+        if digest is not None and self.capacity:
+            with self._lock:
+                if digest in self._digests:
+                    self._digests.move_to_end(digest)
+                    return True
+        try:
+            _model(resource["resourceType"]).model_validate(resource)
+        except (ValidationError, ValueError, TypeError, KeyError):
+            return False
+        if digest is not None and self.capacity:
+            with self._lock:
+                self._digests[digest] = None
+                if len(self._digests) > self.capacity:
+                    self._digests.popitem(last=False)
+        return True
 
 
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
@@ -204,6 +247,7 @@ class PatientRecord:
     has_patient: bool = False
     raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
     validated: set[str] = field(default_factory=set)
+    known_valid: ValidatedResources = field(default_factory=lambda: ValidatedResources(0))
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -240,9 +284,7 @@ class PatientRecord:
         res = self.raw.get(reference)
         if res is None:
             return True
-        try:
-            _model(res["resourceType"]).model_validate(res)
-        except (ValidationError, ValueError, TypeError, KeyError):
+        if not self.known_valid.is_valid(res):
             return False
         self.validated.add(reference)
         return True
@@ -283,26 +325,15 @@ class PatientRecord:
 
 
 # ---------------------------------------------------------------------------------------------
-def iter_resources(prefetch: dict) -> Iterable[dict]:
-    """Every resource in the prefetch values (resources or Bundles), OperationOutcomes excluded."""
-    for value in prefetch.values():
-        if not isinstance(value, dict):
-            continue
-        if value.get("resourceType") == "Bundle":
-            for entry in as_list(value.get("entry")):
-                if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
-                    res = entry["resource"]
-                    if res.get("resourceType") not in (None, "OperationOutcome"):
-                        yield res
-        elif value.get("resourceType") not in (None, "OperationOutcome"):
-            yield value
+MEDICATION_RECORDS = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration"})
 
 
 class RecordBuilder:
     """Builds a PatientRecord from prefetch resources against one catalog."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, known_valid: ValidatedResources | None = None):
         self.cat = catalog
+        self.known_valid = known_valid if known_valid is not None else ValidatedResources()
         st = catalog.statuses
         self.cond_clinical = set(st.get("condition_clinical", []))
         self.cond_verif_excluded = set(st.get("condition_verification_excluded", []))
@@ -336,41 +367,80 @@ class RecordBuilder:
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
         ms = catalog.medication_settings
         self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
+        self._code_lookup = lru_cache(maxsize=65536)(self._lookup_code)
+        self._ingredients_in_text = lru_cache(maxsize=65536)(lambda text: tuple(catalog.ingredients_in_text(text)))
+        self.procedure_words = [(word, cause.id) for cause in catalog.causes.values()
+                                for word in cause.detect.get("procedure_text", ())]
+        self._handlers = {
+            "Observation": self._observation,            # most of any chart: first
+            "Condition": self._condition,
+            "MedicationRequest": self._medication,
+            "MedicationStatement": self._medication,
+            "MedicationAdministration": self._medication,
+            "Procedure": self._procedure,
+            "Patient": self._patient,
+        }
 
     def build(self, prefetch: dict, patient_id: str, as_of: date) -> PatientRecord:
-        rec = PatientRecord(patient_id=patient_id, as_of=as_of)
-        resources = list(iter_resources(prefetch))
-        rec.resources_seen = len(resources)
+        """One pass over the prefetch. A medication record that points at a separate Medication
+        resource waits until the pass has seen every Medication."""
+        rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid)
         medications: dict[str, dict] = {}
-        seen: set[str] = set()
-        for res in resources:
-            rt = res.get("resourceType")
-            if rt == "Medication" and isinstance(res.get("id"), str):
-                medications[f"Medication/{res['id']}"] = res
-        for res in resources:
-            rt = res.get("resourceType")
-            rid = res.get("id")
-            key = f"{rt}/{rid}" if isinstance(rid, str) else None
-            if key and key in seen:
-                continue            # the same resource under two prefetch keys counts once
-            if key:
-                seen.add(key)
+        referencing: list[dict] = []
+        seen: set[tuple[str, str]] = set()
+        handlers = self._handlers
+        n = 0
+        for value in prefetch.values():
+            if type(value) is not dict:
+                continue
+            if value.get("resourceType") == "Bundle":
+                entries = value.get("entry")
+                resources = [e.get("resource") for e in entries if type(e) is dict] if type(entries) is list else ()
+            else:
+                resources = (value,)
+            for res in resources:
+                if type(res) is not dict:
+                    continue
+                rt = res.get("resourceType")
+                if type(rt) is not str:
+                    continue                # not a FHIR resource at all
+                handler = handlers.get(rt)
+                if handler is None and rt != "Medication":
+                    if rt != "OperationOutcome":
+                        n += 1
+                    continue
+                n += 1
+                rid = res.get("id")
+                if type(rid) is str:
+                    key = (rt, rid)
+                    if key in seen:
+                        continue            # the same resource under two prefetch keys counts once
+                    seen.add(key)
+                if handler is None:         # a Medication: looked up by the records that point at it
+                    if type(rid) is str:
+                        medications[f"Medication/{rid}"] = res
+                    continue
+                if rt in MEDICATION_RECORDS and self._references_medication(res):
+                    referencing.append(res)
+                    continue
+                try:
+                    handler(rec, res, medications)
+                except (ValidationError, ValueError, TypeError, KeyError, AttributeError):
+                    rec.skipped_invalid += 1
+        for res in referencing:
             try:
-                if rt == "Patient":
-                    self._patient(rec, res, patient_id)
-                elif rt == "Condition":
-                    self._coded(rec, res, rec.conditions, self._condition_counts)
-                elif rt == "Procedure":
-                    self._coded(rec, res, rec.procedures, self._procedure_counts)
-                elif rt in ("MedicationRequest", "MedicationStatement", "MedicationAdministration"):
-                    self._medication(rec, res, medications)
-                elif rt == "Observation":
-                    self._observation(rec, res)
+                self._medication(rec, res, medications)
             except (ValidationError, ValueError, TypeError, KeyError, AttributeError):
                 rec.skipped_invalid += 1
+        rec.resources_seen = n
         for lst in rec.observations.values():
-            lst.sort(key=lambda m: m.when, reverse=True)
+            lst.sort(key=_measurement_when, reverse=True)
         return rec
+
+    @staticmethod
+    def _references_medication(res: dict) -> bool:
+        ref = res.get("medicationReference")
+        return type(ref) is dict and isinstance(ref.get("reference"), str) and not ref["reference"].startswith("#")
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -381,7 +451,8 @@ class RecordBuilder:
         return ref
 
     # ---- Patient -----------------------------------------------------------------------------
-    def _patient(self, rec: PatientRecord, res: dict, patient_id: str) -> None:
+    def _patient(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
+        patient_id = rec.patient_id
         if rec.has_patient or (patient_id and res.get("id") not in (None, patient_id)):
             return
         if not rec.validate(self._keep(rec, res)):
@@ -414,44 +485,53 @@ class RecordBuilder:
         when = parse_date(res.get("performedDateTime")) or parse_date((res.get("performedPeriod") or {}).get("start"))
         return True, when
 
+    def _condition(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
+        self._coded(rec, res, rec.conditions, self._condition_counts)
+
+    def _procedure(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
+        self._coded(rec, res, rec.procedures, self._procedure_counts)
+
     def _coded(self, rec: PatientRecord, res: dict, target: list, counts) -> None:
         concept = res.get("code")
         matches: list[tuple[str, str]] = []
         codes: list[tuple[str, str]] = []
+        context = False
         for c in codings(concept):
-            system, code = normalize_system(c.get("system")), c.get("code")
-            if isinstance(code, str):
+            code = c.get("code")
+            if type(code) is str:
+                system = normalize_system(c.get("system"))
                 codes.append((system, code))
-                matches += self.cat.causes_for_code(system, code)
-        text = concept_text(concept)
-        label = concept_label(concept)
-        if res.get("resourceType") == "Procedure" and text:
-            low = text.lower()
-            for cause in self.cat.causes.values():
-                for word in cause.detect.get("procedure_text", ()):
-                    if word in low:
-                        matches.append((cause.id, "trigger"))
-        context = self._is_context_code(codes)
+                hits, in_context = self._code_lookup(system, code)
+                matches += hits
+                context = context or in_context
+        if res.get("resourceType") == "Procedure" and self.procedure_words:
+            low = concept_text(concept).lower()
+            if low:
+                matches += [(cause_id, "trigger") for word, cause_id in self.procedure_words if word in low]
         if not matches and not context:
             return
         ok, when = counts(res)
         if not ok:
             return
-        target.append(CodedEntry(self._keep(rec, res), res["resourceType"], label, when, matches, codes))
+        target.append(CodedEntry(self._keep(rec, res), res["resourceType"], concept_label(concept), when, matches, codes))
 
-    def _is_context_code(self, codes: list[tuple[str, str]]) -> bool:
-        return any(code in self.context_codes
-                   or (system == ICD10CM and icd_prefix_match(code, self.context_icd_prefixes)) for system, code in codes)
+    def _lookup_code(self, system: str, code: str) -> tuple[tuple[tuple[str, str], ...], bool]:
+        """(causes the code triggers or supports, whether it shapes the card's context). Memoized:
+        the same few thousand codes fill most charts."""
+        in_context = code in self.context_codes or (system == ICD10CM and icd_prefix_match(code, self.context_icd_prefixes))
+        return tuple(self.cat.causes_for_code(system, code)), in_context
 
     # ---- Observations ---------------------------------------------------------------------------
-    def _observation(self, rec: PatientRecord, res: dict) -> None:
+    def _observation(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
+        if res.get("status") not in self.obs_counted:
+            return
         concept = res.get("code")
         cs = concept.get("coding") if type(concept) is dict else None
-        if type(cs) is not list or res.get("status") not in self.obs_counted:
+        if type(cs) is not list:
             return
         wanted_loincs = self.wanted_loincs
         wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
-                  and normalize_system(c.get("system")) == LOINC]
+                  and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
         if not wanted:
             return
         when = parse_date(res.get("effectiveDateTime")) or parse_date((res.get("effectivePeriod") or {}).get("start")
@@ -508,7 +588,7 @@ class RecordBuilder:
         for c in all_codings:
             ingredients += self.cat.ingredients_for_coding(c.get("system"), c.get("code"))
         if not ingredients:
-            ingredients = self.cat.ingredients_in_text(text)
+            ingredients = self._ingredients_in_text(text)
         if not ingredients:
             return
         status = res.get("status") if isinstance(res.get("status"), str) else ""
@@ -654,6 +734,10 @@ class RecordBuilder:
             if isinstance(c.get("code"), str) and c["code"].upper() in self.timing_codes:
                 return self.timing_codes[c["code"].upper()]
         return None
+
+
+def _measurement_when(m: Measurement) -> date:
+    return m.when
 
 
 _UNIT_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1, "wk": 7, "mo": 30, "a": 365}

@@ -275,3 +275,60 @@ def test_sensitivity_and_specificity_on_the_labelled_set(service, capsys):
         print(f"\nlabelled set: {r['patients']} patients, sensitivity {sens:.3f}, specificity {spec:.3f}")
     assert r["patients"] >= 60
     assert sens >= 0.95 and spec >= 0.99
+
+
+def test_included_medication_after_the_request_that_points_at_it(service):
+    """Servers put `_include`d Medications after the matches in a searchset: order must not matter."""
+    p = Patient("m6", sex="male", age=70)
+    request = request_from_bundle(p.bundle())
+    med = {"resourceType": "Medication", "id": "leu",
+           "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "42375",
+                                "display": "leuprolide"}]}}
+    admin = {"resourceType": "MedicationAdministration", "id": "adm1", "status": "completed",
+             "subject": {"reference": "Patient/m6"}, "effectiveDateTime": (AS_OF - timedelta(days=30)).isoformat(),
+             "medicationReference": {"reference": "Medication/leu"}}
+    request["prefetch"]["medicationAdministrations"] = {
+        "resourceType": "Bundle", "type": "searchset",
+        "entry": [{"resource": admin, "search": {"mode": "match"}}, {"resource": med, "search": {"mode": "include"}}]}
+    found = {f.cause.id for f in service.invoke(request, AS_OF).assessment.findings}
+    assert "androgen_deprivation" in found
+
+
+# ---- validation of what drives a finding --------------------------------------------------------
+def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
+    from cds_service import record as record_mod
+    calls = []
+    real = record_mod._model
+
+    def counting(rt):
+        model = real(rt)
+
+        class Spy:
+            @staticmethod
+            def model_validate(res):
+                calls.append(res.get("id"))
+                return model.model_validate(res)
+        return Spy
+    monkeypatch.setattr(record_mod, "_model", counting)
+    svc = OsteoporosisService(catalog, FhirClient())
+    p = Patient("v1")
+    ra = p.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    first = run(svc, p)
+    assert first.response["cards"] and ra["id"] in calls and "v1" in calls   # Patient and RA Condition typed
+    n = len(calls)
+    again = run(svc, p)                                        # the same chart opened again
+    assert len(calls) == n
+    assert again.response["cards"][0]["summary"] == first.response["cards"][0]["summary"]
+    ra["onsetDateTime"] = "2020-02-03"                         # changed content is typed afresh
+    run(svc, p)
+    assert calls[n:] == [ra["id"]]
+
+
+def test_invalid_resources_are_never_remembered_as_valid():
+    from cds_service.record import ValidatedResources
+    known = ValidatedResources(capacity=2)
+    bad = {"resourceType": "Condition", "id": "x", "subject": {"reference": "Patient/p"}, "onsetDateTime": "not a date"}
+    assert not known.is_valid(bad) and not known.is_valid(bad) and len(known) == 0
+    for i in range(3):
+        assert known.is_valid({"resourceType": "Patient", "id": f"p{i}"})
+    assert len(known) == 2                                     # bounded: the oldest digest went out
