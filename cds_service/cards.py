@@ -1,8 +1,8 @@
 """Turns an Assessment into the one CDS Hooks card (or none), using the wording in cards/card.yaml."""
 from __future__ import annotations
 
-import re
 import uuid
+from types import SimpleNamespace
 from typing import Callable
 
 from .catalog import Catalog
@@ -41,6 +41,10 @@ class CardRenderer:
             for c in w["codes"]:
                 codes[c["code"]] = c
         self.codes = codes
+        # catalog wording, escaped once: only chart text needs escaping per request
+        self._label_md = {cid: md(c.label) for cid, c in catalog.causes.items()}
+        self._next_step_md = {cid: md((c.card.get("actions") or [""])[0]) for cid, c in catalog.causes.items()}
+        self._guidelines_cache: dict[tuple[str, ...], str] = {}
         self.override_reasons = [
             {"system": self.cfg["override_reasons"]["system"], "code": r["code"], "display": r["display"]}
             for r in self.cfg["override_reasons"]["codes"]]
@@ -95,13 +99,11 @@ class CardRenderer:
         s = self.cat.settings
 
         def cause_view(f: Finding) -> dict:
-            guidelines = ", ".join(md(self._citation_name(c)) for c in f.citations)
-            actions = f.cause.card.get("actions") or [""]
             evidence = [f"{md(e.text)} ({md(e.reference)})" for e in f.evidence]
             evidence += [f"Supporting: {md(e.text)} ({md(e.reference)})" for e in f.supporting]
-            return {"label": md(f.cause.label), "tier": md(TIER_LABELS.get(f.tier, f.tier or "")) or None,
-                    "strength": f.cause.strength, "evidence": evidence,
-                    "next_step": md(actions[0]), "guidelines": guidelines}
+            return SimpleNamespace(label=self._label_md[f.cause.id], tier=self._tier_md(f.tier),
+                                   strength=f.cause.strength, evidence=evidence,
+                                   next_step=self._next_step_md[f.cause.id], guidelines=self._guidelines_md(f.citations))
 
         if ctx.bone_diagnoses:
             bone = ctx_cfg["bone_diagnosis"].format(items="; ".join(md(e.text) for e in ctx.bone_diagnoses[:3]))
@@ -116,11 +118,25 @@ class CardRenderer:
         done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
         workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
             else ctx_cfg["workup_none_done"].format(days=wdays)
-        listed_view = [{"label": md(f.cause.label), "evidence": [md(e.text) for e in f.evidence]} for f in listed]
+        # template variables as attributes: Jinja looks attributes up first, dict keys only after a miss
+        listed_view = [SimpleNamespace(label=self._label_md[f.cause.id], evidence=[md(e.text) for e in f.evidence])
+                       for f in listed]
         text = self.cat.templates["detail"].render(
             causes=[cause_view(f) for f in firing], listed=listed_view,
-            context={"bone_status": bone, "dxa": dxa, "treatment": treatment, "workup": workup})
-        return re.sub(r"\n{3,}", "\n\n", text).strip()
+            context=SimpleNamespace(bone_status=bone, dxa=dxa, treatment=treatment, workup=workup))
+        while "\n\n\n" in text:                  # template blocks that rendered empty
+            text = text.replace("\n\n\n", "\n\n")
+        return text.strip()
+
+    def _tier_md(self, tier: str | None) -> str | None:
+        return md(TIER_LABELS.get(tier, tier)) if tier else None
+
+    def _guidelines_md(self, citations: list[str]) -> str:
+        key = tuple(citations)
+        out = self._guidelines_cache.get(key)
+        if out is None:
+            out = self._guidelines_cache[key] = ", ".join(md(self._citation_name(c)) for c in citations)
+        return out
 
     def _citation_name(self, cid: str) -> str:
         c = self.cat.citations.get(cid, {})

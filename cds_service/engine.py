@@ -112,6 +112,9 @@ class Engine:
                 for key in ("loinc", "calcium_loinc", "pth_loinc"):
                     for code in rule.get(key, []):
                         self.obs_causes.setdefault(code, set()).add(cause.id)
+        # (workup item, label, code) in catalog order: a test resulted recently is not offered again
+        self.workup_codes = [(item["id"], item["label"], c["code"]) for tier in det["workup"].values()
+                             for item in tier for c in item["codes"]]
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
 
@@ -484,13 +487,14 @@ class Engine:
             if m.ongoing or (m.end and m.end >= window):
                 ctx.treatments.append(Evidence(m.reference, m.describe()))
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
-        for tier in self.cat.detection["workup"].values():
-            for item in tier:
-                for c in item["codes"]:
-                    newest = [m for m in rec.observations.get(c["code"], ()) if w_since <= m.when <= rec.as_of]
-                    if newest:
-                        ctx.workup_done[item["id"]] = Evidence(newest[0].reference, f"{item['label']} on {newest[0].when.isoformat()}")
-                        break
+        for item_id, label, code in self.workup_codes:
+            if item_id in ctx.workup_done:
+                continue
+            for m in rec.observations.get(code, ()):          # newest first
+                if m.when <= rec.as_of:
+                    if m.when >= w_since:
+                        ctx.workup_done[item_id] = Evidence(m.reference, f"{label} on {m.when.isoformat()}")
+                    break
         return ctx
 
 
