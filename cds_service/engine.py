@@ -78,6 +78,43 @@ class Assessment:
 
 _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
 
+# rule keys whose results are read only within the rule's lookback_days
+_WINDOWED_KEYS = ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc")
+
+
+def observation_windows(catalog: Catalog) -> dict[str, int | None]:
+    """How many days back the engine reads results of each LOINC code; None where it may read
+    any result, however old. The record builder leaves older results out, so this must mirror
+    every read below: rule lookbacks, the DXA and workup context, and the reads with no window
+    (height, the smoking-status override, `skip_if_any_loinc`)."""
+    windows: dict[str, int | None] = {}
+
+    def read(code: str, days: int | None) -> None:
+        if days is None or windows.get(code, 0) is None:
+            windows[code] = None
+        else:
+            windows[code] = max(days, windows.get(code, 0))
+
+    for rule in catalog.observation_rules.values():
+        lookback = rule.get("lookback_days", 365)
+        for key in _WINDOWED_KEYS:
+            for code in rule.get(key, ()):
+                read(code, None if (key == "loinc" and rule["kind"] == "smoking") else lookback)
+        for code in rule.get("height_loinc", ()):
+            read(code, None)
+        for code in rule.get("skip_if_any_loinc", ()):
+            read(code, None)
+    s = catalog.settings
+    det = catalog.detection
+    for k in ("t_score", "z_score", "bmd_area_density", "study"):
+        for c in det["existing_dxa"].get(k, []):
+            read(c["code"], s.get("recent_dxa_days", 730))
+    for tier in det["workup"].values():
+        for item in tier:
+            for c in item["codes"]:
+                read(c["code"], s.get("recent_workup_days", 365))
+    return windows
+
 
 class Engine:
     """Evaluates one PatientRecord against the catalog."""

@@ -331,8 +331,13 @@ MEDICATION_RECORDS = frozenset({"MedicationRequest", "MedicationStatement", "Med
 class RecordBuilder:
     """Builds a PatientRecord from prefetch resources against one catalog."""
 
-    def __init__(self, catalog: Catalog, known_valid: ValidatedResources | None = None):
+    def __init__(self, catalog: Catalog, known_valid: ValidatedResources | None = None,
+                 read_windows: dict[str, int | None] | None = None):
+        """`read_windows`: per LOINC code, how many days back the engine reads results (None: any
+        age). Older results are left out of the record; without it every result is kept."""
         self.cat = catalog
+        self.read_windows = read_windows or {}
+        self._cutoffs = lru_cache(maxsize=64)(self._cutoffs_on)
         self.known_valid = known_valid if known_valid is not None else ValidatedResources()
         st = catalog.statuses
         self.cond_clinical = set(st.get("condition_clinical", []))
@@ -523,6 +528,7 @@ class RecordBuilder:
 
     # ---- Observations ---------------------------------------------------------------------------
     def _observation(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
+        # Most of any chart, so written for speed: the common shapes first, the general path after.
         if res.get("status") not in self.obs_counted:
             return
         concept = res.get("code")
@@ -534,15 +540,37 @@ class RecordBuilder:
                   and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
         if not wanted:
             return
-        when = parse_date(res.get("effectiveDateTime")) or parse_date((res.get("effectivePeriod") or {}).get("start")
-                                                                      if isinstance(res.get("effectivePeriod"), dict) else None) \
-            or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+        when = None
+        eff = res.get("effectiveDateTime")
+        if type(eff) is str and len(eff) >= 10 and eff[4] == "-" and eff[7] == "-":
+            try:
+                when = date.fromisoformat(eff[:10])
+            except ValueError:
+                pass
         if when is None:
-            return
-        ref = self._keep(rec, res)
+            period = res.get("effectivePeriod")
+            when = parse_date(eff) or parse_date(period.get("start") if type(period) is dict else None) \
+                or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+            if when is None:
+                return
+        cutoffs = self._cutoffs(rec.as_of)
+        wanted = [code for code in wanted if when >= cutoffs.get(code, date.min)]
+        if not wanted:
+            return                             # older than any rule looks back
+        ref = f"Observation/{res.get('id', '?')}"
+        rec.raw[ref] = res                     # validated only if it comes to drive a finding
+        observations = rec.observations
         for code in wanted:
-            rec.observations.setdefault(code, []).append(
-                Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code)))
+            m = Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code))
+            lst = observations.get(code)
+            if lst is None:
+                observations[code] = [m]
+            else:
+                lst.append(m)
+
+    def _cutoffs_on(self, as_of: date) -> dict[str, date]:
+        """The oldest result date worth keeping, per code with a read window."""
+        return {code: as_of - timedelta(days=days) for code, days in self.read_windows.items() if days is not None}
 
     def _convert(self, analyte: str | None, value: Any, code: str, unit: str) -> tuple[float | None, str]:
         if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -7,7 +7,7 @@ from datetime import date
 
 from .cards import CardRenderer
 from .catalog import Catalog
-from .engine import Assessment, Engine
+from .engine import Assessment, Engine, observation_windows
 from .errors import BadRequest, PrefetchUnavailable
 from .fhir_client import FhirClient
 from .prefetch import PrefetchResolver, PrefetchResult, build_templates
@@ -78,7 +78,7 @@ class OsteoporosisService:
         self.catalog = catalog
         self.templates = build_templates(catalog, page_size)
         self.resolver = PrefetchResolver(self.templates, fhir_client, fhir_timeout, fhir_allowlist)
-        self.records = RecordBuilder(catalog)
+        self.records = RecordBuilder(catalog, read_windows=observation_windows(catalog))
         self.engine = Engine(catalog)
         self.renderer = CardRenderer(catalog)
 

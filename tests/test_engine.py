@@ -332,3 +332,65 @@ def test_invalid_resources_are_never_remembered_as_valid():
     for i in range(3):
         assert known.is_valid({"resourceType": "Patient", "id": f"p{i}"})
     assert len(known) == 2                                     # bounded: the oldest digest went out
+
+
+# ---- results older than any rule reads are left out of the record ---------------------------
+def _findings_view(result) -> list:
+    return [(f.cause.id, f.tier, [(e.reference, e.text) for e in f.evidence + f.supporting])
+            for f in result.assessment.findings]
+
+
+def test_leaving_out_old_results_changes_no_finding_or_card(catalog):
+    """Every fixture and synthetic ten-year charts, evaluated at several dates: the same findings,
+    evidence and card text with the read windows as when every result is kept."""
+    from cds_service.engine import observation_windows
+    from cds_service.record import RecordBuilder
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic import patient_request
+    windowed = OsteoporosisService(catalog, FhirClient())
+    keep_all = OsteoporosisService(catalog, FhirClient())
+    keep_all.records = RecordBuilder(catalog)
+    assert windowed.records.read_windows == observation_windows(catalog)
+    requests = [request_from_bundle(load_fixture(f"patients/{p.name}")) for p in sorted((ROOT / "fixtures/patients").iterdir())]
+    requests += [patient_request(400, seed=s) for s in range(1, 6)]
+    pruned = 0
+    for request in requests:
+        for as_of in (AS_OF, AS_OF - timedelta(days=400), AS_OF + timedelta(days=500)):
+            a, b = windowed.invoke(request, as_of), keep_all.invoke(request, as_of)
+            assert _findings_view(a) == _findings_view(b)
+            assert [c["detail"] for c in a.response["cards"]] == [c["detail"] for c in b.response["cards"]]
+            pruned += sum(map(len, b.assessment.record.observations.values())) - \
+                sum(map(len, a.assessment.record.observations.values()))
+    assert pruned > 1000                                       # the windows did leave results out
+
+
+def test_an_old_former_smoker_status_still_outranks_an_older_tobacco_code(service):
+    """The status override reads the newest status of any age: it must survive the read windows."""
+    p = Patient("s9")
+    p.condition(ICD, "Z72.0", "Tobacco use", onset=3000)
+    p.obs("72166-2", "Tobacco smoking status", days_ago=1000, category="social-history",
+          value_cc=("8517006", "Ex-smoker (finding)"))
+    assert "smoking" not in causes(service, p)
+    p2 = Patient("s10")
+    p2.condition(ICD, "Z72.0", "Tobacco use", onset=3000)
+    assert "smoking" in causes(service, p2)
+
+
+def test_bmi_from_a_recent_weight_and_a_height_measured_years_ago(service):
+    p = Patient("w9", age=70)
+    p.obs("29463-7", "Body weight", 45, "kg", 30, category="vital-signs")
+    p.obs("8302-2", "Body height", 165, "cm", 2500, category="vital-signs")      # adult height: any age
+    f = causes(service, p)["low_body_weight"]
+    assert any("BMI 16.5" in e.text for e in f.evidence)
+
+
+def test_read_windows_cover_every_code_the_rules_read(catalog):
+    from cds_service.engine import observation_windows
+    windows = observation_windows(catalog)
+    for rule in catalog.observation_rules.values():
+        for key in ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc", "height_loinc",
+                    "skip_if_any_loinc"):
+            for code in rule.get(key, ()):
+                assert code in windows
+                assert windows[code] is None or windows[code] >= rule.get("lookback_days", 365)
+    assert windows["8302-2"] is None and windows["72166-2"] is None    # height, smoking status: any age
