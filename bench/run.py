@@ -332,31 +332,37 @@ def bench_startup_memory(quick: bool, workers: int) -> dict:
             counter = {"n": 0, "errors": 0}
             lock = threading.Lock()
 
-            def worker():
+            def worker(limit: int):
                 sess = requests.Session()
                 while True:
                     with lock:
-                        if counter["n"] >= total:
+                        if counter["n"] >= limit:
                             return
                         counter["n"] += 1
                     r = sess.post(server.base + SERVICE, data=body40, headers={"Content-Type": "application/json"}, timeout=5)
                     if r.status_code != 200:
                         with lock:
                             counter["errors"] += 1
-            threads = [threading.Thread(target=worker) for _ in range(4)]
+            # RSS after each fifth of the run: a leak keeps climbing, a cache or the GC's slack levels off
+            series = []
             t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=600)
+            for step in range(1, 6):
+                threads = [threading.Thread(target=worker, args=(total * step // 5,)) for _ in range(4)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join(timeout=600)
+                series.append({pid: rss_kb(pid) for pid in pids})
             elapsed = time.perf_counter() - t
-            after = {pid: rss_kb(pid) for pid in pids}
+            after = series[-1]
         finally:
             server.stop()
     return {"cold_start_first_answer_s": round(statistics.median(colds), 3), "cold_starts_s": [round(c, 3) for c in colds],
             "requests": total, "errors": counter["errors"], "seconds": round(elapsed, 1),
             "rss_kb_before": list(before.values()), "rss_kb_after": list(after.values()),
-            "rss_growth_kb_max": max(after[p] - before[p] for p in pids)}
+            "rss_growth_kb_max": max(after[p] - before[p] for p in pids),
+            "rss_kb_by_fifth": [list(x.values()) for x in series],
+            "rss_growth_kb_last_four_fifths_max": max(after[p] - series[0][p] for p in pids)}
 
 
 def main() -> int:
@@ -400,6 +406,8 @@ def main() -> int:
         print(f"\nCold start to first answer: {st['cold_start_first_answer_s']:.2f} s (runs {st['cold_starts_s']})")
         print(f"Worker RSS over {st['requests']} requests ({st['errors']} errors, {st['seconds']} s): "
               f"before {st['rss_kb_before']} KB, after {st['rss_kb_after']} KB, max growth {st['rss_growth_kb_max']} KB")
+        print(f"  RSS after each fifth: {st['rss_kb_by_fifth']} KB; growth over the last four fifths "
+              f"{st['rss_growth_kb_last_four_fifths_max']} KB")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

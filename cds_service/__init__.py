@@ -56,15 +56,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The catalog and models live for the whole process: keep them out of the cyclic GC's scans.
     gc.collect()
     gc.freeze()
-    tune_gc()
     return app
 
-
-def tune_gc() -> None:
-    """A parsed prefetch is tens of thousands of fresh, acyclic objects. With CPython's default
-    first-generation threshold (700) parsing one 400-resource request sets off dozens of young
-    collections, each re-scanning the growing tree: about as much time as the parse itself.
-    Reference counting frees all of it anyway; the cyclic collector only has to catch the odd
-    cycle, so it runs far less often. (Measured in bench/: the parse-only floor and the
-    service both gain; memory stays flat over 10,000 requests.)"""
-    gc.set_threshold(50_000, 20, 20)
