@@ -248,6 +248,7 @@ class PatientRecord:
     raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
     validated: set[str] = field(default_factory=set)
     known_valid: ValidatedResources = field(default_factory=lambda: ValidatedResources(0))
+    read_from: dict[str, date] = field(default_factory=dict)   # LOINC -> oldest result kept (rule windows)
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -389,7 +390,8 @@ class RecordBuilder:
     def build(self, prefetch: dict, patient_id: str, as_of: date) -> PatientRecord:
         """One pass over the prefetch. A medication record that points at a separate Medication
         resource waits until the pass has seen every Medication."""
-        rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid)
+        rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid,
+                            read_from=self._cutoffs(as_of))
         medications: dict[str, dict] = {}
         referencing: list[dict] = []
         seen: set[tuple[str, str]] = set()
@@ -553,12 +555,11 @@ class RecordBuilder:
                 or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
             if when is None:
                 return
-        cutoffs = self._cutoffs(rec.as_of)
-        wanted = [code for code in wanted if when >= cutoffs.get(code, date.min)]
+        read_from = rec.read_from
+        wanted = [code for code in wanted if when >= read_from.get(code, date.min)]
         if not wanted:
             return                             # older than any rule looks back
-        ref = f"Observation/{res.get('id', '?')}"
-        rec.raw[ref] = res                     # validated only if it comes to drive a finding
+        ref = self._keep(rec, res)
         observations = rec.observations
         for code in wanted:
             m = Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code))
