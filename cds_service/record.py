@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from datetime import date, timedelta
 from hashlib import blake2b
+from operator import attrgetter
 from typing import Any, Iterable
 
 import orjson
@@ -81,6 +82,8 @@ class ValidatedResources:
                     self._digests.popitem(last=False)
         return True
 
+
+_WHEN = attrgetter("when")          # sort key: results newest first
 
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
@@ -321,7 +324,7 @@ class PatientRecord:
             out += self.observations.get(code, ())
         if since:
             out = [m for m in out if m.when >= since]
-        out.sort(key=lambda m: m.when, reverse=True)
+        out.sort(key=_WHEN, reverse=True)
         return out
 
 
@@ -441,7 +444,7 @@ class RecordBuilder:
                 rec.skipped_invalid += 1
         rec.resources_seen = n
         for lst in rec.observations.values():
-            lst.sort(key=_measurement_when, reverse=True)
+            lst.sort(key=_WHEN, reverse=True)
         return rec
 
     @staticmethod
@@ -530,7 +533,7 @@ class RecordBuilder:
 
     # ---- Observations ---------------------------------------------------------------------------
     def _observation(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
-        # Most of any chart, so written for speed: the common shapes first, the general path after.
+        # Most of any chart: the cheap rejections first.
         if res.get("status") not in self.obs_counted:
             return
         concept = res.get("code")
@@ -542,32 +545,20 @@ class RecordBuilder:
                   and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
         if not wanted:
             return
-        when = None
-        eff = res.get("effectiveDateTime")
-        if type(eff) is str and len(eff) >= 10 and eff[4] == "-" and eff[7] == "-":
-            try:
-                when = date.fromisoformat(eff[:10])
-            except ValueError:
-                pass
+        period = res.get("effectivePeriod")
+        when = parse_date(res.get("effectiveDateTime")) \
+            or parse_date(period.get("start") if type(period) is dict else None) \
+            or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
         if when is None:
-            period = res.get("effectivePeriod")
-            when = parse_date(eff) or parse_date(period.get("start") if type(period) is dict else None) \
-                or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
-            if when is None:
-                return
+            return
         read_from = rec.read_from
         wanted = [code for code in wanted if when >= read_from.get(code, date.min)]
         if not wanted:
             return                             # older than any rule looks back
         ref = self._keep(rec, res)
-        observations = rec.observations
         for code in wanted:
-            m = Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code))
-            lst = observations.get(code)
-            if lst is None:
-                observations[code] = [m]
-            else:
-                lst.append(m)
+            rec.observations.setdefault(code, []).append(
+                Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code)))
 
     def _cutoffs_on(self, as_of: date) -> dict[str, date]:
         """The oldest result date worth keeping, per code with a read window."""
@@ -763,10 +754,6 @@ class RecordBuilder:
             if isinstance(c.get("code"), str) and c["code"].upper() in self.timing_codes:
                 return self.timing_codes[c["code"].upper()]
         return None
-
-
-def _measurement_when(m: Measurement) -> date:
-    return m.when
 
 
 _UNIT_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1, "wk": 7, "mo": 30, "a": 365}
