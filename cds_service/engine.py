@@ -389,12 +389,17 @@ class Engine:
         results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
         if rule.get("max_age_at_result") is not None:
             results = [m for m in results if (rec.age_on(m.when) or 999) <= rule["max_age_at_result"]]
-        usable = [m for m in results if m.value is not None or _flag(m, rule) is not None]
         n = rule.get("results", 1)
+        alt = rule.get("or_below_reference_low_results")
+        usable: list[Measurement] = []           # newest first; only as many as the rule reads
+        for m in results:
+            if m.value is not None or _flag(m, rule) is not None:
+                usable.append(m)
+                if len(usable) >= max(n, alt or 0):
+                    break
         newest = usable[:n]
         if len(newest) == n and all(self._qualifies(m, rule, rec) for m in newest):
             return [Evidence(m.reference, _measure_text(rule, m)) for m in newest]
-        alt = rule.get("or_below_reference_low_results")
         if alt:
             newest = usable[:alt]
             if len(newest) == alt and all(m.value is not None and m.ref_low is not None and m.value < m.ref_low for m in newest):
@@ -422,30 +427,34 @@ class Engine:
         return False
 
     def _persistent(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        results = [m for m in rec.results(rule["loinc"], since) if m.value is not None and m.when <= rec.as_of]
-        if not results:
+        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
+        latest = next((m for m in results if m.value is not None), None)
+        if latest is None:
             return []
-        if rule.get("latest_must_qualify") and not results[0].value < rule["below"]:
+        below = rule["below"]
+        if rule.get("latest_must_qualify") and not latest.value < below:
             return []
-        low = [m for m in results if m.value < rule["below"]]
-        if len(low) < 2 or (low[0].when - low[-1].when).days < rule["min_span_days"]:
+        # the newest and the oldest low result in the window (values read from each end only)
+        newest = next((m for m in results if m.value is not None and m.value < below), None)
+        oldest = next((m for m in reversed(results) if m.value is not None and m.value < below), None)
+        if newest is None or oldest is newest or (newest.when - oldest.when).days < rule["min_span_days"]:
             return []
-        return [Evidence(m.reference, _measure_text(rule, m)) for m in (low[-1], low[0])]
+        return [Evidence(m.reference, _measure_text(rule, m)) for m in (oldest, newest)]
 
     def _pth_calcium(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        calcium = [m for m in rec.results(rule["calcium_loinc"], since) if m.value is not None]
-        pth = [m for m in rec.results(rule["pth_loinc"], since) if m.value is not None]
-        if not calcium or not pth:
+        ca = _newest_with_value(rec.results(rule["calcium_loinc"], since))
+        if ca is None:
             return []
-        ca = calcium[0]
-        albumin = [m for m in rec.results(rule["albumin_loinc"], since)
-                   if m.value is not None and abs((m.when - ca.when).days) <= 1]
-        corrected = ca.value + 0.8 * (4.0 - albumin[0].value) if albumin else ca.value
+        albumin = next((m for m in rec.results(rule["albumin_loinc"], since)
+                        if abs((m.when - ca.when).days) <= 1 and m.value is not None), None)
+        corrected = ca.value + 0.8 * (4.0 - albumin.value) if albumin else ca.value
         ca_high = corrected > rule["calcium_above"] or (ca.ref_high is not None and ca.value > ca.ref_high)
-        near = [m for m in pth if abs((m.when - ca.when).days) <= rule["pair_within_days"]]
-        if not ca_high or not near:
+        if not ca_high:
             return []
-        p = near[0]
+        p = next((m for m in rec.results(rule["pth_loinc"], since)
+                  if abs((m.when - ca.when).days) <= rule["pair_within_days"] and m.value is not None), None)
+        if p is None:
+            return []
         if not (p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)):
             return []
         ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
@@ -454,14 +463,12 @@ class Engine:
         return [Evidence(ca.reference, ca_text), Evidence(p.reference, f"PTH {p.value:g} pg/mL on {p.when.isoformat()}")]
 
     def _bmi(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        bmi = [m for m in rec.results(rule["loinc"], since) if m.value is not None]
-        weights = [m for m in rec.results(rule["weight_loinc"], since) if m.value is not None]
-        if bmi and (not weights or bmi[0].when >= weights[0].when):
-            m = bmi[0]
+        m = _newest_with_value(rec.results(rule["loinc"], since))
+        w = _newest_with_value(rec.results(rule["weight_loinc"], since))
+        if m is not None and (w is None or m.when >= w.when):
             return [Evidence(m.reference, f"BMI {m.value:.1f} kg/m2 on {m.when.isoformat()}")] if m.value < rule["below"] else []
-        heights = [m for m in rec.results(rule["height_loinc"]) if m.value]
-        if weights and heights:
-            w, h = weights[0], heights[0]
+        h = next((m for m in rec.results(rule["height_loinc"]) if m.value), None)
+        if w is not None and h is not None:
             value = w.value / ((h.value / 100) ** 2)
             if value < rule["below"]:
                 return [Evidence(w.reference, f"Weight {w.value:.1f} kg on {w.when.isoformat()}"),
@@ -536,6 +543,11 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _newest_with_value(results: list[Measurement]) -> Measurement | None:
+    """The first result (newest first) with a usable value; later ones are never read."""
+    return next((m for m in results if m.value is not None), None)
+
+
 def _dose_segments(dosed: list[tuple[date, date, str, float]]) -> list[tuple[date, date, float]]:
     """Split dosed intervals into non-overlapping segments with the total mg/day on each.
 

@@ -118,10 +118,19 @@ def codings(concept: Any) -> list[dict]:
 
 
 def concept_text(concept: Any) -> str:
+    """The concept's text and every coding's display, as one string (for matching by name)."""
     if not isinstance(concept, dict):
         return ""
-    parts = [concept.get("text")] + [c.get("display") for c in codings(concept)]
-    return " ".join(p for p in parts if isinstance(p, str))
+    text = concept.get("text")
+    parts = [text] if isinstance(text, str) else []
+    cs = concept.get("coding")
+    if isinstance(cs, list):
+        for c in cs:
+            if isinstance(c, dict):
+                display = c.get("display")
+                if isinstance(display, str):
+                    parts.append(display)
+    return " ".join(parts)
 
 
 def concept_label(concept: Any) -> str:
@@ -175,52 +184,70 @@ class MedicationExposure:
 
 
 class Measurement:
-    """One Observation result for one LOINC code. Only `when` is read up front; the value, unit
-    conversion and reference range are worked out the first time a rule asks (most results are
-    never read: rules look at the newest few)."""
+    """One Observation result for one LOINC code. Only `when` is read up front; the value and its
+    unit conversion are worked out the first time a rule asks, the reference range, flags and
+    coded value only when a rule reads them (most results are never read: rules look at the
+    newest few)."""
 
-    __slots__ = ("reference", "code", "when", "_res", "_builder", "_analyte", "_cache")
+    __slots__ = ("reference", "code", "when", "_res", "_builder", "_quantity", "_details")
 
-    def __init__(self, reference: str, code: str, when: date, res: dict, builder: "RecordBuilder", analyte: str | None):
-        self.reference, self.code, self.when = reference, code, when
-        self._res, self._builder, self._analyte = res, builder, analyte
-        self._cache: dict | None = None
+    def __init__(self, reference: str, code: str, when: date, res: dict, builder: "RecordBuilder"):
+        self.reference = reference
+        self.code = code
+        self.when = when
+        self._res = res
+        self._builder = builder
+        self._quantity: tuple | None = None
+        self._details: dict | None = None
 
-    def _load(self) -> dict:
-        if self._cache is None:
+    def _read_quantity(self) -> tuple:
+        """(value, unit, raw value, raw unit, UCUM code, unit text), the value in the analyte's canonical unit."""
+        q = self._res.get("valueQuantity")
+        if not isinstance(q, dict):
+            q = {}
+        raw_value = q.get("value")
+        code_unit = q.get("code") if isinstance(q.get("code"), str) else ""
+        unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
+        builder = self._builder
+        value, unit = builder._convert(builder.loinc_to_analyte.get(self.code), raw_value, code_unit, unit_text)
+        self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text)
+        return self._quantity
+
+    def _read_details(self) -> dict:
+        if self._details is None:
             res = self._res
-            q = res.get("valueQuantity") if isinstance(res.get("valueQuantity"), dict) else {}
-            raw_value = q.get("value")
-            code_unit = q.get("code") if isinstance(q.get("code"), str) else ""
-            unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
+            _, _, _, _, code_unit, unit_text = self._quantity or self._read_quantity()
+            analyte = self._builder.loinc_to_analyte.get(self.code)
             convert = self._builder._convert
-            value, unit = convert(self._analyte, raw_value, code_unit, unit_text)
             low = high = None
             for rr in as_list(res.get("referenceRange")):
                 if isinstance(rr, dict):
                     low = _number(rr["low"].get("value") if isinstance(rr.get("low"), dict) else None, None)
                     high = _number(rr["high"].get("value") if isinstance(rr.get("high"), dict) else None, None)
                     break
-            interp = {c.get("code") for i in as_list(res.get("interpretation")) for c in codings(i) if c.get("code")}
             vc = res.get("valueCodeableConcept")
-            self._cache = {
-                "value": value, "unit": unit, "raw_value": raw_value, "raw_unit": unit_text or code_unit,
-                "ref_low": convert(self._analyte, low, code_unit, unit_text)[0] if low is not None else None,
-                "ref_high": convert(self._analyte, high, code_unit, unit_text)[0] if high is not None else None,
-                "interpretation": interp, "value_codes": codings(vc),
+            self._details = {
+                "ref_low": convert(analyte, low, code_unit, unit_text)[0] if low is not None else None,
+                "ref_high": convert(analyte, high, code_unit, unit_text)[0] if high is not None else None,
+                "interpretation": {c.get("code") for i in as_list(res.get("interpretation"))
+                                   for c in codings(i) if c.get("code")},
+                "value_codes": codings(vc),
                 "value_text": concept_text(vc) or str(res.get("valueString") or ""),
             }
-        return self._cache
+        return self._details
 
-    value = property(lambda self: self._load()["value"])
-    unit = property(lambda self: self._load()["unit"])
-    raw_value = property(lambda self: self._load()["raw_value"])
-    raw_unit = property(lambda self: self._load()["raw_unit"])
-    ref_low = property(lambda self: self._load()["ref_low"])
-    ref_high = property(lambda self: self._load()["ref_high"])
-    interpretation = property(lambda self: self._load()["interpretation"])
-    value_codes = property(lambda self: self._load()["value_codes"])
-    value_text = property(lambda self: self._load()["value_text"])
+    @property
+    def value(self) -> float | None:
+        return (self._quantity or self._read_quantity())[0]
+
+    unit = property(lambda self: (self._quantity or self._read_quantity())[1])
+    raw_value = property(lambda self: (self._quantity or self._read_quantity())[2])
+    raw_unit = property(lambda self: (self._quantity or self._read_quantity())[3])
+    ref_low = property(lambda self: self._read_details()["ref_low"])
+    ref_high = property(lambda self: self._read_details()["ref_high"])
+    interpretation = property(lambda self: self._read_details()["interpretation"])
+    value_codes = property(lambda self: self._read_details()["value_codes"])
+    value_text = property(lambda self: self._read_details()["value_text"])
 
 
 @dataclass
@@ -378,8 +405,12 @@ class RecordBuilder:
         self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
         self._code_lookup = lru_cache(maxsize=65536)(self._lookup_code)
         self._ingredients_in_text = lru_cache(maxsize=65536)(lambda text: tuple(catalog.ingredients_in_text(text)))
+        self._ingredients_coded = lru_cache(maxsize=65536)(
+            lambda system, code: tuple(catalog.ingredients_for_coding(system, code)))
         self.procedure_words = [(word, cause.id) for cause in catalog.causes.values()
                                 for word in cause.detect.get("procedure_text", ())]
+        self._procedure_text_matches = lru_cache(maxsize=65536)(
+            lambda low: tuple((cause_id, "trigger") for word, cause_id in self.procedure_words if word in low))
         self._handlers = {
             "Observation": self._observation,            # most of any chart: first
             "Condition": self._condition,
@@ -515,9 +546,7 @@ class RecordBuilder:
                 matches += hits
                 context = context or in_context
         if res.get("resourceType") == "Procedure" and self.procedure_words:
-            low = concept_text(concept).lower()
-            if low:
-                matches += [(cause_id, "trigger") for word, cause_id in self.procedure_words if word in low]
+            matches += self._procedure_text_matches(concept_text(concept).lower())
         if not matches and not context:
             return
         ok, when = counts(res)
@@ -533,7 +562,7 @@ class RecordBuilder:
 
     # ---- Observations ---------------------------------------------------------------------------
     def _observation(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
-        # Most of any chart: the cheap rejections first.
+        # Most of any chart: the cheap rejections first, and one coding is the usual case.
         if res.get("status") not in self.obs_counted:
             return
         concept = res.get("code")
@@ -541,24 +570,41 @@ class RecordBuilder:
         if type(cs) is not list:
             return
         wanted_loincs = self.wanted_loincs
-        wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
-                  and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
-        if not wanted:
-            return
-        period = res.get("effectivePeriod")
-        when = parse_date(res.get("effectiveDateTime")) \
-            or parse_date(period.get("start") if type(period) is dict else None) \
-            or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+        if len(cs) == 1:
+            c = cs[0]
+            if type(c) is not dict or c.get("code") not in wanted_loincs \
+                    or (c.get("system") != LOINC and normalize_system(c.get("system")) != LOINC):
+                return
+            wanted = [c["code"]]
+        else:
+            wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
+                      and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
+            if not wanted:
+                return
+        when = parse_date(res.get("effectiveDateTime"))
         if when is None:
-            return
+            period = res.get("effectivePeriod")
+            when = parse_date(period.get("start") if type(period) is dict else None) \
+                or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+            if when is None:
+                return
         read_from = rec.read_from
-        wanted = [code for code in wanted if when >= read_from.get(code, date.min)]
-        if not wanted:
-            return                             # older than any rule looks back
+        if len(wanted) == 1:
+            cutoff = read_from.get(wanted[0])
+            if cutoff is not None and when < cutoff:
+                return                         # older than any rule looks back
+        else:
+            wanted = [code for code in wanted if code not in read_from or when >= read_from[code]]
+            if not wanted:
+                return
         ref = self._keep(rec, res)
+        observations = rec.observations
         for code in wanted:
-            rec.observations.setdefault(code, []).append(
-                Measurement(ref, code, when, res, self, self.loinc_to_analyte.get(code)))
+            m = Measurement(ref, code, when, res, self)
+            if code in observations:
+                observations[code].append(m)
+            else:
+                observations[code] = [m]
 
     def _cutoffs_on(self, as_of: date) -> dict[str, date]:
         """The oldest result date worth keeping, per code with a read window."""
@@ -606,7 +652,7 @@ class RecordBuilder:
         text = concept_text(concept) or ((res.get("medicationReference") or {}).get("display") or "" if isinstance(res.get("medicationReference"), dict) else "")
         ingredients: list[Ingredient] = []
         for c in all_codings:
-            ingredients += self.cat.ingredients_for_coding(c.get("system"), c.get("code"))
+            ingredients += self._ingredients_coded(c.get("system"), c.get("code"))
         if not ingredients:
             ingredients = self._ingredients_in_text(text)
         if not ingredients:
