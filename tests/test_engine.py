@@ -294,6 +294,32 @@ def test_included_medication_after_the_request_that_points_at_it(service):
     assert "androgen_deprivation" in found
 
 
+def test_a_resource_under_two_prefetch_keys_counts_once(service):
+    """EHRs may answer overlapping prefetch queries (every Observation, and the bone-health ones):
+    one low testosterone listed twice is still one result, not the two the rule asks for."""
+    p = Patient("dup1", sex="male", age=58)
+    p.obs("2986-8", "Testosterone", 180, "ng/dL", 100)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified")
+    p.med_request("predniSONE 10 MG Oral Tablet", "8640", start=200, dose=10, supply=90, repeats=3)
+    request = request_from_bundle(p.bundle())
+    pre = request["prefetch"]
+    pre["boneHealthObservations"]["entry"] = list(pre["observations"]["entry"])
+    pre["conditions"]["entry"] = pre["conditions"]["entry"] * 2
+    pre["medicationStatements"]["entry"] = []
+    pre["medicationRequests"]["entry"] = pre["medicationRequests"]["entry"] * 2
+    result = service.invoke(request, AS_OF)
+    found = {f.cause.id: f for f in result.assessment.findings}
+    assert "hypogonadism" not in found
+    record = result.assessment.record
+    assert len(record.observations["2986-8"]) == 1 and len(record.conditions) == 1 and len(record.medications) == 1
+    assert len(found["rheumatoid_arthritis"].evidence) == 1
+    assert sum("MedicationRequest/" in e.reference for e in found["glucocorticoids"].evidence[:-1]) == 1
+
+    # a second result on another day does make two
+    p.obs("2986-8", "Testosterone", 190, "ng/dL", 30)
+    assert "hypogonadism" in causes(service, p)
+
+
 # ---- validation of what drives a finding --------------------------------------------------------
 def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
     from cds_service import record as record_mod
