@@ -273,7 +273,7 @@ class PatientRecord:
     medications: list[MedicationExposure] = field(default_factory=list)
     observations: dict[str, list[Measurement]] = field(default_factory=dict)   # LOINC -> newest first
     skipped_invalid: int = 0
-    resources_seen: int = 0
+    resources_seen: int = 0          # resource entries read (OperationOutcomes aside)
     has_patient: bool = False
     raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
     validated: set[str] = field(default_factory=set)
@@ -428,7 +428,6 @@ class RecordBuilder:
                             read_from=self._cutoffs(as_of))
         medications: dict[str, dict] = {}
         referencing: list[dict] = []
-        seen: set[tuple[str, str]] = set()
         handlers = self._handlers
         n = 0
         for value in prefetch.values():
@@ -436,31 +435,26 @@ class RecordBuilder:
                 continue
             if value.get("resourceType") == "Bundle":
                 entries = value.get("entry")
-                resources = [e.get("resource") for e in entries if type(e) is dict] if type(entries) is list else ()
+                if type(entries) is not list:
+                    continue
             else:
-                resources = (value,)
-            for res in resources:
+                entries = ({"resource": value},)
+            for entry in entries:
+                res = entry.get("resource") if type(entry) is dict else None
                 if type(res) is not dict:
                     continue
                 rt = res.get("resourceType")
                 if type(rt) is not str:
                     continue                # not a FHIR resource at all
                 handler = handlers.get(rt)
-                if handler is None and rt != "Medication":
-                    if rt != "OperationOutcome":
-                        n += 1
+                if handler is None:
+                    if rt == "OperationOutcome":
+                        continue
+                    n += 1
+                    if rt == "Medication" and type(res.get("id")) is str:
+                        medications["Medication/" + res["id"]] = res    # for the records that point at it
                     continue
                 n += 1
-                rid = res.get("id")
-                if type(rid) is str:
-                    key = (rt, rid)
-                    if key in seen:
-                        continue            # the same resource under two prefetch keys counts once
-                    seen.add(key)
-                if handler is None:         # a Medication: looked up by the records that point at it
-                    if type(rid) is str:
-                        medications[f"Medication/{rid}"] = res
-                    continue
                 if rt in MEDICATION_RECORDS and self._references_medication(res):
                     referencing.append(res)
                     continue
@@ -485,9 +479,12 @@ class RecordBuilder:
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
-    def _keep(rec: PatientRecord, res: dict) -> str:
-        """Remember a resource that can drive a finding; it is validated only if it does."""
+    def _keep(rec: PatientRecord, res: dict) -> str | None:
+        """Remember a resource that can drive a finding; it is validated only if it does. None when
+        it is kept already: the same resource listed under two prefetch keys counts once."""
         ref = reference_of(res)
+        if ref in rec.raw and type(res.get("id")) is str:
+            return None
         rec.raw[ref] = res
         return ref
 
@@ -496,7 +493,10 @@ class RecordBuilder:
         patient_id = rec.patient_id
         if rec.has_patient or (patient_id and res.get("id") not in (None, patient_id)):
             return
-        if not rec.validate(self._keep(rec, res)):
+        ref = self._keep(rec, res)
+        if ref is None:
+            return                      # the same Patient again, found invalid the first time
+        if not rec.validate(ref):
             rec.skipped_invalid += 1
             return
         rec.has_patient = True
@@ -552,7 +552,9 @@ class RecordBuilder:
         ok, when = counts(res)
         if not ok:
             return
-        target.append(CodedEntry(self._keep(rec, res), res["resourceType"], concept_label(concept), when, matches, codes))
+        ref = self._keep(rec, res)
+        if ref is not None:
+            target.append(CodedEntry(ref, res["resourceType"], concept_label(concept), when, matches, codes))
 
     def _lookup_code(self, system: str, code: str) -> tuple[tuple[tuple[str, str], ...], bool]:
         """(causes the code triggers or supports, whether it shapes the card's context). Memoized:
@@ -598,6 +600,8 @@ class RecordBuilder:
             if not wanted:
                 return
         ref = self._keep(rec, res)
+        if ref is None:
+            return
         observations = rec.observations
         for code in wanted:
             m = Measurement(ref, code, when, res, self)
@@ -661,6 +665,8 @@ class RecordBuilder:
         if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
             return
         ref = self._keep(rec, res)
+        if ref is None:
+            return
         # de-duplicate: one exposure per (cause, ingredient)
         uniq: dict[tuple[str, str], Ingredient] = {}
         for i in ingredients:
