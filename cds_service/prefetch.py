@@ -16,7 +16,7 @@ from .catalog import LOINC, Catalog, normalize_system
 from . import metrics
 from .errors import PrefetchUnavailable
 from .fhir_client import FhirClient, FhirError, FetchStats
-from .jsonutil import as_list
+from .jsonutil import as_list, is_error_outcome
 
 TOKEN_RE = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 USER_TOKENS = {"userPractitionerId": "Practitioner", "userPractitionerRoleId": "PractitionerRole",
@@ -79,19 +79,14 @@ def resolve_template(template: str, context: dict) -> str | None:
 
 
 def _failed(value: dict) -> bool:
-    """An OperationOutcome, or a Bundle whose entries carry an error outcome, is a failed key."""
+    """An OperationOutcome, or a Bundle whose entries carry an error outcome, is a failed key.
+    (For the client's prefetch the record build finds error entries in its own pass.)"""
     rt = value.get("resourceType")
     if rt == "OperationOutcome":
         return True
     entries = value.get("entry") if rt == "Bundle" else None
-    if type(entries) is not list:
-        return False
-    for e in entries:                                  # every entry of every key: keep this loop tight
-        res = e.get("resource") if type(e) is dict else None
-        if type(res) is dict and res.get("resourceType") == "OperationOutcome" and any(
-                isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in as_list(res.get("issue"))):
-            return True
-    return False
+    return type(entries) is list and any(
+        type(e) is dict and type(e.get("resource")) is dict and is_error_outcome(e["resource"]) for e in entries)
 
 
 def _has_next(value: dict) -> bool:
@@ -113,7 +108,10 @@ class PrefetchResolver:
         self.timeout = timeout
         self.allowlist = allowlist
 
-    def resolve(self, request: dict) -> PrefetchResult:
+    def resolve(self, request: dict, failed: frozenset[str] = frozenset()) -> PrefetchResult:
+        """The prefetch data for every template key, querying fhirServer for the keys the client
+        left out or could not answer. Error outcomes inside a Bundle are found by the record build
+        (it reads every entry anyway), which hands those keys back here as `failed`."""
         given = request.get("prefetch") or {}
         context = request["context"]
         data: dict = {}
@@ -123,7 +121,8 @@ class PrefetchResolver:
             value = given.get(key, ...)
             if value is None:
                 data[key] = None                       # the client had no data
-            elif value is ... or not isinstance(value, dict) or _failed(value):
+            elif value is ... or not isinstance(value, dict) or value.get("resourceType") == "OperationOutcome" \
+                    or key in failed:
                 query = resolve_template(template, context)
                 if query is None:
                     raise PrefetchUnavailable(f"Prefetch key '{key}' is missing and its query cannot be built from the context.")

@@ -20,7 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system
-from .jsonutil import as_list
+from .jsonutil import as_list, is_error_outcome
 
 _MODELS: dict[str, Any] = {}
 
@@ -275,6 +275,7 @@ class PatientRecord:
     skipped_invalid: int = 0
     resources_seen: int = 0          # resource entries read (OperationOutcomes aside)
     has_patient: bool = False
+    failed_keys: list[str] = field(default_factory=list)     # prefetch keys whose Bundle carries an error outcome
     raw: dict[str, dict] = field(default_factory=dict)       # "Type/id" -> resource, for lazy validation
     validated: set[str] = field(default_factory=set)
     known_valid: ValidatedResources = field(default_factory=lambda: ValidatedResources(0))
@@ -356,7 +357,8 @@ class PatientRecord:
 
 
 # ---------------------------------------------------------------------------------------------
-MEDICATION_RECORDS = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration"})
+# what reading a malformed resource can raise: it is skipped and counted, never fatal
+_MALFORMED = (ValidationError, ValueError, TypeError, KeyError, AttributeError)
 
 
 class RecordBuilder:
@@ -369,6 +371,7 @@ class RecordBuilder:
         self.cat = catalog
         self.read_windows = read_windows or {}
         self._cutoffs = lru_cache(maxsize=64)(self._cutoffs_on)
+        self._cutoff_days = lru_cache(maxsize=64)(self._cutoff_days_on)
         self.known_valid = known_valid if known_valid is not None else ValidatedResources()
         st = catalog.statuses
         self.cond_clinical = set(st.get("condition_clinical", []))
@@ -411,26 +414,28 @@ class RecordBuilder:
                                 for word in cause.detect.get("procedure_text", ())]
         self._procedure_text_matches = lru_cache(maxsize=65536)(
             lambda low: tuple((cause_id, "trigger") for word, cause_id in self.procedure_words if word in low))
-        self._handlers = {
-            "Observation": self._observation,            # most of any chart: first
-            "Condition": self._condition,
-            "MedicationRequest": self._medication,
-            "MedicationStatement": self._medication,
-            "MedicationAdministration": self._medication,
-            "Procedure": self._procedure,
-            "Patient": self._patient,
+        # one reader per resource type, each over all resources of its type
+        self._readers = {
+            "Patient": self._each(self._patient),
+            "Condition": self._each(self._condition),
+            "Procedure": self._each(self._procedure),
+            "Observation": self._observations,           # most of any chart: a loop of its own
+            "MedicationRequest": self._each(self._medication),
+            "MedicationStatement": self._each(self._medication),
+            "MedicationAdministration": self._each(self._medication),
         }
 
     def build(self, prefetch: dict, patient_id: str, as_of: date) -> PatientRecord:
-        """One pass over the prefetch. A medication record that points at a separate Medication
-        resource waits until the pass has seen every Medication."""
+        """One pass sorts the prefetch's resources by type; then each type is read in its own loop.
+        Medications are gathered in the pass, so a record that points at one finds it wherever
+        it was listed. A key whose Bundle carries an error OperationOutcome is noted in
+        `failed_keys` (the caller fetches it from the FHIR server instead)."""
         rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid,
                             read_from=self._cutoffs(as_of))
+        batches: dict[str, list[dict]] = {rt: [] for rt in self._readers}
         medications: dict[str, dict] = {}
-        referencing: list[dict] = []
-        handlers = self._handlers
         n = 0
-        for value in prefetch.values():
+        for key, value in prefetch.items():
             if type(value) is not dict:
                 continue
             if value.get("resourceType") == "Bundle":
@@ -446,36 +451,34 @@ class RecordBuilder:
                 rt = res.get("resourceType")
                 if type(rt) is not str:
                     continue                # not a FHIR resource at all
-                handler = handlers.get(rt)
-                if handler is None:
-                    if rt == "OperationOutcome":
-                        continue
-                    n += 1
-                    if rt == "Medication" and type(res.get("id")) is str:
-                        medications["Medication/" + res["id"]] = res    # for the records that point at it
+                batch = batches.get(rt)
+                if batch is not None:
+                    batch.append(res)
+                elif rt == "OperationOutcome":
+                    if key not in rec.failed_keys and is_error_outcome(res):
+                        rec.failed_keys.append(key)
                     continue
+                elif rt == "Medication" and type(res.get("id")) is str:
+                    medications["Medication/" + res["id"]] = res    # for the records that point at it
                 n += 1
-                if rt in MEDICATION_RECORDS and self._references_medication(res):
-                    referencing.append(res)
-                    continue
-                try:
-                    handler(rec, res, medications)
-                except (ValidationError, ValueError, TypeError, KeyError, AttributeError):
-                    rec.skipped_invalid += 1
-        for res in referencing:
-            try:
-                self._medication(rec, res, medications)
-            except (ValidationError, ValueError, TypeError, KeyError, AttributeError):
-                rec.skipped_invalid += 1
+        for rt, read in self._readers.items():
+            if batches[rt]:
+                read(rec, batches[rt], medications)
         rec.resources_seen = n
         for lst in rec.observations.values():
             lst.sort(key=_WHEN, reverse=True)
         return rec
 
     @staticmethod
-    def _references_medication(res: dict) -> bool:
-        ref = res.get("medicationReference")
-        return type(ref) is dict and isinstance(ref.get("reference"), str) and not ref["reference"].startswith("#")
+    def _each(handler):
+        """A reader that hands each resource to `handler`; a malformed one is skipped and counted."""
+        def read(rec: PatientRecord, resources: list[dict], medications: dict[str, dict]) -> None:
+            for res in resources:
+                try:
+                    handler(rec, res, medications)
+                except _MALFORMED:
+                    rec.skipped_invalid += 1
+        return read
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -563,56 +566,66 @@ class RecordBuilder:
         return tuple(self.cat.causes_for_code(system, code)), in_context
 
     # ---- Observations ---------------------------------------------------------------------------
-    def _observation(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
-        # Most of any chart: the cheap rejections first, and one coding is the usual case.
-        if res.get("status") not in self.obs_counted:
-            return
-        concept = res.get("code")
-        cs = concept.get("coding") if type(concept) is dict else None
-        if type(cs) is not list:
-            return
+    def _observations(self, rec: PatientRecord, resources: list[dict], _medications: dict) -> None:
+        """Results are most of any chart: the cheap rejections come first, one coding is the usual
+        case, and a full date before every window that reads the code is not even parsed."""
+        counted = self.obs_counted
         wanted_loincs = self.wanted_loincs
-        if len(cs) == 1:
-            c = cs[0]
-            if type(c) is not dict or c.get("code") not in wanted_loincs \
-                    or (c.get("system") != LOINC and normalize_system(c.get("system")) != LOINC):
-                return
-            wanted = [c["code"]]
-        else:
-            wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
-                      and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
-            if not wanted:
-                return
-        when = parse_date(res.get("effectiveDateTime"))
-        if when is None:
-            period = res.get("effectivePeriod")
-            when = parse_date(period.get("start") if type(period) is dict else None) \
-                or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
-            if when is None:
-                return
         read_from = rec.read_from
-        if len(wanted) == 1:
-            cutoff = read_from.get(wanted[0])
-            if cutoff is not None and when < cutoff:
-                return                         # older than any rule looks back
-        else:
-            wanted = [code for code in wanted if code not in read_from or when >= read_from[code]]
-            if not wanted:
-                return
-        ref = self._keep(rec, res)
-        if ref is None:
-            return
+        read_from_day = self._cutoff_days(rec.as_of)
         observations = rec.observations
-        for code in wanted:
-            m = Measurement(ref, code, when, res, self)
-            if code in observations:
-                observations[code].append(m)
-            else:
-                observations[code] = [m]
+        for res in resources:
+            try:
+                if res.get("status") not in counted:
+                    continue
+                concept = res.get("code")
+                cs = concept.get("coding") if type(concept) is dict else None
+                if type(cs) is not list:
+                    continue
+                if len(cs) == 1:
+                    c = cs[0]
+                    if type(c) is not dict or c.get("code") not in wanted_loincs \
+                            or (c.get("system") != LOINC and normalize_system(c.get("system")) != LOINC):
+                        continue
+                    wanted = [c["code"]]
+                else:
+                    wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
+                              and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
+                    if not wanted:
+                        continue
+                effective = res.get("effectiveDateTime")
+                if len(wanted) == 1 and type(effective) is str and len(effective) >= 10 \
+                        and effective[:10] < read_from_day.get(wanted[0], ""):
+                    continue
+                when = parse_date(effective)
+                if when is None:
+                    period = res.get("effectivePeriod")
+                    when = parse_date(period.get("start") if type(period) is dict else None) \
+                        or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
+                    if when is None:
+                        continue
+                wanted = [code for code in wanted if code not in read_from or when >= read_from[code]]
+                if not wanted:
+                    continue                   # older than any rule looks back
+                ref = self._keep(rec, res)
+                if ref is None:
+                    continue
+                for code in wanted:
+                    m = Measurement(ref, code, when, res, self)
+                    if code in observations:
+                        observations[code].append(m)
+                    else:
+                        observations[code] = [m]
+            except _MALFORMED:
+                rec.skipped_invalid += 1
 
     def _cutoffs_on(self, as_of: date) -> dict[str, date]:
         """The oldest result date worth keeping, per code with a read window."""
         return {code: as_of - timedelta(days=days) for code, days in self.read_windows.items() if days is not None}
+
+    def _cutoff_days_on(self, as_of: date) -> dict[str, str]:
+        """The same cut-off dates as ISO strings, compared with a result's full date as written."""
+        return {code: day.isoformat() for code, day in self._cutoffs(as_of).items()}
 
     def _convert(self, analyte: str | None, value: Any, code: str, unit: str) -> tuple[float | None, str]:
         if not isinstance(value, (int, float)) or isinstance(value, bool):

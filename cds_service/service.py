@@ -102,6 +102,15 @@ class OsteoporosisService:
         t1 = time.perf_counter()
         patient_id = request["context"]["patientId"]
         record = self.records.build(prefetch.data, patient_id, as_of)
+        if record.failed_keys:
+            # a Bundle that carries an error outcome: ask the FHIR server for that key instead
+            t = time.perf_counter()
+            prefetch = self.resolver.resolve(request, failed=frozenset(record.failed_keys))
+            t1 += time.perf_counter() - t                 # counted as prefetch time, not engine time
+            record = self.records.build(prefetch.data, patient_id, as_of)
+            if record.failed_keys:
+                raise PrefetchUnavailable("The FHIR server returned an error outcome for "
+                                          f"'{record.failed_keys[0]}'.")
         if not record.has_patient:
             raise PrefetchUnavailable("The Patient resource for the patient in context is not in the prefetch data.")
         assessment = self.engine.assess(record)

@@ -84,6 +84,27 @@ def test_only_missing_keys_are_fetched_with_the_resolved_template(fallback_clien
     assert urls[1].startswith("/Observation?patient=ckd-positive&code=http://loinc.org%7C")
 
 
+def test_a_bundle_carrying_an_error_outcome_is_fetched_again(fallback_client, fhir_server):
+    """A searchset may hold an error OperationOutcome beside partial matches (a timed-out shard):
+    that key is queried again in full, and only that key."""
+    body = fixture_request("patients/ckd-positive.json")
+    expected = strip_ids(fallback_client.post(SERVICE_URL, json=body).get_json())
+    observations = body["prefetch"]["observations"]
+    observations["entry"] = observations["entry"][:1] + [{"resource": {
+        "resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]},
+        "search": {"mode": "outcome"}}]
+    body.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
+    fhir_server.requests_seen()
+    resp = fallback_client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200 and strip_ids(resp.get_json()) == expected and expected
+    urls = [r["url"] for r in fhir_server.requests_seen()]
+    assert len(urls) == 1 and urls[0].startswith("/Observation?patient=ckd-positive&code=")
+    # a warning is not a failure: the client's data is used as it is
+    observations["entry"][-1]["resource"]["issue"][0]["severity"] = "warning"
+    del body["fhirServer"], body["fhirAuthorization"]
+    assert fallback_client.post(SERVICE_URL, json=body).status_code == 200
+
+
 def test_open_server_without_fhir_authorization_gets_no_token(fallback_client, fhir_server):
     body = {k: v for k, v in fixture_request(FHIR_PATIENTS[1]).items() if k != "prefetch"}
     body["fhirServer"] = fhir_server.base
