@@ -357,6 +357,8 @@ class PatientRecord:
 
 
 # ---------------------------------------------------------------------------------------------
+MEMO_SIZE = 8192
+
 # what reading a malformed resource can raise: it is skipped and counted, never fatal
 _MALFORMED = (ValidationError, ValueError, TypeError, KeyError, AttributeError)
 
@@ -406,13 +408,21 @@ class RecordBuilder:
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
         ms = catalog.medication_settings
         self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
-        self._code_lookup = lru_cache(maxsize=65536)(self._lookup_code)
-        self._ingredients_in_text = lru_cache(maxsize=65536)(lambda text: tuple(catalog.ingredients_in_text(text)))
-        self._ingredients_coded = lru_cache(maxsize=65536)(
-            lambda system, code: tuple(catalog.ingredients_for_coding(system, code)))
+        # Memos of what a code or a name means: the same few thousand fill most charts. Each is
+        # bounded (least recently used out); all of them full cost about 15 MB a worker.
+        memo = lru_cache(maxsize=MEMO_SIZE)
+        self._code_lookup = memo(self._lookup_code)
+        self._ingredients_in_text = memo(lambda text: tuple(catalog.ingredients_in_text(text)))
+        self._ingredients_coded = memo(lambda system, code: tuple(catalog.ingredients_for_coding(system, code)))
+        self._one_coding_ingredients = memo(
+            lambda text, display, system, code: tuple(self._ingredients_of(
+                [{"system": system, "code": code}], concept_text({"text": text, "coding": [{"display": display}]}))))
         self.procedure_words = [(word, cause.id) for cause in catalog.causes.values()
                                 for word in cause.detect.get("procedure_text", ())]
-        self._procedure_text_matches = lru_cache(maxsize=65536)(
+        self._one_coding_matches = memo(
+            lambda rt, system, code, text, display: self._concept_matches(
+                rt, {"text": text, "coding": [{"system": system, "code": code, "display": display}]}))
+        self._procedure_text_matches = memo(
             lambda low: tuple((cause_id, "trigger") for word, cause_id in self.procedure_words if word in low))
         # one reader per resource type, each over all resources of its type
         self._readers = {
@@ -536,7 +546,26 @@ class RecordBuilder:
         self._coded(rec, res, rec.procedures, self._procedure_counts)
 
     def _coded(self, rec: PatientRecord, res: dict, target: list, counts) -> None:
+        rt = res["resourceType"]
         concept = res.get("code")
+        cs = concept.get("coding") if isinstance(concept, dict) else None
+        if isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict):     # the usual entry: one code
+            c = cs[0]
+            matches, context, codes = self._one_coding_matches(rt, c.get("system"), c.get("code"), concept.get("text"),
+                                                               c.get("display"))
+        else:
+            matches, context, codes = self._concept_matches(rt, concept)
+        if not matches and not context:
+            return
+        ok, when = counts(res)
+        if not ok:
+            return
+        ref = self._keep(rec, res)
+        if ref is not None:
+            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes)))
+
+    def _concept_matches(self, rt: str, concept: Any) -> tuple[tuple, bool, tuple]:
+        """(cause matches, whether it shapes the card's context, its (system, code) pairs)."""
         matches: list[tuple[str, str]] = []
         codes: list[tuple[str, str]] = []
         context = False
@@ -548,16 +577,9 @@ class RecordBuilder:
                 hits, in_context = self._code_lookup(system, code)
                 matches += hits
                 context = context or in_context
-        if res.get("resourceType") == "Procedure" and self.procedure_words:
+        if rt == "Procedure" and self.procedure_words:
             matches += self._procedure_text_matches(concept_text(concept).lower())
-        if not matches and not context:
-            return
-        ok, when = counts(res)
-        if not ok:
-            return
-        ref = self._keep(rec, res)
-        if ref is not None:
-            target.append(CodedEntry(ref, res["resourceType"], concept_label(concept), when, matches, codes))
+        return tuple(matches), context, tuple(codes)
 
     def _lookup_code(self, system: str, code: str) -> tuple[tuple[tuple[str, str], ...], bool]:
         """(causes the code triggers or supports, whether it shapes the card's context). Memoized:
@@ -651,29 +673,39 @@ class RecordBuilder:
         rt = res["resourceType"]
         concept = res.get("medicationCodeableConcept")
         med_res = None
-        ref = (res.get("medicationReference") or {}).get("reference") if isinstance(res.get("medicationReference"), dict) else None
-        if isinstance(ref, str):
-            if ref.startswith("#"):
-                for c in as_list(res.get("contained")):
-                    if isinstance(c, dict) and c.get("resourceType") == "Medication" and c.get("id") == ref[1:]:
-                        med_res = c
+        mref = res.get("medicationReference")
+        if not isinstance(mref, dict):
+            # the usual record: a coded concept and no Medication resource; most name no cause
+            cs = concept.get("coding") if isinstance(concept, dict) else None
+            if isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict):
+                c = cs[0]
+                ingredients = self._one_coding_ingredients(concept.get("text"), c.get("display"), c.get("system"),
+                                                           c.get("code"))
             else:
-                med_res = medications.get(ref) or medications.get(ref.split("/_history")[0])
+                ingredients = self._ingredients_of(codings(concept), concept_text(concept))
+            if not ingredients:
+                return
+            text = concept_text(concept)
+        else:
+            ref = mref.get("reference")
+            if isinstance(ref, str):
+                if ref.startswith("#"):
+                    for c in as_list(res.get("contained")):
+                        if isinstance(c, dict) and c.get("resourceType") == "Medication" and c.get("id") == ref[1:]:
+                            med_res = c
+                else:
+                    med_res = medications.get(ref) or medications.get(ref.split("/_history")[0])
+                if med_res is not None:
+                    concept = med_res.get("code")
+            all_codings = codings(concept)
             if med_res is not None:
-                concept = med_res.get("code")
-        all_codings = codings(concept)
-        if med_res is not None:
-            for ing in as_list(med_res.get("ingredient")):
-                if isinstance(ing, dict):
-                    all_codings += codings(ing.get("itemCodeableConcept"))
-        text = concept_text(concept) or ((res.get("medicationReference") or {}).get("display") or "" if isinstance(res.get("medicationReference"), dict) else "")
-        ingredients: list[Ingredient] = []
-        for c in all_codings:
-            ingredients += self._ingredients_coded(c.get("system"), c.get("code"))
-        if not ingredients:
-            ingredients = self._ingredients_in_text(text)
-        if not ingredients:
-            return
+                for ing in as_list(med_res.get("ingredient")):
+                    if isinstance(ing, dict):
+                        all_codings += codings(ing.get("itemCodeableConcept"))
+            text = concept_text(concept) or (mref.get("display") or "")
+            ingredients = self._ingredients_of(all_codings, text)
+            if not ingredients:
+                return
         status = res.get("status") if isinstance(res.get("status"), str) else ""
         if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
             return
@@ -703,6 +735,13 @@ class RecordBuilder:
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, inpatient=inpatient, as_needed=as_needed))
+
+    def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
+        """What a medication names: by code, else by name in its text."""
+        ingredients: list[Ingredient] = []
+        for c in all_codings:
+            ingredients += self._ingredients_coded(c.get("system"), c.get("code"))
+        return ingredients or self._ingredients_in_text(text)
 
     def _interval(self, res: dict, rt: str, dosages: list[dict], as_of: date) -> tuple[date | None, date | None, bool]:
         """First and last day the record covers; `ongoing` when its status says it is current."""
