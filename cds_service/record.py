@@ -626,9 +626,14 @@ class RecordBuilder:
                         or parse_date(res.get("effectiveInstant")) or parse_date(res.get("issued"))
                     if when is None:
                         continue
-                wanted = [code for code in wanted if code not in read_from or when >= read_from[code]]
-                if not wanted:
-                    continue                   # older than any rule looks back
+                if len(wanted) == 1:
+                    cutoff = read_from.get(wanted[0])
+                    if cutoff is not None and when < cutoff:
+                        continue                   # older than any rule looks back
+                else:
+                    wanted = [code for code in wanted if code not in read_from or when >= read_from[code]]
+                    if not wanted:
+                        continue
                 ref = self._keep(rec, res)
                 if ref is None:
                     continue
