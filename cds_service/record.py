@@ -444,7 +444,7 @@ class RecordBuilder:
                             read_from=self._cutoffs(as_of))
         batches: dict[str, list[dict]] = {rt: [] for rt in self._readers}
         medications: dict[str, dict] = {}
-        n = 0
+        others = 0                          # resources of types no rule reads
         for key, value in prefetch.items():
             if type(value) is not dict:
                 continue
@@ -467,14 +467,14 @@ class RecordBuilder:
                 elif rt == "OperationOutcome":
                     if key not in rec.failed_keys and is_error_outcome(res):
                         rec.failed_keys.append(key)
-                    continue
-                elif rt == "Medication" and type(res.get("id")) is str:
-                    medications["Medication/" + res["id"]] = res    # for the records that point at it
-                n += 1
+                else:
+                    others += 1
+                    if rt == "Medication" and type(res.get("id")) is str:
+                        medications["Medication/" + res["id"]] = res    # for the records that point at it
         for rt, read in self._readers.items():
             if batches[rt]:
                 read(rec, batches[rt], medications)
-        rec.resources_seen = n
+        rec.resources_seen = others + sum(map(len, batches.values()))
         for lst in rec.observations.values():
             lst.sort(key=_WHEN, reverse=True)
         return rec
