@@ -447,7 +447,7 @@ class Engine:
             return []
         albumin = next((m for m in rec.results(rule["albumin_loinc"], since)
                         if abs((m.when - ca.when).days) <= 1 and m.value is not None), None)
-        corrected = ca.value + 0.8 * (4.0 - albumin.value) if albumin else ca.value
+        corrected = ca.value + 0.8 * (4.0 - albumin.value) if albumin is not None else ca.value
         ca_high = corrected > rule["calcium_above"] or (ca.ref_high is not None and ca.value > ca.ref_high)
         if not ca_high:
             return []
@@ -458,7 +458,7 @@ class Engine:
         if not (p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)):
             return []
         ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
-        if albumin:
+        if albumin is not None:
             ca_text += f" (albumin-corrected {corrected:.1f})"
         return [Evidence(ca.reference, ca_text), Evidence(p.reference, f"PTH {p.value:g} pg/mL on {p.when.isoformat()}")]
 
@@ -467,7 +467,7 @@ class Engine:
         w = _newest_with_value(rec.results(rule["weight_loinc"], since))
         if m is not None and (w is None or m.when >= w.when):
             return [Evidence(m.reference, f"BMI {m.value:.1f} kg/m2 on {m.when.isoformat()}")] if m.value < rule["below"] else []
-        h = next((m for m in rec.results(rule["height_loinc"]) if m.value), None)
+        h = next((r for r in rec.results(rule["height_loinc"]) if r.value), None)
         if w is not None and h is not None:
             value = w.value / ((h.value / 100) ** 2)
             if value < rule["below"]:
