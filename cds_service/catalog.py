@@ -46,7 +46,12 @@ KNOWN_SYSTEMS = {RXNORM, ICD10CM, SNOMED, LOINC, ATC, CPT, ICD10PCS,
                  "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
                  "http://www.nlm.nih.gov/research/umls/hcpcs"}
 STRENGTHS = ("strong", "moderate", "weak")
+# where a code beyond the reference comes from: a Synthea module (cards/sources/synthea-codes.tsv)
+# or a published VSAC expansion stored in value_sets.yaml
+CODE_SOURCES = ("synthea:", "vsac:")
 MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose"}
+LOINC_KEYS = ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc",
+              "creatinine_loinc")
 OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking"}
 
 
@@ -96,6 +101,7 @@ class Cause:
     workup: list[str]
     card: dict
     short_name: str
+    not_with: tuple[str, ...] = ()          # more specific causes that, when found, replace this one
 
     @property
     def medication_rule(self) -> dict | None:
@@ -184,6 +190,9 @@ def _check_code(entry: Any, where: str) -> None:
     _require(entry.get("role", "trigger") in ("trigger", "supporting"), where, f"code {entry['code']}: bad role")
     if entry.get("match") == "prefix":
         _require(entry["system"] == ICD10CM, where, f"prefix match is only for ICD-10-CM ({entry['code']})")
+    source = entry.get("source", "reference")
+    _require(isinstance(source, str) and (source == "reference" or source.startswith(CODE_SOURCES)), where,
+             f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
 
 
 def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
@@ -201,9 +210,14 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     card_cfg = raw["card"]
     obs_cfg = raw["observations"]
     units = obs_cfg["units"]
+    groups = {name: [c["code"] for c in entries] for name, entries in (obs_cfg.get("loinc_groups") or {}).items()}
     obs_rules: dict[str, dict] = {}
     for rule in obs_cfg["rules"]:
         where = f"observations.yaml rule {rule.get('id')}"
+        for key in LOINC_KEYS:                  # a group name stands for every LOINC code of the analyte
+            if isinstance(rule.get(key), str):
+                _require(rule[key] in groups, where, f"{key}: unknown loinc group {rule[key]}")
+                rule[key] = list(groups[rule[key]])
         _require(rule.get("kind") in OBS_KINDS, where, f"kind must be one of {sorted(OBS_KINDS)}")
         _require(rule["id"] not in obs_rules, where, "duplicate id")
         if rule.get("analyte"):
@@ -243,7 +257,7 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             _check_code(c, where)
         for oid in detect.get("value_sets", []):
             _require(oid in value_sets, where, f"unknown value set {oid}")
-        for rid in detect.get("observations", []):
+        for rid in detect.get("observations", []) + ([detect["codes_refuted_by"]] if "codes_refuted_by" in detect else []):
             _require(rid in obs_rules, where, f"unknown observation rule {rid}")
         med = detect.get("medications")
         if med:
@@ -268,13 +282,18 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
         policy = entry["policy"]
         _require(isinstance(policy.get("fires_alone"), bool), where, "policy.fires_alone must be true/false")
         _require(policy["fires_alone"] or bool(policy.get("reason")), where, "a cause that never fires alone needs a reason")
+        not_with = policy.get("not_with", [])
+        _require(not not_with or bool(policy.get("not_with_reason")), where, "policy.not_with needs a not_with_reason")
         causes[cid] = Cause(
             id=cid, label=entry["label"], category=entry["category"], strength=entry["strength"],
             fires_alone=policy["fires_alone"], policy_reason=policy.get("reason", ""),
             citations=entry["citations"], detect=detect, workup=entry.get("workup", []),
-            card=entry["card"], short_name=short_names[cid],
+            card=entry["card"], short_name=short_names[cid], not_with=tuple(not_with),
         )
 
+    for cause in causes.values():
+        for other in cause.not_with:
+            _require(other in causes, f"causes.yaml cause {cause.id}", f"policy.not_with: unknown cause {other}")
     catalog = Catalog(
         version=str(manifest["catalog"]["version"]), settings=manifest.get("scope", {}),
         statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
@@ -343,7 +362,7 @@ def _build_indexes(cat: Catalog) -> None:
     cat.med_name_regex = re.compile(r"(?<![a-z0-9])(" + "|".join(re.escape(t) for t in terms) + r")(?![a-z0-9])")
 
     for rule in cat.observation_rules.values():
-        for key in ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc"):
+        for key in LOINC_KEYS:
             for code in rule.get(key, []):
                 cat.loinc_rules.setdefault(code, []).append(rule["id"])
     dxa = cat.detection["existing_dxa"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from operator import attrgetter
 
 from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system
 from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
@@ -79,7 +80,7 @@ class Assessment:
 _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
 
 # rule keys whose results are read only within the rule's lookback_days
-_WINDOWED_KEYS = ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc")
+_WINDOWED_KEYS = ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc", "creatinine_loinc")
 
 
 def observation_windows(catalog: Catalog) -> dict[str, int | None]:
@@ -183,6 +184,8 @@ class Engine:
                 finding = self._detect(cause, record, context)
                 if finding:
                     findings.append(finding)
+            found = {f.cause.id for f in findings}
+            findings = [f for f in findings if not found.intersection(f.cause.not_with)]
         findings.sort(key=lambda f: (not f.cause.fires_alone, _STRENGTH_ORDER[f.cause.strength],
                                      f.tier != "very_high", f.cause.id))
         return Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
@@ -199,7 +202,10 @@ class Engine:
         supporting: list[Evidence] = []
         citations: list[str] = []
         tier = None
-        for entry in rec.coded_by_cause.get(cause.id, ()):
+        entries = rec.coded_by_cause.get(cause.id, ())
+        if entries and detect.get("codes_refuted_by"):
+            entries = self._not_refuted(entries, detect["codes_refuted_by"], rec)
+        for entry in entries:
             roles = {role for cid, role in entry.matches if cid == cause.id}
             ev = Evidence(entry.reference, _coded_text(entry))
             (evidence if "trigger" in roles else supporting).append(ev)
@@ -229,6 +235,23 @@ class Engine:
             if not any(self._is_fracture(c) and c.when and c.when >= since for c in rec.conditions):
                 return None
         return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting)
+
+    def _not_refuted(self, entries, rule_id: str, rec: PatientRecord) -> list[CodedEntry]:
+        """Coded entries that later results do not refute: a CKD code recorded before a run of normal
+        eGFR (after a transplant, or an old code never abated) no longer describes the patient."""
+        refuting = self._observation_rule(self.cat.observation_rules[rule_id], rec)
+        if not refuting:
+            return list(entries)
+        since = min(self._result_day(e.reference, rec) for e in refuting)
+        return [e for e in entries if e.when is not None and e.when >= since]
+
+    @staticmethod
+    def _result_day(reference: str, rec: PatientRecord) -> date:
+        for lst in rec.observations.values():
+            for m in lst:
+                if m.reference == reference:
+                    return m.when
+        return rec.as_of
 
     def _is_fracture(self, entry: CodedEntry) -> bool:
         return any(s == ICD10CM and icd_prefix_match(code, self.fracture_prefixes) for s, code in entry.codes)
@@ -427,19 +450,49 @@ class Engine:
         return False
 
     def _persistent(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
-        latest = next((m for m in results if m.value is not None), None)
-        if latest is None:
+        """The newest run of days on the qualifying side of the threshold, with no day on the other side
+        in between, spanning at least `min_span_days` (KDIGO chronicity: > 3 months). Several results
+        on one day are read as one: the day qualifies on its lowest value for `below` (highest for
+        `at_least`). A low result the same day's creatinine contradicts is not read."""
+        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of and m.value is not None]
+        if not results:
             return []
-        below = rule["below"]
-        if rule.get("latest_must_qualify") and not latest.value < below:
+        below, at_least = rule.get("below"), rule.get("at_least")
+        creatinine = self._creatinine_by_day(rule, rec, since) if rule.get("creatinine_contradicts_by") else {}
+        days: dict[date, list[Measurement]] = {}
+        for m in results:                            # newest first
+            if creatinine and below is not None and m.value < below and self._contradicted(m, creatinine, rule, rec):
+                continue
+            days.setdefault(m.when, []).append(m)
+        run: list[Measurement] = []                  # one result per day, newest first
+        for day, ms in days.items():
+            pick = min(ms, key=_VALUE) if below is not None else max(ms, key=_VALUE)
+            ok = pick.value < below if below is not None else pick.value >= at_least
+            if not ok:
+                break
+            run.append(pick)
+        if not run or (rule.get("latest_must_qualify") and run[0].when != next(iter(days))):
             return []
-        # the newest and the oldest low result in the window (values read from each end only)
-        newest = next((m for m in results if m.value is not None and m.value < below), None)
-        oldest = next((m for m in reversed(results) if m.value is not None and m.value < below), None)
-        if newest is None or oldest is newest or (newest.when - oldest.when).days < rule["min_span_days"]:
+        newest, oldest = run[0], run[-1]
+        if (newest.when - oldest.when).days < rule["min_span_days"]:
             return []
         return [Evidence(m.reference, _measure_text(rule, m)) for m in (oldest, newest)]
+
+    def _creatinine_by_day(self, rule: dict, rec: PatientRecord, since: date) -> dict[date, float]:
+        out: dict[date, float] = {}
+        for m in rec.results(rule.get("creatinine_loinc", ()), since):
+            if m.value is not None:
+                out[m.when] = max(out.get(m.when, 0.0), m.value)
+        return out
+
+    @staticmethod
+    def _contradicted(m: Measurement, creatinine: dict[date, float], rule: dict, rec: PatientRecord) -> bool:
+        scr = creatinine.get(m.when)
+        age = rec.age_on(m.when)
+        if scr is None or age is None or rec.sex not in ("male", "female"):
+            return False
+        computed = ckd_epi_2021(scr, age, rec.sex)
+        return computed >= rule["below"] and computed - m.value > rule["creatinine_contradicts_by"]
 
     def _pth_calcium(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
         ca = _newest_with_value(rec.results(rule["calcium_loinc"], since))
@@ -543,6 +596,17 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+_VALUE = attrgetter("value")
+
+
+def ckd_epi_2021(creatinine_mg_dl: float, age: int, sex: str) -> float:
+    """eGFR (mL/min/1.73 m2) by the race-free CKD-EPI 2021 creatinine equation (Inker, NEJM 2021)."""
+    female = sex == "female"
+    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
+    ratio = creatinine_mg_dl / kappa
+    return 142 * min(ratio, 1) ** alpha * max(ratio, 1) ** -1.200 * 0.9938 ** age * (1.012 if female else 1)
+
+
 def _newest_with_value(results: list[Measurement]) -> Measurement | None:
     """The first result (newest first) with a usable value; later ones are never read."""
     return next((m for m in results if m.value is not None), None)

@@ -6,6 +6,7 @@ fails validation is skipped and counted, never fatal.
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -389,7 +390,8 @@ class RecordBuilder:
         for rule in catalog.observation_rules.values():
             for key, analyte in (("loinc", rule.get("analyte")), ("calcium_loinc", "calcium"),
                                  ("albumin_loinc", "albumin"), ("pth_loinc", "pth"),
-                                 ("weight_loinc", "weight"), ("height_loinc", "height")):
+                                 ("weight_loinc", "weight"), ("height_loinc", "height"),
+                                 ("creatinine_loinc", "creatinine")):
                 for code in rule.get(key, []):
                     if analyte:
                         self.loinc_to_analyte.setdefault(code, analyte)
@@ -655,7 +657,9 @@ class RecordBuilder:
         return {code: day.isoformat() for code, day in self._cutoffs(as_of).items()}
 
     def _convert(self, analyte: str | None, value: Any, code: str, unit: str) -> tuple[float | None, str]:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if type(value) is str and _DECIMAL_RE.fullmatch(value):
+            value = float(value)                # a decimal sent as a JSON string (seen in EHR and generator output)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return None, ""
         if analyte is None:
             return float(value), code or unit
@@ -664,13 +668,13 @@ class RecordBuilder:
         for u in (code, unit):
             if not u:
                 continue
-            if u in factors:
-                return float(value) * factors[u], spec["canonical"]
-            lowered = {k.lower(): v for k, v in factors.items()}
-            if u.lower() in lowered:
-                return float(value) * lowered[u.lower()], spec["canonical"]
+            factor = factors.get(u)
+            if factor is None:
+                factor = {k.lower(): v for k, v in factors.items()}.get(u.lower())
+            if factor is not None:
+                return _plausible(float(value) * factor, spec)
         if not code and not unit and spec.get("assume_when_missing"):
-            return float(value), spec["canonical"]
+            return _plausible(float(value), spec)
         return None, ""        # unknown unit: never guess
 
     # ---- Medications ----------------------------------------------------------------------------
@@ -865,6 +869,15 @@ class RecordBuilder:
         return None
 
 
+def _plausible(value: float, spec: dict) -> tuple[float | None, str]:
+    """The value in the canonical unit, or None when no real measurement could have it."""
+    bounds = spec.get("plausible")
+    if bounds and not bounds[0] <= value <= bounds[1]:
+        return None, ""
+    return value, spec["canonical"]
+
+
+_DECIMAL_RE = re.compile(r"-?\d{1,9}(?:\.\d{1,9})?")
 _UNIT_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1, "wk": 7, "mo": 30, "a": 365}
 
 

@@ -61,74 +61,120 @@ def _reference_codes(ref) -> dict[tuple[str, str], set[bool]]:
 
 
 def _catalog_codes(cards: Path):
-    """Every (system, code, verified) the catalog carries, with where it sits."""
+    """Every (system, code, verified, where, source) the catalog carries."""
     causes = yaml.safe_load((cards / "causes.yaml").read_text())["causes"]
     detection = yaml.safe_load((cards / "detection.yaml").read_text())
     rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
     atc = "http://www.whocc.no/atc"
     found = []
 
+    def add(e, where):
+        found.append((e["system"], e["code"], e["verified"], where, e.get("source", "reference")))
+
     def ingredients(items, where):
         for ing in items:
             if ing.get("rxnorm", {}).get("code"):
-                found.append((rx, ing["rxnorm"]["code"], ing["rxnorm"]["verified"], where))
+                add({"system": rx, **ing["rxnorm"]}, where)
             if ing.get("atc", {}).get("code"):
-                found.append((atc, ing["atc"]["code"], ing["atc"]["verified"], where))
+                add({"system": atc, **ing["atc"]}, where)
 
     for c in causes:
         d = c["detect"]
         for e in d.get("codes", []):
-            found.append((e["system"], e["code"], e["verified"], c["id"]))
+            add(e, c["id"])
         med = d.get("medications") or {}
         ingredients(med.get("ingredients", []) + med.get("excluded_ingredients", []), c["id"])
         for e in med.get("products", []):
-            found.append((e["system"], e["code"], e["verified"], c["id"]))
+            add(e, c["id"])
     for key, group in detection["existing_dxa"].items():
         for e in group:
-            found.append((e["system"], e["code"], e["verified"], f"existing_dxa.{key}"))
+            add(e, f"existing_dxa.{key}")
     ingredients(detection["osteoporosis_treatment"]["ingredients"], "osteoporosis_treatment")
     for e in detection["osteoporosis_treatment"]["other_codes"]:
-        found.append((e["system"], e["code"], e["verified"], "osteoporosis_treatment"))
+        add(e, "osteoporosis_treatment")
     for key, group in detection["index_conditions"].items():
         for e in group:
-            found.append((e["system"], e["code"], e["verified"], f"index_conditions.{key}"))
+            add(e, f"index_conditions.{key}")
     for tier, items in detection["workup"].items():
         for w in items:
             for e in w["codes"]:
-                found.append((e["system"], e["code"], e["verified"], w["id"]))
+                add(e, w["id"])
+    observations = yaml.safe_load((cards / "observations.yaml").read_text())
+    for group, entries in observations.get("loinc_groups", {}).items():
+        for e in entries:
+            add({"system": "http://loinc.org", "verified": True, **e}, f"loinc_groups.{group}")
     return found
 
 
-def test_every_catalog_code_is_in_the_reference_with_the_same_verified_flag(reference):
+def _synthea_codes(cards: Path) -> dict[tuple[str, str], tuple[str, set[str]]]:
+    """(system, code) -> (display, modules) from the committed Synthea module snapshot."""
+    names = {"SNOMED-CT": "http://snomed.info/sct", "LOINC": "http://loinc.org",
+             "RxNorm": "http://www.nlm.nih.gov/research/umls/rxnorm"}
+    out = {}
+    for line in (cards / "sources" / "synthea-codes.tsv").read_text(encoding="utf-8").splitlines()[3:]:
+        system, code, display, modules = line.split("\t")
+        if system in names:
+            prev = out.get((names[system], code), ("", set()))
+            out[(names[system], code)] = (prev[0] or display, prev[1] | set(modules.split(";")))
+    return out
+
+
+def test_every_catalog_code_records_a_source_that_holds_it(reference):
+    """A code is in shared/reference with the same verified flag, or (source synthea:MODULE) emitted by
+    that Synthea module, or (source vsac:OID|VERSION) in that published expansion in value_sets.yaml."""
     ref = _reference_codes(reference)
+    synthea = _synthea_codes(ROOT / "cards")
+    value_sets = {v["oid"]: v for v in yaml.safe_load((ROOT / "cards" / "value_sets.yaml").read_text())["value_sets"]}
     codes = _catalog_codes(ROOT / "cards")
     assert len(codes) > 400
     problems = []
-    for system, code, verified, where in codes:
-        flags = ref.get((system, code))
-        if flags is None:
-            problems.append(f"{where}: {system}|{code} is not in the reference")
-        elif verified not in flags:
-            problems.append(f"{where}: {system}|{code} verified={verified}, reference says {sorted(flags)}")
+    for system, code, verified, where, source in codes:
+        if source == "reference":
+            flags = ref.get((system, code))
+            if flags is None:
+                problems.append(f"{where}: {system}|{code} is not in the reference")
+            elif verified not in flags:
+                problems.append(f"{where}: {system}|{code} verified={verified}, reference says {sorted(flags)}")
+        elif source.startswith("synthea:"):
+            hit = synthea.get((system, code))
+            if hit is None or source[len("synthea:"):] not in hit[1]:
+                problems.append(f"{where}: {system}|{code} is not emitted by Synthea module {source}")
+        elif source.startswith("vsac:"):
+            oid, _, version = source[len("vsac:"):].partition("|")
+            vs = value_sets.get(oid)
+            if vs is None or vs.get("version") != version or (system, code) not in {(c["system"], c["code"]) for c in vs["codes"]}:
+                problems.append(f"{where}: {system}|{code} is not in stored expansion {source}")
+        else:
+            problems.append(f"{where}: {system}|{code} has an unknown source {source}")
     assert not problems, "\n".join(problems[:20])
 
 
 def test_unverified_codes_stay_marked(catalog, reference):
     unverified = {("http://www.nlm.nih.gov/research/umls/rxnorm", c) for c in
                   ("72965", "258494", "1307298", "1999574", "2180325", "1100072", "69528", "10814", "993449")}
-    codes = {(s, c): v for s, c, v, _ in _catalog_codes(ROOT / "cards")}
+    codes = {(s, c): v for s, c, v, _, _ in _catalog_codes(ROOT / "cards")}
     for key in unverified:
         if key in codes:
             assert codes[key] is False, key
 
 
-def test_value_set_expansions_match_the_reference(reference):
+def test_value_set_expansions_match_the_reference_or_name_their_published_source(reference):
+    """An expansion is the reference's, or one imported by tools/import_value_sets.py with its VSAC
+    version, repository, commit and path recorded (and as many codes as it says it stores)."""
     ref_vs = {v["oid"]: v for v in reference["value_sets"]}
     ours = yaml.safe_load((ROOT / "cards" / "value_sets.yaml").read_text())["value_sets"]
+    imported = 0
     for vs in ours:
+        if "source" in vs:
+            imported += 1
+            assert vs["version"] and set(vs["source"]) == {"repository", "commit", "path"}, vs["oid"]
+            assert len(vs["source"]["commit"]) == 40 and vs["oid"] in vs["source"]["path"], vs["oid"]
+            assert vs["stored_codes"] == len(vs["codes"]) > 0, vs["oid"]
+            continue
         ref_codes = ref_vs[vs["oid"]].get("codes")
         ref_set = {(c["system"], c["code"]) for c in ref_codes} if isinstance(ref_codes, list) else set()
         assert {(c["system"], c["code"]) for c in vs["codes"]} == ref_set, vs["oid"]
+    assert imported >= 10
 
 
 def test_orders_use_verified_codes_only(catalog):
