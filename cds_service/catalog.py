@@ -49,7 +49,7 @@ STRENGTHS = ("strong", "moderate", "weak")
 # where a code beyond the reference comes from: a Synthea module (cards/sources/synthea-codes.tsv)
 # or a published VSAC expansion stored in value_sets.yaml
 CODE_SOURCES = ("synthea:", "vsac:")
-MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose"}
+MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose", "recent_use"}
 LOINC_KEYS = ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc",
               "creatinine_loinc")
 OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking"}
@@ -136,6 +136,10 @@ class Catalog:
     frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
 
     # ---- lookups used by the engine -------------------------------------------------
+    @property
+    def causes_reading_stopped_orders(self) -> set[str]:
+        return {c.id for c in self.causes.values() if (c.medication_rule or {}).get("counts_stopped_orders")}
+
     def causes_for_code(self, system: str, code: str) -> list[tuple[str, str]]:
         """(cause_id, role) pairs a Condition/Procedure coding matches, prefixes included."""
         system = normalize_system(system)
@@ -269,6 +273,9 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
                     _require(isinstance(ing["rxnorm"].get("verified"), bool), where, f"{ing['name']}: rxnorm needs verified")
             for p in med.get("products", []):
                 _check_code(p, where)
+            if med["rule"] == "recent_use":
+                _require(isinstance(med.get("within_days"), int) and med["within_days"] > 0, where,
+                         "recent_use needs within_days (a whole number of days)")
             if med["rule"] == "current_use_with_lab":
                 _require(med.get("requires_observation") in obs_rules, where, "requires_observation must name a rule")
             if med["rule"] == "glucocorticoid_exposure":

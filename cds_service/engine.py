@@ -263,7 +263,7 @@ class Engine:
         for m in rec.medications_by_cause.get(cause.id, ()):
             if m.start is None or (m.end or m.start) < since or m.start > rec.as_of + timedelta(days=1):
                 continue
-            if not m.systemic:
+            if not m.systemic or (m.status == "stopped" and not med.get("counts_stopped_orders")):
                 continue
             low = m.text.lower()
             if any(w in low for w in med.get("exclude_text", ())):
@@ -297,6 +297,11 @@ class Engine:
         lookback = rec.as_of - timedelta(days=med.get("lookback_days", 365))
         if rule == "glucocorticoid_exposure":
             return self._glucocorticoids(exps, rec, lookback)
+        if rule == "recent_use":
+            # a dose given within the window, or an order still active, however old
+            since = rec.as_of - timedelta(days=med["within_days"])
+            recent = [m for m in exps if m.start <= rec.as_of and (m.start >= since or (m.ongoing and m.status != "stopped"))]
+            return [Evidence(m.reference, m.describe()) for m in recent], None, cause.citations[:1]
         if rule == "any_use":
             return [Evidence(m.reference, m.describe()) for m in exps], None, cause.citations[:1]
         if rule == "current_use_with_lab":

@@ -385,6 +385,7 @@ class RecordBuilder:
             "MedicationAdministration": set(st.get("medication_administration_excluded", [])),
         }
         self.proc_excluded = set(st.get("procedure_excluded", []))
+        self.stopped_order_causes = catalog.causes_reading_stopped_orders
         self.obs_counted = set(st.get("observation_counted", []))
         self.loinc_to_analyte: dict[str, str] = {}
         for rule in catalog.observation_rules.values():
@@ -716,8 +717,12 @@ class RecordBuilder:
             if not ingredients:
                 return
         status = res.get("status") if isinstance(res.get("status"), str) else ""
-        if status in self.med_excluded[rt] or res.get("doNotPerform") is True:
+        if res.get("doNotPerform") is True:
             return
+        if status in self.med_excluded[rt]:
+            # a stopped order still shows that a dose was given, for the causes whose rule reads it
+            if status != "stopped" or not any(i.cause_id in self.stopped_order_causes for i in ingredients):
+                return
         ref = self._keep(rec, res)
         if ref is None:
             return
