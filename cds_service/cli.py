@@ -1,4 +1,4 @@
-"""`cds-service serve` (production WSGI server) and `cds-service evaluate` (offline, same output)."""
+"""`cds-service serve` (production WSGI server), `evaluate` (offline, same output) and `codes` (code survey)."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _codes(args: argparse.Namespace) -> int:
+    from .catalog import load_catalog
+    from .survey import run
+
+    settings = Settings.from_env()
+    return run(load_catalog(settings.cards_dir or None), args.paths, args.unmatched, args.csv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--as-of", default=None, help="evaluation date YYYY-MM-DD (default: today or CDS_AS_OF)")
     ev.add_argument("--explain", action="store_true", help="add the findings and their evidence to each line")
     ev.set_defaults(func=_evaluate)
+    codes = sub.add_parser("codes", help="list every distinct coding in FHIR Bundles and what the catalog makes of it")
+    codes.add_argument("paths", nargs="+", help="Bundle files, or folders of *.json Bundles")
+    codes.add_argument("--unmatched", action="store_true", help="only codings the catalog gives no meaning")
+    codes.add_argument("--csv", action="store_true", help="CSV instead of a tab-separated table")
+    codes.set_defaults(func=_codes)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -61,3 +61,33 @@ def test_cds_hooks_request_file_and_bad_files(tmp_path):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert {f["cause"] for f in lines[0]["findings"]} == {"celiac"}       # not also malabsorption (policy.not_with)
     assert lines[1]["error"]["resourceType"] == "OperationOutcome" and lines[2]["error"]["resourceType"] == "OperationOutcome"
+
+
+def codes(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cds_service.cli", "codes", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_code_survey_lists_each_coding_once_with_patients_and_meaning(tmp_path):
+    """An informaticist surveys a site's export: what codes it uses, in how many patients, and what
+    the catalog makes of each (a Synthea-style emphysema code is COPD; a sinusitis code is nothing)."""
+    sys.path.insert(0, str(ROOT))
+    from fixtures.generate import Patient
+    for n in range(3):
+        p = Patient(f"survey{n}", sex="male", age=70)
+        p.condition("http://snomed.info/sct", "87433001", "Pulmonary emphysema (disorder)")
+        if n == 0:
+            p.condition("http://snomed.info/sct", "444814009", "Viral sinusitis (disorder)")
+        p.obs("33914-3", "eGFR (MDRD)", 50, "mL/min/{1.73_m2}", 20)
+        (tmp_path / f"p{n}.json").write_text(json.dumps(p.bundle()))
+    out = codes(str(tmp_path), "--csv")
+    assert out.returncode == 0, out.stderr
+    rows = {(r[0], r[2]): r for r in (line.split(",") for line in out.stdout.splitlines()[1:])}
+    assert rows[("Condition", "87433001")][4:] == ["3", "cause copd"]
+    assert rows[("Condition", "444814009")][4:] == ["1", ""]
+    assert rows[("Observation", "33914-3")][4] == "3" and "egfr_low_persistent" in rows[("Observation", "33914-3")][5]
+    assert "3 files" in out.stderr and "distinct codings" in out.stderr
+    unmatched = codes(str(tmp_path), "--unmatched")
+    assert "444814009" in unmatched.stdout and "87433001" not in unmatched.stdout
+    missing = codes(str(tmp_path / "nope.json"))
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
