@@ -332,7 +332,8 @@ def _build_indexes(cat: Catalog) -> None:
                     continue            # the cause's own entry (and its role) wins over a broad value set
                 if med and normalize_system(c["system"]) == RXNORM:
                     ing = _ingredient_for_product(med, cause.id, c.get("display", ""))
-                    cat.med_codes.setdefault((RXNORM, c["code"]), []).append(ing)
+                    if ing is not None:
+                        cat.med_codes.setdefault((RXNORM, c["code"]), []).append(ing)
                 else:
                     add_code(c["system"], c["code"], cause.id, "trigger", False)
         if not med:
@@ -347,8 +348,9 @@ def _build_indexes(cat: Catalog) -> None:
             for term in [ing["name"], *ing.get("brands", [])]:
                 names.setdefault(term.lower(), []).append(ingredient)
         for p in med.get("products", []):
-            cat.med_codes.setdefault((RXNORM, p["code"]), []).append(
-                _ingredient_for_product(med, cause.id, p.get("display", "")))
+            ing = _ingredient_for_product(med, cause.id, p.get("display", ""))
+            if ing is not None:
+                cat.med_codes.setdefault((RXNORM, p["code"]), []).append(ing)
     # treatment detection reuses the same machinery under a pseudo cause id
     for ing in cat.detection["osteoporosis_treatment"]["ingredients"]:
         ingredient = Ingredient("osteoporosis_treatment", ing["name"])
@@ -392,11 +394,20 @@ def _build_indexes(cat: Catalog) -> None:
         raise CatalogError(f"card.yaml detail template: {exc}") from exc
 
 
-def _ingredient_for_product(med: dict, cause_id: str, display: str) -> Ingredient:
-    """A value-set product code stands for the ingredient its display names."""
+def _has_word(name: str, text: str) -> bool:
+    return re.search(r"(?<![a-z0-9])" + re.escape(name.lower()) + r"(?![a-z0-9])", text) is not None
+
+
+def _ingredient_for_product(med: dict, cause_id: str, display: str) -> Ingredient | None:
+    """A value-set product code stands for the ingredient its display names; None for a product of an
+    excluded ingredient (fludrocortisone, a mineralocorticoid, sits in VSAC's oral glucocorticoid set)."""
     text = display.lower()
-    for ing in med["ingredients"]:
-        if ing["name"].lower() in text:
+    if any(_has_word(ing["name"], text) for ing in med.get("excluded_ingredients", [])):
+        return None
+    # the whole ingredient name, longest first: 'methylprednisolone' is not 'prednisolone', nor
+    # 'fludrocortisone' 'cortisone'
+    for ing in sorted(med["ingredients"], key=lambda i: -len(i["name"])):
+        if _has_word(ing["name"], text):
             return Ingredient(cause_id, ing["name"], ing.get("prednisone_equivalent_factor"),
                               bool(ing.get("counts_only_with_other_ingredients")))
     first = med["ingredients"][0]

@@ -534,3 +534,21 @@ def test_latest_smoking_status_is_read_back_years(service):
     p = Patient("sm1", sex="male", age=40)
     p.obs("72166-2", "Tobacco smoking status", value_cc=("449868002", "Smokes tobacco daily (finding)"), days_ago=900)
     assert "smoking" in causes(service, p)
+
+
+def test_value_set_products_are_read_by_their_whole_ingredient_name(service, catalog):
+    """Methylprednisolone is 1.25x prednisone, not prednisolone's 1x; fludrocortisone is no glucocorticoid."""
+    rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    by_display = {c["display"]: c["code"] for c in catalog.value_sets["2.16.840.1.113883.3.464.1003.196.12.1266"]["codes"]}
+    methyl = catalog.ingredients_for_coding(rx, by_display["methylprednisolone 16 MG Oral Tablet"])
+    assert [(i.name, i.prednisone_equivalent_factor) for i in methyl] == [("methylprednisolone", 1.25)]
+    assert catalog.ingredients_for_coding(rx, by_display["fludrocortisone acetate 0.1 MG Oral Tablet"]) == []
+    p = Patient("mp1", sex="male", age=60)          # coded by SCD only, as EHRs send it
+    p.med_request("methylprednisolone 16 MG Oral Tablet", by_display["methylprednisolone 16 MG Oral Tablet"],
+                  start=150, dose=16, dose_unit="mg")
+    f = causes(service, p)["glucocorticoids"]
+    assert any("= 20 mg/day prednisone-equivalent" in e.text for e in f.evidence)
+    fludro = Patient("fl1", sex="male", age=60)
+    fludro.med_request("fludrocortisone acetate 0.1 MG Oral Tablet", by_display["fludrocortisone acetate 0.1 MG Oral Tablet"],
+                       start=500, dose=1)
+    assert "glucocorticoids" not in causes(service, fludro)
