@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from .catalog import LOINC, Catalog, normalize_system
 from . import metrics
+from .allowlist import ServerAllowlist
 from .errors import PrefetchUnavailable
 from .fhir_client import FhirClient, FhirError, FetchStats
 from .jsonutil import as_list, is_error_outcome
@@ -106,7 +107,7 @@ class PrefetchResolver:
         self.templates = templates
         self.client = client
         self.timeout = timeout
-        self.allowlist = allowlist
+        self.allowlist = ServerAllowlist(allowlist)
 
     def resolve(self, request: dict, failed: frozenset[str] = frozenset()) -> PrefetchResult:
         """The prefetch data for every template key, querying fhirServer for the keys the client
@@ -139,9 +140,10 @@ class PrefetchResolver:
         if not isinstance(server, str) or not server:
             keys = ", ".join(sorted(missing) + partial)
             raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the request has no fhirServer to query.")
-        if self.allowlist and not any(server.startswith(prefix) for prefix in self.allowlist):
+        if not self.allowlist.allows(server):
             metrics.FALLBACK_FAILURES.labels("NotAllowlisted").inc()
-            raise PrefetchUnavailable("Prefetch incomplete and the request's fhirServer is not on this service's allowlist.")
+            raise PrefetchUnavailable("Prefetch incomplete and the request's fhirServer is not on this service's allowlist "
+                                     "(or is not a plain http(s) URL without credentials).")
         auth = request.get("fhirAuthorization")
         token = auth.get("access_token") if isinstance(auth, dict) else None
         deadline = time.monotonic() + self.timeout     # one deadline for all fallback work

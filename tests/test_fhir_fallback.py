@@ -298,3 +298,46 @@ def test_connection_refused_gives_412_quickly(tmp_path):
     start = time.monotonic()
     resp = app.test_client().post(SERVICE_URL, json=bare_request(f"http://127.0.0.1:{free_port()}"))
     assert resp.status_code == 412 and time.monotonic() - start < 2.5
+
+
+def test_userinfo_trick_never_reaches_the_server_behind_the_at_sign(tmp_path, faults):
+    """`http://allowed@other` sends the query to `other`: the allowlist compares parsed parts."""
+    from .conftest import free_port
+    allowed = f"http://127.0.0.1:{free_port()}"
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=allowed,
+                              log_level="WARNING"))
+    trick = faults.base.replace("http://", f"{allowed}@")
+    resp = app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False))
+    assert resp.status_code == 412 and "allowlist" in resp.get_json()["issue"][0]["diagnostics"]
+    assert faults.seen == []
+    open_app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
+    assert open_app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False)).status_code == 412
+    assert faults.seen == []                     # credentials in the URL are refused even with no allowlist
+
+
+@pytest.mark.parametrize("server, allowed", [
+    ("https://ehr.example.org/fhir", True),
+    ("https://EHR.Example.ORG./fhir/", True),                 # case, trailing dot and slash
+    ("https://ehr.example.org:443/fhir/r4", True),            # default port, deeper path
+    ("https://ehr.example.org/fhirx", False),                 # path compared by whole segments
+    ("https://ehr.example.org/other/fhir", False),
+    ("https://ehr.example.org.evil.test/fhir", False),        # look-alike host
+    ("https://ehr.example.org:8443/fhir", False),             # another port
+    ("http://ehr.example.org/fhir", False),                   # another scheme
+    ("https://user:pw@ehr.example.org/fhir", False),          # userinfo
+    ("https://ehr.example.org@evil.test/fhir", False),
+    ("https://[::1]/fhir", False),
+    ("ftp://ehr.example.org/fhir", False),
+])
+def test_allowlist_compares_scheme_host_port_and_path(server, allowed):
+    from cds_service.allowlist import ServerAllowlist
+    assert ServerAllowlist(("https://ehr.example.org/fhir",)).allows(server) is allowed
+
+
+def test_allowlist_handles_ipv6_and_idna():
+    from cds_service.allowlist import ServerAllowlist
+    assert ServerAllowlist(("http://[::1]:8080/fhir",)).allows("http://[::1]:8080/fhir/Patient")
+    assert not ServerAllowlist(("http://[::1]:8080/fhir",)).allows("http://[::2]:8080/fhir")
+    assert ServerAllowlist(("https://bücher.example/fhir",)).allows("https://xn--bcher-kva.example/fhir")
+    with pytest.raises(ValueError):
+        ServerAllowlist(("https://u:p@ehr.example.org",))
