@@ -17,7 +17,15 @@ import yaml
 # libyaml's C loader when present (several times faster start-up); same safe semantics
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-DEFAULT_CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
+def _default_cards_dir() -> Path:
+    """cards/ beside the package in a source checkout; the package data an installed wheel carries."""
+    checkout = Path(__file__).resolve().parent.parent / "cards"
+    if (checkout / "catalog.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "content"
+
+
+DEFAULT_CARDS_DIR = _default_cards_dir()
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"

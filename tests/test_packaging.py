@@ -1,6 +1,7 @@
 """docker-compose.yml and the Dockerfile stay in step with the service's configuration."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
 
@@ -50,3 +51,58 @@ def test_every_setting_is_documented_in_the_readme():
     for f in fields(Settings):
         assert f"CDS_{f.name.upper()}" in readme, f.name
         assert f.name in ENV_DOC
+
+
+def test_the_wheel_works_from_any_directory_with_no_environment(tmp_path):
+    """What `pip install` gives a user: the catalog travels inside the wheel, so `evaluate` and `serve`
+    work from any folder without CDS_CARDS_DIR. Built offline; the fresh virtualenv borrows only the
+    dependencies (not the checkout) from the test environment."""
+    import os
+    import site
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from .conftest import FIXTURES, free_port
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    target = next((venv / "lib").glob("python3*/site-packages"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--target", str(target), *map(str, wheels.glob("*.whl"))], check=True, capture_output=True, timeout=300)
+    # the dependencies from the test environment's site-packages; its .pth files (the editable
+    # install of this checkout) are not processed from a path added this way
+    (target / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+    env["CDS_DATA_DIR"] = str(tmp_path / "data")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    python = str(venv / "bin" / "python")
+    where = subprocess.run([python, "-c", "import cds_service.catalog as c; print(c.DEFAULT_CARDS_DIR)"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert str(target) in where.stdout, where.stderr            # the installed copy, not the checkout
+    out = subprocess.run([python, "-m", "cds_service.cli", "evaluate", str(FIXTURES / "patients/glucocorticoids-positive.json"),
+                          "--as-of", "2026-06-30"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cards"], out.stdout
+    port = free_port()
+    server = subprocess.Popen([python, "-m", "cds_service.cli", "serve", "--port", str(port), "--workers", "1"],
+                              cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = requests.get(f"http://127.0.0.1:{port}/cds-services", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        assert resp.status_code == 200 and resp.json()["services"][0]["id"] == "secondary-osteoporosis"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
