@@ -34,6 +34,7 @@ LOINC = "http://loinc.org"
 ATC = "http://www.whocc.no/atc"
 CPT = "http://www.ama-assn.org/go/cpt"
 ICD10PCS = "http://www.cms.gov/Medicare/Coding/ICD10"
+ICD9CM = "http://terminology.hl7.org/CodeSystem/icd9cm"
 
 # Other spellings of the same code systems seen in EHR payloads (HL7 OIDs, casing, trailing slashes).
 SYSTEM_ALIASES = {
@@ -47,6 +48,15 @@ SYSTEM_ALIASES = {
     "urn:oid:2.16.840.1.113883.6.4": ICD10PCS,
     "http://www.icd10data.com/icd10pcs": ICD10PCS,
     "urn:oid:2.16.840.1.113883.6.73": ATC,
+    # ICD-9-CM: FHIR's canonical URI and its OIDs read as the spelling the value sets store
+    "http://hl7.org/fhir/sid/icd-9-cm": ICD9CM,
+    "http://hl7.org/fhir/sid/icd-9-cm/": ICD9CM,
+    "urn:oid:2.16.840.1.113883.6.103": ICD9CM,
+    "urn:oid:2.16.840.1.113883.6.2": ICD9CM,
+    "http://www.nlm.nih.gov/research/umls/rxnorm/": RXNORM,
+    "http://loinc.org/": LOINC,
+    "http://www.ama-assn.org/go/cpt/": CPT,
+    "urn:oid:2.16.840.1.113883.6.285": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
 }
 KNOWN_SYSTEMS = {RXNORM, ICD10CM, SNOMED, LOINC, ATC, CPT, ICD10PCS,
                  "http://terminology.hl7.org/CodeSystem/icd9cm",

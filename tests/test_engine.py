@@ -552,3 +552,11 @@ def test_value_set_products_are_read_by_their_whole_ingredient_name(service, cat
     fludro.med_request("fludrocortisone acetate 0.1 MG Oral Tablet", by_display["fludrocortisone acetate 0.1 MG Oral Tablet"],
                        start=500, dose=1)
     assert "glucocorticoids" not in causes(service, fludro)
+
+
+@pytest.mark.parametrize("system", ["http://hl7.org/fhir/sid/icd-9-cm", "urn:oid:2.16.840.1.113883.6.103",
+                                    "http://terminology.hl7.org/CodeSystem/icd9cm"])
+def test_icd9_cm_is_read_in_every_spelling_ehrs_send(service, system):
+    p = Patient("icd9", age=60)
+    p.condition(system, "242.00", "Toxic diffuse goiter without mention of thyrotoxic crisis or storm")
+    assert "hyperthyroidism" in causes(service, p)
