@@ -57,9 +57,6 @@ class ServerAllowlist:
                 raise ValueError(f"CDS_FHIR_ALLOWLIST: not an http(s) URL without credentials: {e!r}")
             self.entries.append(parsed)
 
-    def __bool__(self) -> bool:
-        return bool(self.entries)
-
     def allows(self, server: str) -> bool:
         url = ServerURL.parse(server)
         if url is None:

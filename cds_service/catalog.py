@@ -279,8 +279,12 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             _check_code(c, where)
         for oid in detect.get("value_sets", []):
             _require(oid in value_sets, where, f"unknown value set {oid}")
-        for rid in detect.get("observations", []) + ([detect["codes_refuted_by"]] if "codes_refuted_by" in detect else []):
+        for rid in detect.get("observations", []):
             _require(rid in obs_rules, where, f"unknown observation rule {rid}")
+        if "codes_refuted_by" in detect:
+            rid = detect["codes_refuted_by"]
+            _require(obs_rules.get(rid, {}).get("kind") == "persistent", where,
+                     f"codes_refuted_by must name a persistent observation rule, not {rid!r}")
         med = detect.get("medications")
         if med:
             _require(med.get("rule") in MED_RULES, where, f"medications.rule must be one of {sorted(MED_RULES)}")

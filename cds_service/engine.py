@@ -239,19 +239,11 @@ class Engine:
     def _not_refuted(self, entries, rule_id: str, rec: PatientRecord) -> list[CodedEntry]:
         """Coded entries that later results do not refute: a CKD code recorded before a run of normal
         eGFR (after a transplant, or an old code never abated) no longer describes the patient."""
-        refuting = self._observation_rule(self.cat.observation_rules[rule_id], rec)
-        if not refuting:
+        rule = self.cat.observation_rules[rule_id]
+        run = self._persistent_run(rule, rec, rec.as_of - timedelta(days=rule.get("lookback_days", 365)))
+        if not run:
             return list(entries)
-        since = min(self._result_day(e.reference, rec) for e in refuting)
-        return [e for e in entries if e.when is not None and e.when >= since]
-
-    @staticmethod
-    def _result_day(reference: str, rec: PatientRecord) -> date:
-        for lst in rec.observations.values():
-            for m in lst:
-                if m.reference == reference:
-                    return m.when
-        return rec.as_of
+        return [e for e in entries if e.when is not None and e.when >= run[0].when]
 
     def _is_fracture(self, entry: CodedEntry) -> bool:
         return any(s == ICD10CM and icd_prefix_match(code, self.fracture_prefixes) for s, code in entry.codes)
@@ -300,7 +292,7 @@ class Engine:
         if rule == "recent_use":
             # a dose given within the window, or an order still active, however old
             since = rec.as_of - timedelta(days=med["within_days"])
-            recent = [m for m in exps if m.start <= rec.as_of and (m.start >= since or (m.ongoing and m.status != "stopped"))]
+            recent = [m for m in exps if m.start <= rec.as_of and (m.start >= since or m.ongoing)]
             return [Evidence(m.reference, m.describe()) for m in recent], None, cause.citations[:1]
         if rule == "any_use":
             return [Evidence(m.reference, m.describe()) for m in exps], None, cause.citations[:1]
@@ -455,13 +447,17 @@ class Engine:
         return False
 
     def _persistent(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        """The newest run of days on the qualifying side of the threshold, with no day on the other side
+        run = self._persistent_run(rule, rec, since)
+        return [Evidence(m.reference, _measure_text(rule, m)) for m in run]
+
+    def _persistent_run(self, rule: dict, rec: PatientRecord, since: date) -> tuple[Measurement, ...]:
+        """(oldest, newest) of the newest run of days on the qualifying side of the threshold, with no day on the other side
         in between, spanning at least `min_span_days` (KDIGO chronicity: > 3 months). Several results
         on one day are read as one: the day qualifies on its lowest value for `below` (highest for
         `at_least`). A low result the same day's creatinine contradicts is not read."""
         results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of and m.value is not None]
         if not results:
-            return []
+            return ()
         below, at_least = rule.get("below"), rule.get("at_least")
         creatinine = self._creatinine_by_day(rule, rec, since) if rule.get("creatinine_contradicts_by") else {}
         days: dict[date, list[Measurement]] = {}
@@ -477,11 +473,11 @@ class Engine:
                 break
             run.append(pick)
         if not run or (rule.get("latest_must_qualify") and run[0].when != next(iter(days))):
-            return []
+            return ()
         newest, oldest = run[0], run[-1]
         if (newest.when - oldest.when).days < rule["min_span_days"]:
-            return []
-        return [Evidence(m.reference, _measure_text(rule, m)) for m in (oldest, newest)]
+            return ()
+        return oldest, newest
 
     def _creatinine_by_day(self, rule: dict, rec: PatientRecord, since: date) -> dict[date, float]:
         out: dict[date, float] = {}
