@@ -285,6 +285,14 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             rid = detect["codes_refuted_by"]
             _require(obs_rules.get(rid, {}).get("kind") == "persistent", where,
                      f"codes_refuted_by must name a persistent observation rule, not {rid!r}")
+        age = detect.get("evidence_age")
+        if age is not None:
+            _require(isinstance(age, dict) and set(age) <= {"procedures_within_days", "reason"}, where,
+                     "evidence_age takes procedures_within_days and reason")
+            days = age.get("procedures_within_days")
+            _require(isinstance(days, int) and not isinstance(days, bool) and days > 0, where,
+                     "evidence_age.procedures_within_days must be a whole number of days")
+            _require(bool(age.get("reason")), where, "evidence_age needs a reason")
         med = detect.get("medications")
         if med:
             _require(med.get("rule") in MED_RULES, where, f"medications.rule must be one of {sorted(MED_RULES)}")

@@ -203,6 +203,10 @@ class Engine:
         citations: list[str] = []
         tier = None
         entries = rec.coded_by_cause.get(cause.id, ())
+        if entries and detect.get("evidence_age"):
+            # a procedure that is evidence only while recent (dialysis, chemotherapy); undated: not shown recent
+            since = rec.as_of - timedelta(days=detect["evidence_age"]["procedures_within_days"])
+            entries = [e for e in entries if e.resource_type != "Procedure" or (e.when is not None and e.when >= since)]
         if entries and detect.get("codes_refuted_by"):
             entries = self._not_refuted(entries, detect["codes_refuted_by"], rec)
         for entry in entries:
@@ -653,7 +657,8 @@ def _union_days(intervals: list[tuple[date, date]]) -> int:
 def _coded_text(entry: CodedEntry) -> str:
     codes = ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
     when = f", {'onset' if entry.resource_type == 'Condition' else 'performed'} {entry.when.isoformat()}" if entry.when else ""
-    return f"{entry.text or 'coded entry'} ({codes}){when}"
+    healed = ", recorded as resolved (history)" if entry.historic else ""
+    return f"{entry.text or 'coded entry'} ({codes}){when}{healed}"
 
 
 def _system_name(system: str) -> str:

@@ -261,6 +261,7 @@ class CodedEntry:
     when: date | None
     matches: list[tuple[str, str]]        # (cause_id, role)
     codes: list[tuple[str, str]]          # (system, code) of the resource
+    historic: bool = False                # resolved or inactive: read only as history (a healed fracture)
 
 
 @dataclass
@@ -281,6 +282,9 @@ class PatientRecord:
     validated: set[str] = field(default_factory=set)
     known_valid: ValidatedResources = field(default_factory=lambda: ValidatedResources(0))
     read_from: dict[str, date] = field(default_factory=dict)   # LOINC -> oldest result kept (rule windows)
+    # (system, code) -> newest date of a resolved/inactive/refuted copy of that concept (reconciliation)
+    closed_concepts: dict[tuple[str, str], date] = field(default_factory=dict)
+    superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -406,6 +410,9 @@ class RecordBuilder:
             self.context_icd_prefixes.update(icd_key(c["code"]) for c in group if c.get("match") == "prefix")
         for oid in det.get("index_condition_value_sets", []):
             self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
+        # fractures stay on record when healed (resolved): they are history, not a current problem
+        self.history_codes = {(normalize_system(c["system"]), c["code"])
+                              for c in det["index_conditions"].get("fragility_fracture_history", [])}
         for key in ("procedure_cpt", "procedure_snomed"):
             self.context_codes.update(c["code"] for c in det["existing_dxa"].get(key, []))
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
@@ -477,6 +484,8 @@ class RecordBuilder:
         for rt, read in self._readers.items():
             if batches[rt]:
                 read(rec, batches[rt], medications)
+        if rec.closed_concepts:
+            _reconcile(rec)
         rec.resources_seen = others + sum(map(len, batches.values()))
         for lst in rec.observations.values():
             lst.sort(key=_WHEN, reverse=True)
@@ -521,26 +530,29 @@ class RecordBuilder:
         rec.sex = g if g in ("male", "female") else None
 
     # ---- Conditions / Procedures ----------------------------------------------------------------
-    def _condition_counts(self, res: dict) -> tuple[bool, date | None]:
+    def _condition_counts(self, res: dict) -> tuple[str, date | None]:
+        """("counts" | "closed" | "ignored", onset or recorded date). "closed": the record says the
+        condition is over (resolved, inactive, remission, abated) or refuted; entered-in-error says
+        nothing about the patient and is ignored."""
+        when = parse_date(res.get("onsetDateTime")) or parse_date((res.get("onsetPeriod") or {}).get("start")) \
+            or parse_date(res.get("recordedDate"))
         verification = status_code(res.get("verificationStatus"))
         if verification in self.cond_verif_excluded:
-            return False, None
+            return ("ignored" if verification == "entered-in-error" else "closed"), when
         clinical = status_code(res.get("clinicalStatus"))
         if clinical is None:
             # encounter diagnoses may carry no clinical status: count them unless abated
             if any(k.startswith("abatement") for k in res):
-                return False, None
+                return "closed", when
         elif clinical not in self.cond_clinical:
-            return False, None
-        when = parse_date(res.get("onsetDateTime")) or parse_date((res.get("onsetPeriod") or {}).get("start")) \
-            or parse_date(res.get("recordedDate"))
-        return True, when
+            return "closed", when
+        return "counts", when
 
-    def _procedure_counts(self, res: dict) -> tuple[bool, date | None]:
+    def _procedure_counts(self, res: dict) -> tuple[str, date | None]:
         if res.get("status") in self.proc_excluded:
-            return False, None
+            return "ignored", None
         when = parse_date(res.get("performedDateTime")) or parse_date((res.get("performedPeriod") or {}).get("start"))
-        return True, when
+        return "counts", when
 
     def _condition(self, rec: PatientRecord, res: dict, _medications: dict) -> None:
         self._coded(rec, res, rec.conditions, self._condition_counts)
@@ -560,12 +572,20 @@ class RecordBuilder:
             matches, context, codes = self._concept_matches(rt, concept)
         if not matches and not context:
             return
-        ok, when = counts(res)
-        if not ok:
+        state, when = counts(res)
+        historic = False
+        if state == "closed":
+            for key in codes:                   # a newer closed copy of the concept supersedes older active ones
+                if when is not None and when > rec.closed_concepts.get(key, date.min):
+                    rec.closed_concepts[key] = when
+            if matches or not any(key in self.history_codes for key in codes):
+                return
+            historic = True                     # a healed fracture is still a fracture on record
+        elif state != "counts":
             return
         ref = self._keep(rec, res)
         if ref is not None:
-            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes)))
+            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes), historic))
 
     def _concept_matches(self, rt: str, concept: Any) -> tuple[tuple, bool, tuple]:
         """(cause matches, whether it shapes the card's context, its (system, code) pairs)."""
@@ -872,6 +892,20 @@ class RecordBuilder:
             if isinstance(c.get("code"), str) and c["code"].upper() in self.timing_codes:
                 return self.timing_codes[c["code"].upper()]
         return None
+
+
+def _reconcile(rec: PatientRecord) -> None:
+    """Read the problem list per concept, as a clinician does: when the newest copy of a condition
+    (Synthea and many EHRs re-record it at each visit) is resolved or refuted, the older copies
+    left active are stale. An active copy as new as the newest closed one stands."""
+    closed = rec.closed_concepts
+    kept = []
+    for c in rec.conditions:
+        if not c.historic and c.when is not None and any(closed.get(key, date.min) > c.when for key in c.codes):
+            rec.superseded += 1
+            continue
+        kept.append(c)
+    rec.conditions = kept
 
 
 def _plausible(value: float, spec: dict) -> tuple[float | None, str]:

@@ -210,6 +210,9 @@ def _cause(causes, cid):
     (lambda cs: _cause(cs, "ssri")["policy"].pop("reason"), "never fires alone needs a reason"),
     (lambda cs: cs.append(dict(_cause(cs, "copd"))), "duplicate id"),
     (lambda cs: _cause(cs, "copd").update(citations=["nobody2099"]), "unknown citation nobody2099"),
+    (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].update(procedures_within_days="90"),
+     "procedures_within_days must be a whole number of days"),
+    (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].pop("reason"), "evidence_age needs a reason"),
 ])
 def test_loader_fails_loudly_on_a_malformed_entry(tmp_path, edit, message):
     cards = _broken_copy(tmp_path, edit)

@@ -13,7 +13,7 @@ from cds_service.service import OsteoporosisService, explain
 from .conftest import AS_OF, LABELS, ROOT, load_fixture
 
 sys.path.insert(0, str(ROOT))
-from fixtures.generate import ICD, Patient  # noqa: E402
+from fixtures.generate import ICD, Patient, ra  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -560,3 +560,61 @@ def test_icd9_cm_is_read_in_every_spelling_ehrs_send(service, system):
     p = Patient("icd9", age=60)
     p.condition(system, "242.00", "Toxic diffuse goiter without mention of thyrotoxic crisis or storm")
     assert "hyperthyroidism" in causes(service, p)
+
+
+def test_the_newest_copy_of_a_re_recorded_condition_decides(service):
+    """Synthea and many EHRs re-record a condition at each visit; when the newest copy is resolved
+    (here, CKD after a kidney transplant), the older copies left active are stale."""
+    p = Patient("rc1", sex="male", age=64)
+    p.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", onset=3000)
+    p.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", clinical="resolved", onset=2000, abated=400)
+    result = run(service, p)
+    assert "ckd" not in {f.cause.id for f in result.assessment.findings}
+    assert result.assessment.record.superseded == 1
+    relapsed = Patient("rc2", sex="male", age=64)       # active again after the resolved copy: it stands
+    relapsed.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", clinical="resolved", onset=2000, abated=400)
+    relapsed.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", onset=300)
+    assert "ckd" in causes(service, relapsed)
+    in_error = Patient("rc3", sex="male", age=64)       # an entered-in-error copy says nothing about the patient
+    in_error.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", onset=3000)
+    in_error.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", verification="entered-in-error",
+                       onset=100)
+    assert "ckd" in causes(service, in_error)
+    refuted = Patient("rc4", sex="male", age=64)
+    refuted.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", onset=3000)
+    refuted.condition(SCT, "433144002", "Chronic kidney disease stage 3 (disorder)", verification="refuted", onset=100)
+    assert "ckd" not in causes(service, refuted)
+
+
+def test_a_healed_fracture_stays_on_record_as_bone_history(service):
+    """Synthea records a hip fracture `resolved` once healed; it is still a fragility fracture on record."""
+    p = Patient("fx1", age=71)
+    ra(p)
+    p.condition(SCT, "359817006", "Closed fracture of hip (disorder)", clinical="resolved", onset=700, abated=600)
+    ctx = run(service, p).assessment.context
+    assert [e.text for e in ctx.bone_diagnoses] == [
+        f"Closed fracture of hip (disorder) (SNOMED 359817006), onset {(AS_OF - timedelta(days=700)).isoformat()}, "
+        "recorded as resolved (history)"]
+    wrong = Patient("fx2", age=71)
+    ra(wrong)
+    wrong.condition(SCT, "359817006", "Closed fracture of hip (disorder)", verification="entered-in-error", onset=700)
+    assert run(service, wrong).assessment.context.bone_diagnoses == []
+
+
+def test_procedures_that_are_evidence_only_while_recent(service):
+    """Dialysis stops after a kidney transplant; chemotherapy decades ago is past cancer treatment."""
+    past = Patient("ea1", sex="male", age=58)
+    for d in (500, 480, 460):
+        past.procedure(SCT, "265764009", "Renal dialysis (procedure)", days_ago=d)
+    assert "ckd" not in causes(service, past)
+    current = Patient("ea2", sex="male", age=58)
+    for d in (60, 30, 10):
+        current.procedure(SCT, "265764009", "Renal dialysis (procedure)", days_ago=d)
+    f = causes(service, current)["ckd"]
+    assert len(f.evidence) == 3
+    childhood = Patient("ea3", sex="male", age=47)
+    childhood.procedure(SCT, "367336001", "Chemotherapy (procedure)", days_ago=12000)
+    assert "chemotherapy_ovarian_suppression" not in causes(service, childhood)
+    recent = Patient("ea4", sex="female", age=47)
+    recent.procedure(SCT, "367336001", "Chemotherapy (procedure)", days_ago=100)
+    assert "chemotherapy_ovarian_suppression" in causes(service, recent)
