@@ -150,6 +150,7 @@ class Catalog:
     loinc_rules: dict[str, list[str]] = field(default_factory=dict)
     context_loincs: set[str] = field(default_factory=set)
     non_systemic_regex: re.Pattern | None = None
+    single_dose_regex: re.Pattern | None = None
     templates: dict[str, jinja2.Template] = field(default_factory=dict)
     frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
 
@@ -375,7 +376,7 @@ def _build_indexes(cat: Catalog) -> None:
                 cat.med_codes.setdefault((RXNORM, ing["rxnorm"]["code"]), []).append(ingredient)
             if ing.get("atc", {}).get("code"):
                 cat.med_codes.setdefault((ATC, ing["atc"]["code"]), []).append(ingredient)
-            for term in [ing["name"], *ing.get("brands", [])]:
+            for term in [ing["name"], *ing.get("other_names", []), *ing.get("brands", [])]:
                 names.setdefault(term.lower(), []).append(ingredient)
         for p in med.get("products", []):
             ing = _ingredient_for_product(med, cause.id, p.get("display", ""))
@@ -388,7 +389,7 @@ def _build_indexes(cat: Catalog) -> None:
             cat.med_codes.setdefault((RXNORM, ing["rxnorm"]["code"]), []).append(ingredient)
         if ing.get("atc", {}).get("code"):
             cat.med_codes.setdefault((ATC, ing["atc"]["code"]), []).append(ingredient)
-        for term in [ing["name"], *ing.get("brands", [])]:
+        for term in [ing["name"], *ing.get("other_names", []), *ing.get("brands", [])]:
             for part in re.split(r"\s*/\s*", term.lower()):
                 names.setdefault(part, []).append(ingredient)
     for c in cat.detection["osteoporosis_treatment"]["other_codes"]:
@@ -414,6 +415,9 @@ def _build_indexes(cat: Catalog) -> None:
     words = cat.medication_settings["non_systemic"]["words"]
     # words match at the start of a word: "cutaneous" must not match "subcutaneously"
     cat.non_systemic_regex = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w.lower()) for w in words) + ")")
+    words = cat.medication_settings.get("single_dose", {}).get("words", [])
+    cat.single_dose_regex = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w.lower()) for w in words) + ")") \
+        if words else None
     for f in cat.medication_settings.get("frequency_words", []):
         cat.frequency_patterns.append((re.compile(f["pattern"], re.I), float(f["per_day"])))
 

@@ -257,7 +257,8 @@ class Engine:
         since = rec.as_of - timedelta(days=med.get("lookback_days", 365))
         out = []
         for m in rec.medications_by_cause.get(cause.id, ()):
-            if m.start is None or (m.end or m.start) < since or m.start > rec.as_of + timedelta(days=1):
+            last = rec.as_of if m.ongoing else (m.end or m.start)      # an order still active is current, however old
+            if m.start is None or last < since or m.start > rec.as_of + timedelta(days=1):
                 continue
             if not m.systemic or (m.status == "stopped" and not med.get("counts_stopped_orders")):
                 continue
@@ -265,8 +266,6 @@ class Engine:
             if any(w in low for w in med.get("exclude_text", ())):
                 continue
             if med.get("require_text_any") and not any(w in low for w in med["require_text_any"]):
-                continue
-            if med.get("exclude_inpatient") and (m.inpatient or m.resource_type == "MedicationAdministration"):
                 continue
             out.append(m)
         companions = [m for m in out if not all(i.counts_only_with_other_ingredients
@@ -318,7 +317,7 @@ class Engine:
             end = m.end or m.start
             if per_record and end == m.start:
                 end = m.start + timedelta(days=per_record - 1)
-            intervals.append((max(m.start, lookback), end))
+            intervals.append((max(m.start, lookback), min(end, rec.as_of)))    # planned refills are not use yet
         days = _union_days(intervals)
         if days < med.get("min_days", 0):
             return [], None, []
@@ -372,9 +371,12 @@ class Engine:
                     tier = t["id"]
                     cites.append(t["citation"])
                     break
+            total = days_at(gc["min_mg_per_day"])
+            so_far = sum((min(e, rec.as_of) - s).days + 1 for s, e, v in segments if v >= gc["min_mg_per_day"] and s <= rec.as_of)
+            planned = f" ({total} including the planned course)" if total > so_far else ""
             ev.append(Evidence(used[0][0].reference,
-                               f"{days_at(gc['min_mg_per_day'])} days at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent "
-                               f"(cumulative {cumulative:,.0f} mg in the last 365 days, planned days included)"))
+                               f"{so_far} days so far at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent{planned}; "
+                               f"cumulative {cumulative:,.0f} mg in the last 365 days"))
             cites.insert(0, gc["citation"])
         elif unknown and _union_days(unknown + [(s, e) for s, e, _, _ in dosed]) >= gc["unknown_dose_min_days"]:
             tier = "dose_not_recorded"

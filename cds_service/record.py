@@ -168,20 +168,40 @@ class MedicationExposure:
     doses_per_day: float | None
     daily_mg: float | None
     dose_note: str = ""
-    inpatient: bool = False
     as_needed: bool = False
+    single_dose: bool = False      # an injection with no frequency: one dose, however long it stays active
 
     def covers(self, day: date) -> bool:
         return self.start is not None and self.start <= day <= (self.end or self.start)
 
     def describe(self) -> str:
+        if self.single_dose:
+            when = self.start.isoformat() if self.start else "date not recorded"
+            dose = f" {self.mg_per_dose:g} mg" if self.mg_per_dose else ""
+            return f"{self.label or 'medication'}, single{dose} dose on {when}" + \
+                (" (order still active)" if self.ongoing else "")
         when = self.start.isoformat() if self.start else "date not recorded"
         if self.end and self.end != self.start:
             when += f" to {self.end.isoformat()}" + (" (ongoing/planned)" if self.ongoing else "")
         elif self.ongoing:
             when += " onwards (active)"
-        dose = f", {self.daily_mg:g} mg/day" if self.daily_mg else ""
-        return f"{self.label or 'medication'}{dose}, {when}"
+        return f"{self.label or 'medication'}{self.regimen()}, {when}"
+
+    def regimen(self) -> str:
+        """", 10 mg/day" for daily use; ", 70 mg weekly" (not "10 mg/day") for a weekly or monthly regimen."""
+        if not self.daily_mg:
+            return ""
+        per_day = self.doses_per_day or 1.0
+        if per_day >= 0.9 or not self.mg_per_dose:
+            return f", {self.daily_mg:g} mg/day"
+        interval = 1 / per_day
+        phrase = next((name for days, name in _REGIMENS if abs(interval - days) <= days * 0.1),
+                      f"every {interval:.0f} days")
+        return f", {self.mg_per_dose:g} mg {phrase}"
+
+
+_REGIMENS = ((2, "every other day"), (7, "weekly"), (14, "every 2 weeks"), (30, "monthly"), (91, "every 3 months"),
+             (182, "every 6 months"), (365, "yearly"))
 
 
 class Measurement:
@@ -761,14 +781,18 @@ class RecordBuilder:
         systemic = not self.cat.non_systemic_regex.search(full_text)
         mg_per_dose, per_day, note, as_needed = self._dose(dosages, text, dosage_text, rt)
         start, end, ongoing = self._interval(res, rt, dosages, rec.as_of)
-        inpatient = any(c.get("code") == "inpatient" for cat in res.get("category") or [] for c in codings(cat)) \
-            if isinstance(res.get("category"), list) else any(c.get("code") == "inpatient" for c in codings(res.get("category")))
+        single = self._single_dose(res, rt, dosages, dosage_text, full_text) and not as_needed
+        if single and start is not None:
+            end = start                        # one dose covers its own day
+            if note == "frequency not recorded, once daily assumed":
+                per_day, note = 1.0, "single dose"
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
         rec.medications.append(MedicationExposure(
             reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
-            doses_per_day=per_day, daily_mg=daily, dose_note=note, inpatient=inpatient, as_needed=as_needed))
+            doses_per_day=per_day, daily_mg=daily, dose_note=note, as_needed=as_needed,
+            single_dose=single))
 
     def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
         """What a medication names: by code, else by name in its text."""
@@ -876,6 +900,32 @@ class RecordBuilder:
             per_day = None
             note = "as-needed dosing: daily dose not computed"
         return mg, per_day, note, as_needed
+
+    def _single_dose(self, res: dict, rt: str, dosages: list[dict], dosage_text: str, full_text: str) -> bool:
+        """An injection ordered with no frequency and no planned duration is one dose."""
+        if self.cat.single_dose_regex is None or not self.cat.single_dose_regex.search(f" {full_text} "):
+            return False
+        if rt == "MedicationRequest":
+            dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
+            if dr.get("expectedSupplyDuration") or (dr.get("validityPeriod") or {}).get("end"):
+                return False
+        elif rt == "MedicationStatement":
+            if isinstance(res.get("effectivePeriod"), dict) and res["effectivePeriod"].get("end"):
+                return False       # the patient's account of a period of use
+        else:
+            return False           # an administration is one dose already
+        return not self._has_frequency(dosages, dosage_text)
+
+    def _has_frequency(self, dosages: list[dict], dosage_text: str) -> bool:
+        """Whether the record says how often it is given (structured timing or dosage text)."""
+        if any(self._frequency(d) is not None for d in dosages):
+            return True
+        for d in dosages:
+            timing = d.get("timing") if isinstance(d.get("timing"), dict) else {}
+            rep = timing.get("repeat") if isinstance(timing.get("repeat"), dict) else {}
+            if rep.get("boundsPeriod") or rep.get("boundsDuration"):
+                return True
+        return bool(dosage_text) and any(p.search(dosage_text) for p, _ in self.cat.frequency_patterns)
 
     def _frequency(self, dosage: dict) -> float | None:
         timing = dosage.get("timing") if isinstance(dosage.get("timing"), dict) else None

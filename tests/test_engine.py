@@ -618,3 +618,54 @@ def test_procedures_that_are_evidence_only_while_recent(service):
     recent = Patient("ea4", sex="female", age=47)
     recent.procedure(SCT, "367336001", "Chemotherapy (procedure)", days_ago=100)
     assert "chemotherapy_ovarian_suppression" in causes(service, recent)
+
+
+def test_planned_refills_are_not_past_use(service):
+    """An order written 20 days ago with 12 refills is 20 days of use so far, not 390."""
+    ppi = Patient("mt1", sex="male", age=66)
+    ppi.med_request("omeprazole 20 MG Delayed Release Oral Capsule", "7646", start=20, dose=20, supply=30, repeats=12)
+    assert "ppi" not in causes(service, ppi)
+    gc = Patient("mt2", sex="male", age=66)               # ACR 2022 counts a planned course: the card says which is which
+    gc.med_request("prednisone 10 MG Oral Tablet", "8640", start=20, dose=10, supply=30, repeats=12)
+    f = causes(service, gc)["glucocorticoids"]
+    assert any(e.text.startswith("21 days so far at >= 2.5 mg/day prednisone-equivalent (") for e in f.evidence)
+
+
+def test_a_single_dose_injection_left_active_is_not_daily_use(service):
+    """Synthea leaves injection orders `active` for years with no dosage: one dose is not a daily course."""
+    pulse = Patient("sd1", sex="male", age=66)
+    pulse.med_request("methylprednisolone 1000 MG Injection", "6902", start=700)
+    assert "glucocorticoids" not in causes(service, pulse)
+    flush_free = Patient("sd2", sex="male", age=66)
+    flush_free.med_request("enoxaparin sodium 40 MG/0.4ML Prefilled Syringe", "67108", start=300)
+    result = run(service, flush_free)
+    assert "heparin" not in {f.cause.id for f in result.assessment.findings}
+    exposure = result.assessment.record.medications[0]
+    assert exposure.single_dose and exposure.end == exposure.start
+    assert exposure.describe().endswith(f"single dose on {(AS_OF - timedelta(days=300)).isoformat()} (order still active)")
+    daily = Patient("sd3", sex="male", age=66)             # the same syringe ordered daily for months is long-term heparin
+    daily.med_request("enoxaparin sodium 40 MG/0.4ML Prefilled Syringe", "67108", start=150, text="40 mg subcutaneously daily")
+    assert "heparin" in causes(service, daily)
+
+
+def test_weekly_and_monthly_regimens_are_shown_as_such(service):
+    p = Patient("wk1", age=70)
+    ra(p)
+    p.med_request("alendronic acid 70 MG Oral Tablet", None, start=200, text="Take 1 tablet by mouth once a week")
+    p.med_request("ibandronate 150 MG Oral Tablet", "115264", start=200, text="150 mg by mouth monthly")
+    treatments = [e.text for e in run(service, p).assessment.context.treatments]
+    assert any(t.startswith("alendronic acid 70 MG Oral Tablet, 70 mg weekly, ") for t in treatments), treatments
+    assert any(t.startswith("ibandronate 150 MG Oral Tablet, 150 mg monthly, ") for t in treatments), treatments
+
+
+def test_a_months_long_inpatient_heparin_course_counts(service):
+    """Each inpatient administration is a day of use; the 90-day threshold keeps short courses out."""
+    long_stay = Patient("ih1", sex="male", age=75)
+    for d in range(130, 10, -1):
+        long_stay.med_admin_with_reference("heparin sodium 5000 UNT/ML Injectable Solution", "5224", days_ago=d)
+    f = causes(service, long_stay)["heparin"]
+    assert any(e.text.startswith("120 days of use in the last 365 days") for e in f.evidence)
+    short_stay = Patient("ih2", sex="male", age=75)
+    for d in range(40, 33, -1):
+        short_stay.med_admin_with_reference("heparin sodium 5000 UNT/ML Injectable Solution", "5224", days_ago=d)
+    assert "heparin" not in causes(service, short_stay)
