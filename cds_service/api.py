@@ -80,6 +80,9 @@ def invoke(service_id: str):
         metrics.CARDS.labels(card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
                 "skipped_invalid": result.assessment.record.skipped_invalid,
+                "skipped_implausible": result.assessment.record.skipped_implausible,
+                "malformed_dates": result.assessment.record.malformed_dates,
+                "superseded_conditions": result.assessment.record.superseded,
                 "findings": len(result.assessment.findings), "cards": len(result.response["cards"]),
                 "fhir_keys_fetched": len(result.prefetch.fetched_keys),
                 "fhir_requests": result.prefetch.stats.requests}

@@ -84,6 +84,36 @@ class ValidatedResources:
         return True
 
 
+# FHIR date / dateTime / instant (R4 datatypes), checked again as a calendar date below
+_FHIR_DATE_RE = re.compile(r"\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01])(T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)"
+                           r"(\.\d+)?(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))?)?)?)?")
+_DATE_FIELDS = ("birthDate", "deceasedDateTime", "onsetDateTime", "abatementDateTime", "recordedDate", "authoredOn",
+                "effectiveDateTime", "effectiveInstant", "issued", "performedDateTime", "dateAsserted")
+_PERIOD_FIELDS = ("onsetPeriod", "abatementPeriod", "effectivePeriod", "performedPeriod")
+
+
+def _malformed_date(value: Any) -> bool:
+    if not isinstance(value, str) or not _FHIR_DATE_RE.fullmatch(value):
+        return True
+    return len(value) >= 10 and parse_date(value) is None        # 2021-02-30: the right shape, no such day
+
+
+def without_malformed_dates(res: dict) -> dict | None:
+    """A copy of the resource without its malformed top-level dates (a birthDate of "1960-13-45", an
+    onset of "yesterday"), or None when none is malformed: the resource is invalid for another reason."""
+    out = dict(res)
+    for key in _DATE_FIELDS:
+        if key in out and _malformed_date(out[key]):
+            del out[key]
+    for key in _PERIOD_FIELDS:
+        period = out.get(key)
+        if isinstance(period, dict):
+            kept = {k: v for k, v in period.items() if k not in ("start", "end") or not _malformed_date(v)}
+            if kept != period:
+                out[key] = kept
+    return out if out != res else None
+
+
 _WHEN = attrgetter("when")          # sort key: results newest first
 
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
@@ -210,14 +240,16 @@ class Measurement:
     coded value only when a rule reads them (most results are never read: rules look at the
     newest few)."""
 
-    __slots__ = ("reference", "code", "when", "_res", "_builder", "_quantity", "_details")
+    __slots__ = ("reference", "code", "when", "_res", "_builder", "_record", "_quantity", "_details")
 
-    def __init__(self, reference: str, code: str, when: date, res: dict, builder: "RecordBuilder"):
+    def __init__(self, reference: str, code: str, when: date, res: dict, builder: "RecordBuilder",
+                 record: "PatientRecord"):
         self.reference = reference
         self.code = code
         self.when = when
         self._res = res
         self._builder = builder
+        self._record = record
         self._quantity: tuple | None = None
         self._details: dict | None = None
 
@@ -231,6 +263,9 @@ class Measurement:
         unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
         builder = self._builder
         value, unit = builder._convert(builder.loinc_to_analyte.get(self.code), raw_value, code_unit, unit_text)
+        if unit is _IMPLAUSIBLE:
+            unit = ""
+            self._record.skipped_implausible += 1       # an entry or transmission error: never evidence
         self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text)
         return self._quantity
 
@@ -305,6 +340,8 @@ class PatientRecord:
     # (system, code) -> newest date of a resolved/inactive/refuted copy of that concept (reconciliation)
     closed_concepts: dict[tuple[str, str], date] = field(default_factory=dict)
     superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
+    skipped_implausible: int = 0     # results read with a value no real measurement could have
+    malformed_dates: int = 0         # resources kept with a malformed date left out (the date is not read)
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -342,7 +379,10 @@ class PatientRecord:
         if res is None:
             return True
         if not self.known_valid.is_valid(res):
-            return False
+            cleaned = without_malformed_dates(res)
+            if cleaned is None or not self.known_valid.is_valid(cleaned):
+                return False
+            self.malformed_dates += 1           # kept: a bad date is one unread field, not a missing resource
         self.validated.add(reference)
         return True
 
@@ -545,7 +585,8 @@ class RecordBuilder:
             rec.skipped_invalid += 1
             return
         rec.has_patient = True
-        rec.birth_date = parse_date(res.get("birthDate"))
+        birth = res.get("birthDate")
+        rec.birth_date = None if birth is None or _malformed_date(birth) else parse_date(birth)
         g = res.get("gender")
         rec.sex = g if g in ("male", "female") else None
 
@@ -681,7 +722,7 @@ class RecordBuilder:
                 if ref is None:
                     continue
                 for code in wanted:
-                    m = Measurement(ref, code, when, res, self)
+                    m = Measurement(ref, code, when, res, self, rec)
                     if code in observations:
                         observations[code].append(m)
                     else:
@@ -958,11 +999,14 @@ def _reconcile(rec: PatientRecord) -> None:
     rec.conditions = kept
 
 
+_IMPLAUSIBLE = "implausible"
+
+
 def _plausible(value: float, spec: dict) -> tuple[float | None, str]:
-    """The value in the canonical unit, or None when no real measurement could have it."""
+    """The value in the canonical unit, or (None, _IMPLAUSIBLE) when no real measurement could have it."""
     bounds = spec.get("plausible")
     if bounds and not bounds[0] <= value <= bounds[1]:
-        return None, ""
+        return None, _IMPLAUSIBLE
     return value, spec["canonical"]
 
 

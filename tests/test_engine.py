@@ -183,11 +183,43 @@ def test_invalid_resource_is_skipped_and_counted(service):
     p = Patient("m5")
     p.condition(ICD, "M32.9", "Systemic lupus erythematosus")
     bad = p.condition(ICD, "M06.9", "Rheumatoid arthritis")
-    bad["onsetDateTime"] = "not a date"
+    bad["subject"] = {"reference": ["Patient", "m5"]}          # a reference must be a string
     result = run(service, p)
     found = {f.cause.id for f in result.assessment.findings}
     assert "sle" in found and "rheumatoid_arthritis" not in found
     assert result.assessment.record.skipped_invalid == 1
+
+
+@pytest.mark.parametrize("onset", ["not a date", "2021-02-30", "2021-13-01T10:00:00Z"])
+def test_a_malformed_onset_date_does_not_drop_the_condition(service, onset):
+    p = Patient("md-onset")
+    bad = p.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    bad["onsetDateTime"] = onset
+    assessment = run(service, p).assessment
+    record = assessment.record
+    f = {f.cause.id: f for f in assessment.findings}["rheumatoid_arthritis"]
+    assert f.evidence[0].text == "Rheumatoid arthritis (ICD-10-CM M06.9)"      # shown without a date, never a wrong one
+    assert (record.malformed_dates, record.skipped_invalid) == (1, 0)
+
+
+def test_a_malformed_birth_date_does_not_make_the_patient_missing(service):
+    p = Patient("md-birth", age=70)
+    ra(p)
+    p.entries[0]["resource"]["birthDate"] = "1956-13-45"
+    result = run(service, p)
+    assert result.assessment.record.has_patient and result.assessment.record.birth_date is None
+    assert result.response["cards"] and result.assessment.record.malformed_dates == 1
+
+
+def test_impossible_values_are_skipped_counted_and_never_shown(service):
+    p = Patient("imp1", sex="male", age=60)
+    ra(p)
+    p.obs("39156-5", "BMI", -1e308, "kg/m2", 20)
+    p.obs("98979-8", "eGFR", 5000, "mL/min/{1.73_m2}", 10)
+    result = run(service, p)
+    assert not {"low_body_weight", "ckd"} & {f.cause.id for f in result.assessment.findings}
+    assert result.assessment.record.skipped_implausible == 2
+    assert "5000" not in str(result.response) and "e+308" not in str(result.response)
 
 
 # ---- labs and units ------------------------------------------------------------------------
