@@ -701,3 +701,15 @@ def test_a_months_long_inpatient_heparin_course_counts(service):
     for d in range(40, 33, -1):
         short_stay.med_admin_with_reference("heparin sodium 5000 UNT/ML Injectable Solution", "5224", days_ago=d)
     assert "heparin" not in causes(service, short_stay)
+
+
+def test_a_treatment_is_not_the_disease(service):
+    """Radio-iodine ablation is in the VSAC Hyperthyroidism value set; afterwards the patient is usually hypothyroid."""
+    ablated = Patient("rai1", age=58)
+    ablated.procedure(SCT, "431588009", "Radionuclide iodine 131 therapy for thyrotoxicosis (procedure)", days_ago=900)
+    assert "hyperthyroidism" not in causes(service, ablated)
+    active = Patient("rai2", age=58)
+    active.condition(ICD, "E05.00", "Thyrotoxicosis with diffuse goiter without thyrotoxic crisis or storm", onset=300)
+    active.procedure(SCT, "431588009", "Radionuclide iodine 131 therapy for thyrotoxicosis (procedure)", days_ago=30)
+    f = causes(service, active)["hyperthyroidism"]
+    assert len(f.evidence) == 1 and f.supporting[0].text.startswith("Radionuclide iodine 131 therapy")
