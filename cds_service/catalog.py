@@ -70,7 +70,7 @@ CODE_SOURCES = ("synthea:", "vsac:")
 MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose", "recent_use"}
 LOINC_KEYS = ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc",
               "creatinine_loinc")
-OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking"}
+OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking", "dexamethasone_suppression"}
 
 
 class CatalogError(ValueError):

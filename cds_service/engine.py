@@ -5,6 +5,7 @@ given, so fixtures and tests do not rot.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from operator import attrgetter
@@ -407,6 +408,8 @@ class Engine:
             return self._bmi(rule, rec, since)
         if kind == "smoking":
             return self._smoking(rule, rec, since)
+        if kind == "dexamethasone_suppression":
+            return self._dexamethasone_suppression(rule, rec, since)
         return []
 
     def _threshold(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
@@ -515,12 +518,38 @@ class Engine:
                   if abs((m.when - ca.when).days) <= rule["pair_within_days"] and m.value is not None), None)
         if p is None:
             return []
-        if not (p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)):
+        high = p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)
+        not_suppressed = p.value >= rule.get("pth_not_suppressed_at_least", float("inf"))
+        if not (high or not_suppressed):
             return []
         ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
         if albumin is not None:
             ca_text += f" (albumin-corrected {corrected:.1f})"
-        return [Evidence(ca.reference, ca_text), Evidence(p.reference, f"PTH {p.value:g} pg/mL on {p.when.isoformat()}")]
+        pth_text = f"PTH {p.value:g} pg/mL on {p.when.isoformat()}" + \
+            ("" if high else " (within the normal range but not suppressed by the high calcium: inappropriately normal)")
+        return [Evidence(ca.reference, ca_text), Evidence(p.reference, pth_text)]
+
+    def _dexamethasone_suppression(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
+        """The newest cortisol result that is an overnight dexamethasone suppression test, when cortisol
+        stayed above the cut-off (Endocrine Society 2008: > 1.8 ug/dL after 1 mg)."""
+        words = [w.lower() for w in rule["test_words"]]
+        doses = [m for m in rec.medications_by_cause.get("glucocorticoids", ())
+                 if m.start is not None and m.mg_per_dose is not None and m.mg_per_dose <= rule["test_dose_max_mg"]
+                 and any(i.name == "dexamethasone" for i in m.ingredients)]
+        for m in rec.results(rule["loinc"], since):
+            if m.value is None or m.when > rec.as_of:
+                continue
+            named = any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", m.code_text.lower()) for w in words)
+            dose = next((d for d in doses if 0 <= (m.when - d.start).days <= 1), None)
+            if not named and dose is None:
+                continue
+            if m.value <= rule["above"]:
+                return []                     # the newest suppression test was normal
+            after = f" after dexamethasone {dose.mg_per_dose:g} mg on {dose.start.isoformat()}" if dose else \
+                " (dexamethasone suppression test)"
+            return [Evidence(m.reference, f"Cortisol {m.value:.3g} ug/dL on {m.when.isoformat()}{after}: "
+                                          f"not suppressed (above {rule['above']:g})")]
+        return []
 
     def _bmi(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
         m = _newest_with_value(rec.results(rule["loinc"], since))

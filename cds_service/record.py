@@ -293,6 +293,11 @@ class Measurement:
         return self._details
 
     @property
+    def code_text(self) -> str:
+        """The result's name as recorded (code text and displays), for rules that read it."""
+        return concept_text(self._res.get("code"))
+
+    @property
     def value(self) -> float | None:
         return (self._quantity or self._read_quantity())[0]
 

@@ -713,3 +713,34 @@ def test_a_treatment_is_not_the_disease(service):
     active.procedure(SCT, "431588009", "Radionuclide iodine 131 therapy for thyrotoxicosis (procedure)", days_ago=30)
     f = causes(service, active)["hyperthyroidism"]
     assert len(f.evidence) == 1 and f.supporting[0].text.startswith("Radionuclide iodine 131 therapy")
+
+
+def test_high_calcium_with_an_inappropriately_normal_pth_is_the_primary_pattern(service):
+    p = Patient("ph1", age=63)
+    p.obs("17861-6", "Calcium [Mass/volume] in Serum or Plasma", 11.2, "mg/dL", 20, low=8.6, high=10.3)
+    p.obs("2731-8", "Parathyrin.intact [Mass/volume] in Serum or Plasma", 48, "pg/mL", 20, low=15, high=65)
+    f = causes(service, p)["hyperparathyroidism"]
+    assert f.evidence[1].text.endswith("(within the normal range but not suppressed by the high calcium: inappropriately normal)")
+    suppressed = Patient("ph2", age=63)           # PTH-independent hypercalcaemia (e.g. malignancy) suppresses PTH
+    suppressed.obs("17861-6", "Calcium [Mass/volume] in Serum or Plasma", 11.2, "mg/dL", 20, low=8.6, high=10.3)
+    suppressed.obs("2731-8", "Parathyrin.intact [Mass/volume] in Serum or Plasma", 9, "pg/mL", 20, low=15, high=65)
+    assert "hyperparathyroidism" not in causes(service, suppressed)
+
+
+def test_a_failed_dexamethasone_suppression_test_supports_cushings(service):
+    failed = Patient("dst1", age=52)
+    failed.med_admin_with_reference("dexamethasone 1 MG Oral Tablet", "3264", days_ago=31, dose_mg=1)
+    failed.obs("2143-6", "Cortisol [Mass/volume] in Serum or Plasma", 4.2, "ug/dL", 30)
+    f = causes(service, failed)["cushings"]
+    assert f.evidence[0].text == (f"Cortisol 4.2 ug/dL on {(AS_OF - timedelta(days=30)).isoformat()} after dexamethasone 1 mg "
+                                  f"on {(AS_OF - timedelta(days=31)).isoformat()}: not suppressed (above 1.8)")
+    named = Patient("dst2", age=52)               # named as the test; 138 nmol/L is 5 ug/dL
+    named.obs("2143-6", "Cortisol post 1 mg dexamethasone suppression", 138, "nmol/L", 30)
+    assert "cushings" in causes(service, named)
+    suppressed = Patient("dst3", age=52)
+    suppressed.med_admin_with_reference("dexamethasone 1 MG Oral Tablet", "3264", days_ago=31, dose_mg=1)
+    suppressed.obs("2143-6", "Cortisol [Mass/volume] in Serum or Plasma", 1.1, "ug/dL", 30)
+    assert "cushings" not in causes(service, suppressed)
+    morning = Patient("dst4", age=52)             # a random morning cortisol is not a suppression test
+    morning.obs("2143-6", "Cortisol [Mass/volume] in Serum or Plasma", 18, "ug/dL", 30)
+    assert "cushings" not in causes(service, morning)
