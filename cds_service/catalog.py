@@ -151,6 +151,10 @@ class Catalog:
     context_loincs: set[str] = field(default_factory=set)
     non_systemic_regex: re.Pattern | None = None
     single_dose_regex: re.Pattern | None = None
+    condition_text_regex: re.Pattern | None = None        # every cause's text synonyms, longest first
+    condition_text_causes: dict[str, list[str]] = field(default_factory=dict)   # synonym -> cause ids
+    cues_before_regex: re.Pattern | None = None
+    cues_after_regex: re.Pattern | None = None
     templates: dict[str, jinja2.Template] = field(default_factory=dict)
     frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
 
@@ -286,6 +290,9 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             rid = detect["codes_refuted_by"]
             _require(obs_rules.get(rid, {}).get("kind") == "persistent", where,
                      f"codes_refuted_by must name a persistent observation rule, not {rid!r}")
+        text = detect.get("condition_text", [])
+        _require(isinstance(text, list) and all(isinstance(t, str) and t.strip() for t in text), where,
+                 "condition_text must be a list of words or phrases")
         age = detect.get("evidence_age")
         if age is not None:
             _require(isinstance(age, dict) and set(age) <= {"procedures_within_days", "reason"}, where,
@@ -340,6 +347,22 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     )
     _build_indexes(catalog)
     return catalog
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, one kind of apostrophe, single spaces: how text synonyms and cues are compared."""
+    return " ".join(text.lower().replace("\u2019", "'").replace("`", "'").split())
+
+
+def words_regex(words) -> re.Pattern:
+    """Any of the words or phrases as a whole word (a boundary only where the word starts or ends with a
+    letter or digit: "?" matches in "?celiac"), longest first."""
+    parts = []
+    for w in sorted({normalize_text(w) for w in words}, key=len, reverse=True):
+        if not w:
+            continue
+        parts.append(("(?<![a-z0-9])" if w[0].isalnum() else "") + re.escape(w) + ("(?![a-z0-9])" if w[-1].isalnum() else ""))
+    return re.compile("|".join(parts) or "(?!)")
 
 
 def _build_indexes(cat: Catalog) -> None:
@@ -415,6 +438,14 @@ def _build_indexes(cat: Catalog) -> None:
     words = cat.medication_settings["non_systemic"]["words"]
     # words match at the start of a word: "cutaneous" must not match "subcutaneously"
     cat.non_systemic_regex = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w.lower()) for w in words) + ")")
+    for cause in cat.causes.values():
+        for term in cause.detect.get("condition_text", []):
+            cat.condition_text_causes.setdefault(normalize_text(term), []).append(cause.id)
+    if cat.condition_text_causes:
+        cat.condition_text_regex = words_regex(cat.condition_text_causes)
+        cues = cat.detection.get("condition_text") or {}
+        cat.cues_before_regex = words_regex(w for group in cues.get("cues_before", {}).values() for w in group)
+        cat.cues_after_regex = words_regex(w for group in cues.get("cues_after", {}).values() for w in group)
     words = cat.medication_settings.get("single_dose", {}).get("words", [])
     cat.single_dose_regex = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w.lower()) for w in words) + ")") \
         if words else None

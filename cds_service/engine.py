@@ -686,7 +686,8 @@ def _union_days(intervals: list[tuple[date, date]]) -> int:
 
 
 def _coded_text(entry: CodedEntry) -> str:
-    codes = ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
+    codes = "recorded as text, no code we know" if entry.as_text else \
+        ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
     when = f", {'onset' if entry.resource_type == 'Condition' else 'performed'} {entry.when.isoformat()}" if entry.when else ""
     healed = ", recorded as resolved (history)" if entry.historic else ""
     return f"{entry.text or 'coded entry'} ({codes}){when}{healed}"

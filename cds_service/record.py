@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import orjson
 from pydantic import ValidationError
 
-from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system
+from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text
 from .jsonutil import as_list, is_error_outcome
 
 _MODELS: dict[str, Any] = {}
@@ -322,6 +322,7 @@ class CodedEntry:
     matches: list[tuple[str, str]]        # (cause_id, role)
     codes: list[tuple[str, str]]          # (system, code) of the resource
     historic: bool = False                # resolved or inactive: read only as history (a healed fracture)
+    as_text: bool = False                 # matched by its text: no coding the catalog knows
 
 
 @dataclass
@@ -497,6 +498,7 @@ class RecordBuilder:
         self._one_coding_matches = memo(
             lambda rt, system, code, text, display: self._concept_matches(
                 rt, {"text": text, "coding": [{"system": system, "code": code, "display": display}]}))
+        self._condition_text_matches = memo(self._text_matches)
         self._procedure_text_matches = memo(
             lambda low: tuple((cause_id, "trigger") for word, cause_id in self.procedure_words if word in low))
         # one reader per resource type, each over all resources of its type
@@ -636,8 +638,14 @@ class RecordBuilder:
                                                                c.get("display"))
         else:
             matches, context, codes = self._concept_matches(rt, concept)
+        as_text = False
         if not matches and not context:
-            return
+            if rt != "Condition" or self.cat.condition_text_regex is None:
+                return
+            matches = self._condition_text_matches(concept_text(concept))
+            if not matches:
+                return
+            as_text = True
         state, when = counts(res)
         historic = False
         if state == "closed":
@@ -651,7 +659,7 @@ class RecordBuilder:
             return
         ref = self._keep(rec, res)
         if ref is not None:
-            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes), historic))
+            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes), historic, as_text))
 
     def _concept_matches(self, rt: str, concept: Any) -> tuple[tuple, bool, tuple]:
         """(cause matches, whether it shapes the card's context, its (system, code) pairs)."""
@@ -669,6 +677,19 @@ class RecordBuilder:
         if rt == "Procedure" and self.procedure_words:
             matches += self._procedure_text_matches(concept_text(concept).lower())
         return tuple(matches), context, tuple(codes)
+
+    def _text_matches(self, text: str) -> tuple[tuple[str, str], ...]:
+        """Causes a Condition's text names, where no cue before or after the name negates it, hedges it,
+        puts it in the past or gives it to someone else ("no celiac disease", "FH: rheumatoid arthritis",
+        "?Cushing's", "Graves disease - resolved")."""
+        cat = self.cat
+        low = normalize_text(text)
+        out: list[tuple[str, str]] = []
+        for m in cat.condition_text_regex.finditer(low):
+            if cat.cues_before_regex.search(low, 0, m.start()) or cat.cues_after_regex.search(low, m.end()):
+                continue
+            out += [(cause_id, "trigger") for cause_id in cat.condition_text_causes[m.group(0)]]
+        return tuple(dict.fromkeys(out))
 
     def _lookup_code(self, system: str, code: str) -> tuple[tuple[tuple[str, str], ...], bool]:
         """(causes the code triggers or supports, whether it shapes the card's context). Memoized:

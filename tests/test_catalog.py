@@ -213,6 +213,7 @@ def _cause(causes, cid):
     (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].update(procedures_within_days="90"),
      "procedures_within_days must be a whole number of days"),
     (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].pop("reason"), "evidence_age needs a reason"),
+    (lambda cs: _cause(cs, "copd")["detect"].update(condition_text="copd"), "condition_text must be a list"),
 ])
 def test_loader_fails_loudly_on_a_malformed_entry(tmp_path, edit, message):
     cards = _broken_copy(tmp_path, edit)

@@ -744,3 +744,46 @@ def test_a_failed_dexamethasone_suppression_test_supports_cushings(service):
     morning = Patient("dst4", age=52)             # a random morning cortisol is not a suppression test
     morning.obs("2143-6", "Cortisol [Mass/volume] in Serum or Plasma", 18, "ug/dL", 30)
     assert "cushings" not in causes(service, morning)
+
+
+def _text_condition(p: Patient, text: str, coding: list | None = None) -> dict:
+    """A problem-list entry as free-text EHRs send it: text, and at most a local code."""
+    r = {"resourceType": "Condition", "subject": p.subject, "code": {"text": text}, "onsetDateTime": "2023-05-02",
+         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                        "code": "active"}]}}
+    if coding:
+        r["code"]["coding"] = coding
+    return p.add(r)
+
+
+@pytest.mark.parametrize("text, cause", [
+    ("Rheumatoid arthritis", "rheumatoid_arthritis"),
+    ("Crohn\u2019s disease of ileum", "ibd"),
+    ("CKD stage 3b", "ckd"),
+    ("Type 2 diabetes, no complications", "diabetes_type2"),   # "no" after the name does not negate it
+    ("COPD - on home oxygen", "copd"),
+])
+def test_a_condition_recorded_as_text_only_is_read(service, text, cause):
+    p = Patient("tx-" + cause, age=66)
+    _text_condition(p, text, [{"system": "urn:oid:1.2.840.114350.1.13.0.1.7.2.696580", "code": "40217"}])  # a local code
+    f = causes(service, p)[cause]
+    assert f.evidence[0].text == f"{text} (recorded as text, no code we know), onset 2023-05-02"
+
+
+@pytest.mark.parametrize("text", [
+    "No celiac disease", "Denies alcohol abuse", "FH: rheumatoid arthritis", "Rheumatoid arthritis (mother)",
+    "?Cushing's syndrome", "Possible COPD", "Rule out multiple myeloma", "Graves disease - resolved",
+    "Ulcerative colitis in remission", "History of ischemic stroke", "Cystic fibrosis carrier", "Exposure to HIV infection", "Screening for HIV infection", "Hearing aids",
+])
+def test_negated_uncertain_past_or_family_text_is_not_a_diagnosis(service, text):
+    p = Patient("txn", age=66)
+    _text_condition(p, text)
+    assert causes(service, p) == {}
+
+
+def test_text_is_read_only_when_no_coding_is_known(service):
+    """A coded entry the catalog maps is read by its code; text never adds a second cause to it."""
+    p = Patient("txc", age=66)
+    _text_condition(p, "Rheumatoid arthritis with celiac disease",
+                    [{"system": ICD, "code": "M06.9", "display": "Rheumatoid arthritis, unspecified"}])
+    assert set(causes(service, p)) == {"rheumatoid_arthritis"}
