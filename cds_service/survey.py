@@ -18,6 +18,7 @@ import orjson
 from .catalog import Catalog, normalize_system
 from .record import RecordBuilder, codings, concept_text
 
+TEXT_ONLY = "(text only)"          # the system column of a Condition recorded with no code
 _MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense")
 
 
@@ -68,6 +69,16 @@ class CodeSurvey:
             else:
                 continue
             for concept in concepts:
+                if rt == "Condition" and not any(isinstance(c.get("code"), str) for c in codings(concept)):
+                    text = concept_text(concept).strip()
+                    if text:                        # a problem-list entry recorded as text only
+                        key = (rt, TEXT_ONLY, text.lower())
+                        row = self.rows.get(key)
+                        if row is None:
+                            row = self.rows[key] = CodingRow(rt, TEXT_ONLY, "", text)
+                            row.meaning = self._text_meaning(text)
+                        row.patients.add(patient)
+                    continue
                 for c in codings(concept):
                     if not isinstance(c.get("code"), str):
                         continue
@@ -81,10 +92,17 @@ class CodeSurvey:
                         row.meaning = self._meaning(kind, system, c["code"], row.display)
                     row.patients.add(patient)
 
+    def _text_meaning(self, text: str) -> str:
+        if self.cat.condition_text_regex is None:
+            return ""
+        return "; ".join(sorted({f"cause {cid} (by text)" for cid, _ in self.builder._condition_text_matches(text)}))
+
     def _meaning(self, kind: str, system: str, code: str, display: str) -> str:
         if kind in ("Condition", "Procedure"):
             hits, in_context = self.builder._lookup_code(system, code)
             parts = sorted({f"cause {cid}" + (" (supporting)" if role == "supporting" else "") for cid, role in hits})
+            if kind == "Condition" and not parts and not in_context:
+                return self._text_meaning(display)      # an unknown code: read by its text, as the engine does
             return "; ".join(parts + (["bone context"] if in_context else []))
         if kind == "Observation":
             rules = self.cat.loinc_rules.get(code, []) if system == "http://loinc.org" else []

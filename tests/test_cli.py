@@ -1,6 +1,8 @@
 """`cds-service evaluate`: the exact service response for Bundles or requests, offline."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -91,3 +93,19 @@ def test_code_survey_lists_each_coding_once_with_patients_and_meaning(tmp_path):
     assert "444814009" in unmatched.stdout and "87433001" not in unmatched.stdout
     missing = codes(str(tmp_path / "nope.json"))
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_code_survey_shows_conditions_recorded_as_text_and_what_the_text_means(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from fixtures.generate import Patient
+    p = Patient("survey-text", age=60)
+    p.add({"resourceType": "Condition", "subject": p.subject, "code": {"text": "Celiac disease"}})
+    p.add({"resourceType": "Condition", "subject": p.subject, "code": {"text": "FH: celiac disease"}})
+    p.add({"resourceType": "Condition", "subject": p.subject,
+           "code": {"coding": [{"system": "urn:oid:1.2.3.4", "code": "L77", "display": "Crohn's disease"}]}})
+    (tmp_path / "p.json").write_text(json.dumps(p.bundle()))
+    out = codes(str(tmp_path), "--csv")
+    rows = {r[3]: r for r in csv.reader(io.StringIO(out.stdout))}
+    assert rows["Celiac disease"][1:3] == ["(text only)", ""] and rows["Celiac disease"][5] == "cause celiac (by text)"
+    assert rows["FH: celiac disease"][5] == ""
+    assert rows["Crohn's disease"][5] == "cause ibd (by text)"
