@@ -54,10 +54,11 @@ class CardRenderer:
             return []
         firing, listed = a.triggering, a.listed
         strong = any(f.cause.strength == "strong" for f in firing)
+        gap = a.context.treatment_gap
         card = {
             "uuid": self.new_uuid(),
-            "summary": self.summary(firing),
-            "indicator": self.cfg["indicator"]["strong_cause" if strong else "otherwise"],
+            "summary": self.gap_summary(a, firing) if gap else self.summary(firing),
+            "indicator": self.cfg["indicator"]["treatment_gap" if gap else "strong_cause" if strong else "otherwise"],
             "detail": self.detail(a, firing, listed),
             "source": {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])},
         }
@@ -86,6 +87,20 @@ class CardRenderer:
                     return text
         return cfg["template_short"].format(causes=names[0])[: limit - 1] + "…"
 
+    def gap_summary(self, a: Assessment, firing: list[Finding]) -> str:
+        """The treatment gap leads; the causes follow as far as the length allows."""
+        cfg = self.cfg["summary"]
+        ctx = a.context
+        bone = cfg["gap_bone"]["both" if (ctx.osteoporosis or ctx.low_t_score) and ctx.fractures
+                               else "fracture" if ctx.fractures else "osteoporosis"]
+        names = [self._short(f) for f in firing]
+        for shown in range(len(names), 0, -1):
+            parts = names[:shown] + ([cfg["more"].format(n=len(names) - shown)] if shown < len(names) else [])
+            text = cfg["gap_template"].format(bone=bone, causes=", ".join(parts))
+            if len(text) <= cfg["max_length"]:
+                return text
+        return cfg["gap_template_short"].format(bone=bone)
+
     def _short(self, f: Finding) -> str:
         name = f.cause.short_name
         if f.tier == "very_high":
@@ -112,8 +127,37 @@ class CardRenderer:
         days = s.get("recent_dxa_days", 730)
         dxa = ctx_cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days) if ctx.last_dxa \
             else ctx_cfg["dxa_none"].format(days=days)
-        treatment = ctx_cfg["treatment_current"].format(items="; ".join(md(e.text) for e in ctx.treatments[:3])) \
-            if ctx.treatments else ctx_cfg["treatment_none"]
+        if ctx.courses:
+            c = ctx.courses[0]
+            treatment = ctx_cfg["treatment_current"].format(
+                items=ctx_cfg["treatment_since"].format(drug=md(c.drug), since=c.since.isoformat()[:7]))
+            if ctx.next_decision:
+                treatment += " " + ctx_cfg["next_decision"].format(text=md(ctx.next_decision))
+        elif ctx.treatments:
+            treatment = ctx_cfg["treatment_current"].format(items="; ".join(md(e.text) for e in ctx.treatments[:3]))
+        else:
+            treatment = ctx_cfg["treatment_none"]
+        if ctx.latest_t_score:
+            value, site, day = ctx.latest_t_score
+            bone += " " + ctx_cfg["latest_t_score"].format(value=value, site=md(site), date=day.isoformat())
+        gap = None
+        if ctx.treatment_gap:
+            kind = "both" if (ctx.osteoporosis or ctx.low_t_score) and ctx.fractures else \
+                "fracture" if ctx.fractures else "osteoporosis"
+            shown = ctx.fractures + ctx.osteoporosis + ([ctx.low_t_score] if ctx.low_t_score else [])
+            gap = SimpleNamespace(bone=md(self.cfg["summary"]["gap_bone"][kind]),
+                                  evidence=[md(e.text) for e in shown[:4]],
+                                  options=md(self.cfg["treatment_gap"]["options"]),
+                                  guidelines=self._guidelines_md(self.cat.detection["treatment_gap"]["citations"]))
+        kidney = None
+        if ctx.kidney_caution:
+            kcfg = self.cfg["kidney"]
+            latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
+                if ctx.latest_egfr else kcfg["none"]
+            kidney = SimpleNamespace(
+                latest=md(latest), evidence=[md(e.text) for e in ctx.kidney_caution[:3]],
+                caution=md(kcfg["caution"].format(
+                    guidelines=self._citation_names(self.cat.detection["kidney_caution"]["citations"]))))
         wdays = s.get("recent_workup_days", 365)
         done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
         workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
@@ -122,7 +166,7 @@ class CardRenderer:
         listed_view = [SimpleNamespace(label=self._label_md[f.cause.id], evidence=[md(e.text) for e in f.evidence])
                        for f in listed]
         text = self.cat.templates["detail"].render(
-            causes=[cause_view(f) for f in firing], listed=listed_view,
+            gap=gap, kidney=kidney, causes=[cause_view(f) for f in firing], listed=listed_view,
             context=SimpleNamespace(bone_status=bone, dxa=dxa, treatment=treatment, workup=workup))
         while "\n\n\n" in text:                  # template blocks that rendered empty
             text = text.replace("\n\n\n", "\n\n")
@@ -137,6 +181,9 @@ class CardRenderer:
         if out is None:
             out = self._guidelines_cache[key] = ", ".join(md(self._citation_name(c)) for c in citations)
         return out
+
+    def _citation_names(self, citations: list[str]) -> str:
+        return ", ".join(self._citation_name(c) for c in citations)
 
     def _citation_name(self, cid: str) -> str:
         c = self.cat.citations.get(cid, {})

@@ -150,6 +150,7 @@ class Catalog:
     loinc_rules: dict[str, list[str]] = field(default_factory=dict)
     context_loincs: set[str] = field(default_factory=set)
     non_systemic_regex: re.Pattern | None = None
+    loinc_groups: dict[str, list[str]] = field(default_factory=dict)     # analyte -> every LOINC code for it
     single_dose_regex: re.Pattern | None = None
     condition_text_regex: re.Pattern | None = None        # every cause's text synonyms, longest first
     condition_text_causes: dict[str, list[str]] = field(default_factory=dict)   # synonym -> cause ids
@@ -217,6 +218,10 @@ def _check_code(entry: Any, where: str) -> None:
     _require(entry.get("role", "trigger") in ("trigger", "supporting"), where, f"code {entry['code']}: bad role")
     if entry.get("match") == "prefix":
         _require(entry["system"] == ICD10CM, where, f"prefix match is only for ICD-10-CM ({entry['code']})")
+    if "min_age_at_onset" in entry:
+        age = entry["min_age_at_onset"]
+        _require(isinstance(age, int) and not isinstance(age, bool) and 0 < age < 130, where,
+                 f"code {entry['code']}: min_age_at_onset must be a whole number of years")
     source = entry.get("source", "reference")
     _require(isinstance(source, str) and (source == "reference" or source.startswith(CODE_SOURCES)), where,
              f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
@@ -264,6 +269,19 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             _require(oc in codes, where, f"order code {oc} is not one of the item's codes")
             _require(codes[oc]["verified"], where, f"order code {oc} is not verified: never order an unverified code")
 
+    for key in ("kidney_caution", "pregnancy"):
+        for c in detection.get(key, {}).get("codes", []):
+            _check_code(c, f"detection.yaml {key}")
+    for oid in detection.get("kidney_caution", {}).get("value_sets", []):
+        _require(oid in value_sets, "detection.yaml kidney_caution", f"unknown value set {oid}")
+    for group, oids in (detection.get("index_condition_value_sets") or {}).items():
+        _require(group in detection["index_conditions"], "detection.yaml index_condition_value_sets",
+                 f"unknown group {group}")
+        for oid in oids:
+            _require(oid in value_sets, "detection.yaml index_condition_value_sets", f"unknown value set {oid}")
+    for key in ("treatment_gap", "kidney_caution", "treatment_review"):
+        for c in detection.get(key, {}).get("citations", []):
+            _require(c in citations, f"detection.yaml {key}", f"unknown citation {c}")
     short_names = card_cfg.get("short_names", {})
     causes: dict[str, Cause] = {}
     for entry in raw["causes"]["causes"]:
@@ -343,7 +361,7 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
         version=str(manifest["catalog"]["version"]), settings=manifest.get("scope", {}),
         statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
         observation_rules=obs_rules, units=units, medication_settings=raw["medications"],
-        detection=detection, card=card_cfg, value_sets=value_sets,
+        detection=detection, card=card_cfg, value_sets=value_sets, loinc_groups=groups,
     )
     _build_indexes(catalog)
     return catalog

@@ -64,7 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
     from .errors import ServiceError, operation_outcome
     from .fhir_client import FhirClient
-    from .service import OsteoporosisService, explain
+    from .service import OsteoporosisService, explain, explain_context
 
     settings = Settings.from_env()
     as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
@@ -79,6 +79,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             line = dict(result.response)
             if args.explain:
                 line["findings"] = explain(result.assessment)
+                line["context"] = explain_context(result.assessment)
         except (OSError, orjson.JSONDecodeError) as exc:
             failures += 1
             line = {"file": name, "error": operation_outcome(f"Cannot read {name}: {type(exc).__name__}")}

@@ -37,12 +37,36 @@ class Finding:
 
 
 @dataclass
+class TreatmentCourse:
+    """One osteoporosis medicine as a course: since when, the last dose or day covered, still running."""
+    drug: str
+    since: date
+    last: date
+    ongoing: bool
+    reference: str
+
+
+@dataclass
 class BoneContext:
     bone_diagnoses: list[Evidence] = field(default_factory=list)
+    osteoporosis: list[Evidence] = field(default_factory=list)       # diagnosis codes
+    fractures: list[Evidence] = field(default_factory=list)          # fragility fractures, healed ones included
+    low_t_score: Evidence | None = None                              # latest DXA's lowest T-score, when <= the cut-off
+    latest_t_score: tuple[float, str, date] | None = None            # (value, site, date) of the latest DXA's lowest
     last_dxa: date | None = None
     dxa_evidence: Evidence | None = None
     treatments: list[Evidence] = field(default_factory=list)
+    courses: list[TreatmentCourse] = field(default_factory=list)
+    next_decision: str | None = None                                 # drug holiday review, denosumab dose due
     workup_done: dict[str, Evidence] = field(default_factory=dict)
+    latest_egfr: tuple[float, date, str] | None = None               # (value, date, reference)
+    kidney_caution: list[Evidence] = field(default_factory=list)     # why antiresorptives need care
+    pregnant: Evidence | None = None
+
+    @property
+    def treatment_gap(self) -> bool:
+        """Osteoporosis or a fragility fracture on record and no current osteoporosis medicine."""
+        return bool(self.osteoporosis or self.fractures or self.low_t_score) and not self.treatments
 
 
 @dataclass
@@ -64,7 +88,9 @@ class Assessment:
 
     @property
     def card_due(self) -> bool:
-        return self.in_scope and bool(self.triggering)
+        """A cause that fires on its own, or untreated osteoporosis (also with no cause recorded:
+        unexplained osteoporosis is the classic indication for the secondary-cause workup)."""
+        return self.in_scope and (bool(self.triggering) or self.context.treatment_gap)
 
     def cited_references(self) -> set[str]:
         """Resources that drive a finding or the card's wording: findings' evidence, bone
@@ -72,7 +98,11 @@ class Assessment:
         keep a test from being offered again, and are not validated.)"""
         refs = {e.reference for f in self.findings for e in f.evidence + f.supporting}
         ctx = self.context
-        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments}
+        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + ctx.kidney_caution}
+        if ctx.low_t_score:
+            refs.add(ctx.low_t_score.reference)
+        if ctx.pregnant:
+            refs.add(ctx.pregnant.reference)
         if ctx.dxa_evidence:
             refs.add(ctx.dxa_evidence.reference)
         return refs
@@ -110,7 +140,8 @@ def observation_windows(catalog: Catalog) -> dict[str, int | None]:
     det = catalog.detection
     for k in ("t_score", "z_score", "bmd_area_density", "study"):
         for c in det["existing_dxa"].get(k, []):
-            read(c["code"], s.get("recent_dxa_days", 730))
+            # the latest T-score is read however old (untreated osteoporosis); the rest for DXA recency
+            read(c["code"], None if k == "t_score" else s.get("recent_dxa_days", 730))
     for tier in det["workup"].values():
         for item in tier:
             for c in item["codes"]:
@@ -125,20 +156,30 @@ class Engine:
         self.cat = catalog
         self.gc = catalog.medication_settings["glucocorticoids"]
         det = catalog.detection
-        # osteoporosis, osteopenia and fragility-fracture codes (exact, or ICD-10-CM prefixes)
-        self.bone_codes: set[str] = set()
-        self.bone_prefixes: set[str] = set()
-        for group, entries in det["index_conditions"].items():
-            if group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
-                for c in entries:
-                    self.bone_codes.add(c["code"])
-                    if c.get("match") == "prefix":
-                        self.bone_prefixes.add(icd_key(c["code"]))
-        for oid in det.get("index_condition_value_sets", []):
-            self.bone_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
+        # osteoporosis, osteopenia and fragility-fracture codes per group (exact, or ICD-10-CM prefixes)
+        self.bone_groups: dict[str, tuple[set[str], set[str]]] = {}
+        for group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
+            exact, prefixes = set(), set()
+            for c in det["index_conditions"].get(group, []):
+                (prefixes.add(icd_key(c["code"])) if c.get("match") == "prefix" else exact.add(c["code"]))
+            for oid in det.get("index_condition_value_sets", {}).get(group, []):
+                exact.update(c["code"] for c in catalog.value_sets[oid]["codes"])
+            self.bone_groups[group] = (exact, prefixes)
         # M80: osteoporosis with current pathological (fragility) fracture
         self.fracture_prefixes = {icd_key(c["code"]) for c in det["index_conditions"]["osteoporosis"]
                                   if c.get("match") == "prefix" and c["code"].startswith("M80")}
+        self.bone_groups["fragility_fracture_history"][1].update(self.fracture_prefixes)
+        # site fractures (hip, forearm, vertebra) are fragility fractures only from an age (earlier: trauma)
+        self.fracture_min_age = {c["code"]: c["min_age_at_onset"] for cs in det["index_conditions"].values()
+                                 for c in cs if "min_age_at_onset" in c}
+        self.t_score_loincs = {c["code"] for c in det["existing_dxa"].get("t_score", [])}
+        self.t_score_names = {c["code"]: c.get("display", "") for c in det["existing_dxa"].get("t_score", [])}
+        kc = det.get("kidney_caution", {})
+        self.kidney_codes = {c["code"] for c in kc.get("codes", [])}
+        for oid in kc.get("value_sets", []):
+            self.kidney_codes.update(c["code"] for c in catalog.value_sets[oid]["codes"])
+        self.pregnancy_codes = {c["code"] for c in det.get("pregnancy", {}).get("codes", [])}
+        self.egfr_loincs = catalog.loinc_groups.get("egfr", [])
         self.dxa_loincs = {c["code"] for k in ("t_score", "z_score", "bmd_area_density", "study")
                            for c in det["existing_dxa"].get(k, [])}
         self.dxa_proc_codes = {c["code"] for k in ("procedure_cpt", "procedure_snomed")
@@ -585,15 +626,86 @@ class Engine:
         return evidence
 
     # ---- bone-health context -----------------------------------------------------------------
+    def _t_scores(self, rec: PatientRecord, ctx: BoneContext) -> None:
+        """The latest DXA's lowest T-score (of every site measured that day), however old."""
+        results = [m for m in rec.results(self.t_score_loincs) if m.when <= rec.as_of and m.value is not None]
+        if not results:
+            return
+        day = results[0].when
+        lowest = min((m for m in results if m.when == day), key=_VALUE)
+        site = self.t_score_names.get(lowest.code, "").replace("[T-score]", "").replace("Bone density", "").strip()
+        ctx.latest_t_score = (lowest.value, site, day)
+        if lowest.value <= self.cat.detection.get("treatment_gap", {}).get("t_score_at_most", -2.5):
+            ctx.low_t_score = Evidence(lowest.reference, f"T-score {lowest.value:.1f} ({site}) on {day.isoformat()}")
+
+    def _fragility_age(self, c: CodedEntry, rec: PatientRecord) -> bool:
+        limits = [self.fracture_min_age[code] for _, code in c.codes if code in self.fracture_min_age]
+        if not limits:
+            return True
+        age = rec.age_on(c.when) if c.when else None
+        return age is not None and age >= min(limits)
+
+    @staticmethod
+    def _add_course(ctx: BoneContext, drug: str, m: MedicationExposure, rec: PatientRecord) -> None:
+        last = min(m.end or m.start, rec.as_of) if not m.single_dose else m.start
+        for c in ctx.courses:
+            if c.drug == drug:
+                c.since, c.last = min(c.since, m.start), max(c.last, last)
+                c.ongoing = c.ongoing or (m.ongoing and not m.single_dose)
+                return
+        ctx.courses.append(TreatmentCourse(drug, m.start, last, m.ongoing and not m.single_dose, m.reference))
+
+    def _next_decision(self, ctx: BoneContext, rec: PatientRecord) -> str | None:
+        review = self.cat.detection.get("treatment_review") or {}
+        for course in ctx.courses:
+            den = review.get("denosumab") or {}
+            if course.drug in den.get("drugs", ()):
+                due = course.last + timedelta(days=den["dose_every_days"])
+                return den["text"].format(date=due.isoformat())
+            for rule in review.get("drug_holiday", ()):
+                years = (rec.as_of - course.since).days / 365.25
+                if course.drug in rule["drugs"] and years >= rule["after_years"]:
+                    return rule["text"].format(years=round(years, 1))
+        return None
+
     def _context(self, rec: PatientRecord) -> BoneContext:
         ctx = BoneContext()
         s = self.cat.settings
+        preg_since = rec.as_of - timedelta(days=self.cat.detection.get("pregnancy", {}).get("within_days", 300))
         for c in rec.conditions:
-            if any(code in self.bone_codes or (system == ICD10CM and icd_prefix_match(code, self.bone_prefixes))
-                   for system, code in c.codes):
-                ctx.bone_diagnoses.append(Evidence(c.reference, _coded_text(c)))
+            groups = [g for g, (exact, prefixes) in self.bone_groups.items()
+                      if any(code in exact or (system == ICD10CM and icd_prefix_match(code, prefixes))
+                             for system, code in c.codes)]
+            if groups and not self._fragility_age(c, rec):
+                groups = []                     # a fracture in childhood or youth: trauma, not bone fragility
+            if groups:
+                ev = Evidence(c.reference, _coded_text(c))
+                ctx.bone_diagnoses.append(ev)
+                if "fragility_fracture_history" in groups:
+                    ctx.fractures.append(ev)
+                elif "osteoporosis" in groups and not c.historic:
+                    ctx.osteoporosis.append(ev)
+            if c.historic:
+                continue
             if any(code in self.treatment_codes for _, code in c.codes):
                 ctx.treatments.append(Evidence(c.reference, _coded_text(c)))
+            if any(code in self.kidney_codes for _, code in c.codes):
+                ctx.kidney_caution.append(Evidence(c.reference, _coded_text(c)))
+            if ctx.pregnant is None and c.when and c.when >= preg_since and any(code in self.pregnancy_codes for _, code in c.codes):
+                ctx.pregnant = Evidence(c.reference, _coded_text(c))
+        kc = self.cat.detection.get("kidney_caution", {})
+        dialysis_since = rec.as_of - timedelta(days=kc.get("dialysis_within_days", 90))
+        for p in rec.procedures:
+            if p.when and dialysis_since <= p.when <= rec.as_of and any(code in self.kidney_codes for _, code in p.codes):
+                ctx.kidney_caution.append(Evidence(p.reference, _coded_text(p)))
+                break
+        egfr_since = rec.as_of - timedelta(days=kc.get("egfr_lookback_days", 730))
+        egfr = _newest_with_value([m for m in rec.results(self.egfr_loincs, egfr_since) if m.when <= rec.as_of])
+        if egfr is not None:
+            ctx.latest_egfr = (egfr.value, egfr.when, egfr.reference)
+            if "egfr_below" in kc and egfr.value < kc["egfr_below"]:
+                ctx.kidney_caution.insert(0, Evidence(egfr.reference, f"eGFR {egfr.value:.0f} mL/min/1.73 m2 on {egfr.when.isoformat()}"))
+        self._t_scores(rec, ctx)
         dxa_since = rec.as_of - timedelta(days=s.get("recent_dxa_days", 730))
         candidates: list[tuple[date, Evidence]] = []
         for code in self.dxa_loincs:
@@ -619,6 +731,8 @@ class Engine:
                 window = rec.as_of - timedelta(days=s.get("denosumab_effect_days", 210))
             if m.ongoing or (m.end and m.end >= window):
                 ctx.treatments.append(Evidence(m.reference, m.describe()))
+                self._add_course(ctx, names[0], m, rec)
+        ctx.next_decision = self._next_decision(ctx, rec)
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
         for item_id, label, code in self.workup_codes:
             if item_id in ctx.workup_done:

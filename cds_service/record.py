@@ -474,11 +474,18 @@ class RecordBuilder:
         for group in det["index_conditions"].values():
             self.context_codes.update(c["code"] for c in group)
             self.context_icd_prefixes.update(icd_key(c["code"]) for c in group if c.get("match") == "prefix")
-        for oid in det.get("index_condition_value_sets", []):
-            self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
+        for oids in det.get("index_condition_value_sets", {}).values():
+            for oid in oids:
+                self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
+        for key in ("kidney_caution", "pregnancy"):       # card context: kidney safety, no DXA in pregnancy
+            self.context_codes.update(c["code"] for c in det.get(key, {}).get("codes", []))
+            for oid in det.get(key, {}).get("value_sets", []):
+                self.context_codes.update(c["code"] for c in catalog.value_sets[oid]["codes"])
         # fractures stay on record when healed (resolved): they are history, not a current problem
         self.history_codes = {(normalize_system(c["system"]), c["code"])
                               for c in det["index_conditions"].get("fragility_fracture_history", [])}
+        for oid in det.get("index_condition_value_sets", {}).get("fragility_fracture_history", []):
+            self.history_codes.update((normalize_system(c["system"]), c["code"]) for c in catalog.value_sets[oid]["codes"])
         for key in ("procedure_cpt", "procedure_snomed"):
             self.context_codes.update(c["code"] for c in det["existing_dxa"].get(key, []))
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])

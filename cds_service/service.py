@@ -123,5 +123,25 @@ class OsteoporosisService:
 
 
 def explain(assessment: Assessment) -> list[dict]:
-    """The --explain findings list: every cause found and the resources it rests on."""
-    return [{"cause": f.cause.id, "evidence": f.references} for f in assessment.findings]
+    """The --explain findings list: every cause found, the resources it rests on, and whether it is only
+    listed on a card that fires for another reason."""
+    return [{"cause": f.cause.id, "evidence": f.references, "listed_only": not f.cause.fires_alone}
+            for f in assessment.findings]
+
+
+def explain_context(assessment: Assessment) -> dict:
+    """The --explain context a reviewer needs to check the card: treatment gap, current therapy,
+    kidney caution, latest eGFR and pregnancy."""
+    ctx = assessment.context
+    course = ctx.courses[0] if ctx.courses else None
+    return {
+        "treatment_gap": ctx.treatment_gap,
+        "on_treatment": {"drug": course.drug, "since": course.since.isoformat()} if course else None,
+        "next_decision": ctx.next_decision,
+        "kidney_caution": bool(ctx.kidney_caution),
+        "latest_egfr": {"value": round(ctx.latest_egfr[0], 1), "date": ctx.latest_egfr[1].isoformat()}
+        if ctx.latest_egfr else None,
+        "latest_t_score": {"value": ctx.latest_t_score[0], "site": ctx.latest_t_score[1],
+                           "date": ctx.latest_t_score[2].isoformat()} if ctx.latest_t_score else None,
+        "pregnant": ctx.pregnant is not None,
+    }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
@@ -147,3 +148,83 @@ def test_chart_text_cannot_inject_markdown_or_html(service):
     p.condition(ICD, "M32.9", "<script>alert(1)</script> [click](https://evil.example) **bold**")
     detail = response_for(service, p.bundle())[0]["cards"][0]["detail"]
     assert "<script>" not in detail and "](https://evil" not in detail
+
+
+# ---- treatment gap, kidney safety, treated patients (issue 11) ---------------------------------
+SCT = "http://snomed.info/sct"
+
+
+def _healed_hip_fracture(p: Patient, days_ago: int = 700) -> None:
+    p.condition(SCT, "359817006", "Closed fracture of hip (disorder)", clinical="resolved", onset=days_ago,
+                abated=days_ago - 60)
+
+
+def test_untreated_osteoporosis_leads_the_card_even_with_no_cause(service):
+    """Bone -> cause: a healed hip fracture at 78 with no therapy is the classic indication."""
+    p = Patient("gap1", age=78)
+    _healed_hip_fracture(p)
+    body, a = response_for(service, p.bundle())
+    card = body["cards"][0]
+    assert a.findings == [] and a.context.treatment_gap
+    assert card["indicator"] == "warning"
+    assert card["summary"] == "Untreated fragility fracture: consider osteoporosis therapy."
+    assert card["detail"].startswith("**Treatment gap: fragility fracture on record and no current osteoporosis medicine**")
+    assert "bisphosphonate first line" in card["detail"]
+    labels = " | ".join(s["label"] for s in card["suggestions"])
+    assert "baseline labs" in labels and "DXA" in labels
+
+
+def test_the_gap_summary_names_the_causes_that_follow(service):
+    p = Patient("gap2", age=70)
+    p.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=400)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=2000)
+    body, _ = response_for(service, p.bundle())
+    assert body["cards"][0]["summary"] == ("Untreated osteoporosis: consider osteoporosis therapy. "
+                                           "Possible secondary causes: rheumatoid arthritis.")
+
+
+def test_a_low_t_score_is_osteoporosis_and_a_childhood_fracture_is_not_fragility(service):
+    low = Patient("gap3", age=66)
+    low.obs("38267-1", "DXA Lumbar spine [T-score] Bone density", -2.8, "{T-score}", 900)
+    _, a = response_for(service, low.bundle())
+    assert a.context.treatment_gap and a.context.low_t_score.text.startswith("T-score -2.8 (DXA Lumbar spine)")
+    young = Patient("gap4", age=40)          # a forearm fracture at 12 is trauma
+    young.condition(SCT, "65966004", "Fracture of forearm (disorder)", clinical="resolved", onset=365 * 28, abated=365 * 28 - 40)
+    body, a = response_for(service, young.bundle())
+    assert body["cards"] == [] and a.context.bone_diagnoses == []
+
+
+def test_a_treated_patient_is_told_when_and_what_next(service):
+    p = Patient("tr1", age=74)
+    _healed_hip_fracture(p, 2500)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=3000)
+    p.med_request("alendronic acid 70 MG Oral Tablet", None, start=365 * 6, text="70 mg by mouth once a week")
+    body, a = response_for(service, p.bundle())
+    card = body["cards"][0]
+    assert not a.context.treatment_gap and card["indicator"] == "warning"      # RA is a strong cause
+    since = (AS_OF - timedelta(days=365 * 6)).isoformat()[:7]
+    assert f"Already on osteoporosis therapy: alendronate since {since}." in card["detail"]
+    assert "Next decision: 6 years of oral bisphosphonate: review fracture risk for a drug holiday." in card["detail"]
+    den = Patient("tr2", age=74)
+    den.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=3000)
+    den.med_admin_with_reference("denosumab 60 MG/ML Prefilled Syringe", "993449", days_ago=200, dose_mg=60)
+    _, a = response_for(service, den.bundle())
+    due = (AS_OF - timedelta(days=200 - 183)).isoformat()
+    assert a.context.next_decision.startswith(f"next denosumab dose due {due}: a delayed or missed dose causes rebound")
+
+
+def test_kidney_caution_shows_the_latest_egfr_before_antiresorptives(service):
+    p = Patient("kd1", sex="male", age=80)
+    _healed_hip_fracture(p)
+    for value, d in ((31, 300), (28, 20)):
+        p.obs("98979-8", "eGFR (CKD-EPI 2021)", value, "mL/min/{1.73_m2}", d)
+    body, a = response_for(service, p.bundle())
+    detail = body["cards"][0]["detail"]
+    day = (AS_OF - timedelta(days=20)).isoformat()
+    assert f"**Kidney function: eGFR 28 mL/min/1.73 m2 on {day}**" in detail
+    assert "denosumab carries a boxed warning for severe hypocalcaemia" in detail
+    normal = Patient("kd2", sex="male", age=80)
+    _healed_hip_fracture(normal)
+    normal.obs("98979-8", "eGFR (CKD-EPI 2021)", 72, "mL/min/{1.73_m2}", 20)
+    body, a = response_for(service, normal.bundle())
+    assert "Kidney function" not in body["cards"][0]["detail"] and a.context.latest_egfr[0] == 72

@@ -95,6 +95,9 @@ def _catalog_codes(cards: Path):
     for key, group in detection["index_conditions"].items():
         for e in group:
             add(e, f"index_conditions.{key}")
+    for key in ("kidney_caution", "pregnancy"):
+        for e in detection[key]["codes"]:
+            add(e, key)
     for tier, items in detection["workup"].items():
         for w in items:
             for e in w["codes"]:

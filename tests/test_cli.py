@@ -109,3 +109,23 @@ def test_code_survey_shows_conditions_recorded_as_text_and_what_the_text_means(t
     assert rows["Celiac disease"][1:3] == ["(text only)", ""] and rows["Celiac disease"][5] == "cause celiac (by text)"
     assert rows["FH: celiac disease"][5] == ""
     assert rows["Crohn's disease"][5] == "cause ibd (by text)"
+
+
+def test_explain_shows_the_context_a_reviewer_checks(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from fixtures.generate import Patient
+    p = Patient("explain-ctx", sex="male", age=80)
+    p.condition("http://snomed.info/sct", "359817006", "Closed fracture of hip (disorder)", clinical="resolved",
+                onset=700, abated=640)
+    p.condition("http://snomed.info/sct", "87433001", "Pulmonary emphysema (disorder)", onset=3000)
+    p.med_request("sertraline 50 MG Oral Tablet", "36437", start=400, dose=50)
+    p.obs("98979-8", "eGFR (CKD-EPI 2021)", 29, "mL/min/{1.73_m2}", 20)
+    (tmp_path / "p.json").write_text(json.dumps(p.bundle()))
+    out = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--explain", "--as-of", AS_OF.isoformat(),
+                          str(tmp_path / "p.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    line = json.loads(out.stdout)
+    assert line["context"] == {
+        "treatment_gap": True, "on_treatment": None, "next_decision": None, "kidney_caution": True,
+        "latest_egfr": {"value": 29, "date": "2026-06-10"}, "latest_t_score": None, "pregnant": False}
+    listed = {f["cause"]: f["listed_only"] for f in line["findings"]}
+    assert listed["copd"] is False and listed["ssri"] is True

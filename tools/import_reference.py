@@ -345,7 +345,8 @@ def main() -> None:
             "rule": ref["existing_treatment_detection"]["rule"],
         },
         "index_conditions": {k: codes(v) for k, v in ref["index_condition_codes"].items() if k != "value_sets"},
-        "index_condition_value_sets": ref["index_condition_codes"]["value_sets"],
+        # grouped by hand after import (osteoporosis / osteopenia / fragility_fracture_history)
+        "index_condition_value_sets": {"osteoporosis": ref["index_condition_codes"]["value_sets"]},
         "workup": {tier: [{"id": w["id"], "label": w["label"], "why": w.get("why", ""),
                            "citations": w.get("citations", []), "order": ORDER[w["id"]],
                            "codes": codes(w["codes"]),
