@@ -35,6 +35,8 @@ class CardRenderer:
         self.new_uuid = new_uuid or (lambda: str(uuid.uuid4()))
         self.workup = {w["id"]: w for tier in catalog.detection["workup"].values() for w in tier}
         self.baseline_ids = [w["id"] for w in catalog.detection["workup"]["baseline"]]
+        self.policy = catalog.detection.get("workup_policy") or {}
+        self.order_labels = self.cfg.get("order_labels", {})
         self.imaging_ids = {w["id"] for w in catalog.detection["workup"]["imaging"]}
         codes = {}
         for w in self.workup.values():
@@ -126,6 +128,7 @@ class CardRenderer:
             bone = ctx_cfg["no_bone_diagnosis"]
         days = s.get("recent_dxa_days", 730)
         dxa = ctx_cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days) if ctx.last_dxa \
+            else ctx_cfg["dxa_pregnant"] if ctx.pregnant and self.policy.get("no_dxa_when_pregnant") \
             else ctx_cfg["dxa_none"].format(days=days)
         if ctx.courses:
             c = ctx.courses[0]
@@ -191,41 +194,66 @@ class CardRenderer:
 
     # ---- suggestions ------------------------------------------------------------------------
     def suggestions(self, a: Assessment, firing: list[Finding]) -> list[dict]:
+        """Core labs on every card, extended labs only with low bone density or a fragility fracture on
+        record, then each cause's tests and DXA: every test once, none resulted recently, none the
+        patient's sex, age or findings rule out (workup_policy in detection.yaml)."""
         cfg = self.cfg["suggestions"]
+        pol = self.policy
+        ctx = a.context
         patient_ref = f"Patient/{a.patient_id}"
-        done = a.context.workup_done
-        out = []
-        baseline = []
-        for wid in self.baseline_ids:
+        found = {f.cause.id for f in a.findings}
+        ordered: set[str] = set()
+
+        def allowed(wid: str) -> bool:
             item = self.workup[wid]
-            if wid in done:
-                continue
-            if item.get("applies_to") and item["applies_to"] != a.record.sex:
-                continue
-            baseline += [self._action(cfg["baseline_action"].format(label=self.codes[c]["display"]), c, patient_ref)
-                         for c in item["order"]]
+            if wid in ctx.workup_done or (item.get("applies_to") and item["applies_to"] != a.record.sex):
+                return False
+            min_age = pol.get("min_age", {}).get(wid)
+            if min_age is not None and (a.record.age is None or a.record.age < min_age):
+                return False
+            return not found.intersection(pol.get("not_with_findings", {}).get(wid, ()))
+
+        def actions(wid: str, template: str) -> list[dict]:
+            out = []
+            for code in self.workup[wid]["order"]:
+                if code not in ordered:
+                    ordered.add(code)
+                    out.append(self._action(template.format(label=self.order_labels[code]), code, patient_ref))
+            if wid in pol.get("with_calcium", ()) and "wk_cmp" not in ctx.workup_done and pol.get("calcium_order"):
+                pass                               # the CMP on this card carries the calcium
+            elif wid in pol.get("with_calcium", ()) and pol.get("calcium_order") and pol["calcium_order"] not in ordered:
+                ordered.add(pol["calcium_order"])
+                out.append(self._action(template.format(label=self.order_labels[pol["calcium_order"]]),
+                                        pol["calcium_order"], patient_ref))
+            return out
+
+        bone = bool(ctx.osteoporosis or ctx.low_t_score or ctx.fractures)
+        tiers = pol.get("core", []) + (pol.get("extended", []) if bone else [])
+        baseline = [act for wid in tiers if allowed(wid) for act in actions(wid, cfg["baseline_action"])]
+        out = []
         if baseline:
             out.append({"label": cfg["baseline_label"].format(n=len(baseline)), "uuid": self.new_uuid(),
                         "isRecommended": True, "actions": baseline})
         directed: list[str] = []
         for f in firing + a.listed:
             for wid in f.cause.workup:
-                if wid not in directed and wid not in done and wid not in self.imaging_ids:
+                if wid not in directed and wid not in self.imaging_ids:
                     directed.append(wid)
         for wid in directed:
-            item = self.workup[wid]
-            if item.get("applies_to") and item["applies_to"] != a.record.sex:
+            if not allowed(wid):
                 continue
-            actions = [self._action(cfg["directed_label"].format(label=self.codes[c]["display"]), c, patient_ref)
-                       for c in item["order"]]
-            out.append({"label": cfg["directed_label"].format(label=item["label"]), "uuid": self.new_uuid(),
-                        "isRecommended": True, "actions": actions})
-        if a.context.last_dxa is None:
+            acts = actions(wid, cfg["directed_label"])
+            if acts:
+                out.append({"label": cfg["directed_label"].format(label=self.workup[wid]["label"]),
+                            "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
+        if ctx.last_dxa is None and not (ctx.pregnant and pol.get("no_dxa_when_pregnant")):
             gc = any(f.cause.id == "glucocorticoids" for f in firing)
             item = self.workup["wk_vfa" if gc else "wk_dxa"]
             label = cfg["dxa_vfa_label" if gc else "dxa_label"]
-            out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True,
-                        "actions": [self._action(label, c, patient_ref) for c in item["order"]]})
+            acts = [self._action(self.order_labels[c], c, patient_ref) for c in item["order"]]
+            if found.intersection(pol.get("forearm_dxa_for", ())) and pol.get("forearm_dxa_order"):
+                acts.append(self._action(self.order_labels[pol["forearm_dxa_order"]], pol["forearm_dxa_order"], patient_ref))
+            out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
 
     def _action(self, description: str, code: str, patient_ref: str) -> dict:

@@ -279,6 +279,22 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
                  f"unknown group {group}")
         for oid in oids:
             _require(oid in value_sets, "detection.yaml index_condition_value_sets", f"unknown value set {oid}")
+    pol = detection.get("workup_policy") or {}
+    where = "detection.yaml workup_policy"
+    for key in ("core", "extended", "with_calcium"):
+        for wid in pol.get(key, []):
+            _require(wid in workup_items, where, f"{key}: unknown workup item {wid}")
+    for key in ("min_age", "key_components", "not_with_findings"):
+        for wid in pol.get(key, {}):
+            _require(wid in workup_items, where, f"{key}: unknown workup item {wid}")
+    for wid, components in pol.get("key_components", {}).items():
+        _require(isinstance(components, list) and all(isinstance(g, list) and g for g in components), where,
+                 f"key_components.{wid} must be a list of code lists")
+    for key, item in (("calcium_order", "wk_cmp"), ("forearm_dxa_order", "wk_dxa")):
+        if key in pol:
+            codes = {c["code"]: c for c in workup_items[item]["codes"]}
+            _require(pol[key] in codes and codes[pol[key]]["verified"], where,
+                     f"{key} must be a verified code of {item}")
     for key in ("treatment_gap", "kidney_caution", "treatment_review"):
         for c in detection.get(key, {}).get("citations", []):
             _require(c in citations, f"detection.yaml {key}", f"unknown citation {c}")
@@ -354,6 +370,13 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
             card=entry["card"], short_name=short_names[cid], not_with=tuple(not_with),
         )
 
+    for wid, found in (detection.get("workup_policy") or {}).get("not_with_findings", {}).items():
+        for cid in found:
+            _require(cid in causes, "detection.yaml workup_policy", f"not_with_findings.{wid}: unknown cause {cid}")
+    order_labels = card_cfg.get("order_labels", {})
+    for wid, item in workup_items.items():
+        for code in item.get("order", []):
+            _require(code in order_labels, "card.yaml order_labels", f"no short label for order code {code} ({wid})")
     for cause in causes.values():
         for other in cause.not_with:
             _require(other in causes, f"causes.yaml cause {cause.id}", f"policy.not_with: unknown cause {other}")
@@ -452,6 +475,9 @@ def _build_indexes(cat: Catalog) -> None:
     for tier in cat.detection["workup"].values():
         for w in tier:
             cat.context_loincs.update(c["code"] for c in w["codes"] if normalize_system(c["system"]) == LOINC)
+    for groups in cat.detection.get("workup_policy", {}).get("key_components", {}).values():
+        for group in groups:
+            cat.context_loincs.update(group)
 
     words = cat.medication_settings["non_systemic"]["words"]
     # words match at the start of a word: "cutaneous" must not match "subcutaneously"

@@ -146,6 +146,10 @@ def observation_windows(catalog: Catalog) -> dict[str, int | None]:
         for item in tier:
             for c in item["codes"]:
                 read(c["code"], s.get("recent_workup_days", 365))
+    for groups in det.get("workup_policy", {}).get("key_components", {}).values():
+        for group in groups:
+            for code in group:
+                read(code, s.get("recent_workup_days", 365))
     return windows
 
 
@@ -195,6 +199,10 @@ class Engine:
         # (workup item, label, code) in catalog order: a test resulted recently is not offered again
         self.workup_codes = [(item["id"], item["label"], c["code"]) for tier in det["workup"].values()
                              for item in tier for c in item["codes"]]
+        # panels done only when each key component was resulted (a CMP with only a glucose is not done)
+        self.key_components = {wid: [list(g) for g in groups]
+                               for wid, groups in det.get("workup_policy", {}).get("key_components", {}).items()}
+        self.panel_codes = {item["id"]: list(item["order"]) for tier in det["workup"].values() for item in tier}
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
 
@@ -646,6 +654,10 @@ class Engine:
         return age is not None and age >= min(limits)
 
     @staticmethod
+    def _newest_result(rec: PatientRecord, codes: list[str], since: date) -> Measurement | None:
+        return next((m for m in rec.results(codes, since) if m.when <= rec.as_of), None)
+
+    @staticmethod
     def _add_course(ctx: BoneContext, drug: str, m: MedicationExposure, rec: PatientRecord) -> None:
         last = min(m.end or m.start, rec.as_of) if not m.single_dose else m.start
         for c in ctx.courses:
@@ -734,8 +746,15 @@ class Engine:
                 self._add_course(ctx, names[0], m, rec)
         ctx.next_decision = self._next_decision(ctx, rec)
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
+        for item_id, groups in self.key_components.items():
+            label = next(lbl for wid, lbl, _ in self.workup_codes if wid == item_id)
+            newest = [self._newest_result(rec, codes, w_since) for codes in [self.panel_codes[item_id]] + groups]
+            if newest[0] is None and all(newest[1:]):
+                newest[0] = max(newest[1:], key=attrgetter("when"))
+            if newest[0] is not None:
+                ctx.workup_done[item_id] = Evidence(newest[0].reference, f"{label} on {newest[0].when.isoformat()}")
         for item_id, label, code in self.workup_codes:
-            if item_id in ctx.workup_done:
+            if item_id in ctx.workup_done or item_id in self.key_components:
                 continue
             for m in rec.observations.get(code, ()):          # newest first
                 if m.when <= rec.as_of:

@@ -101,7 +101,10 @@ def test_one_click_workup_and_dxa_when_none_recent(service):
     labels = [s["label"] for s in suggestions]
     assert labels[0].startswith("Order secondary-osteoporosis baseline labs")
     baseline_codes = {a["resource"]["code"]["coding"][0]["code"] for a in suggestions[0]["actions"]}
-    assert {"58410-2", "24323-8", "62292-8", "2731-8", "3016-3", "2986-8"} <= baseline_codes   # man: testosterone
+    assert baseline_codes == {"58410-2", "24323-8", "62292-8"}          # core tier: no low BMD or fracture on record
+    assert [a["description"] for a in suggestions[0]["actions"]] == [
+        "Order CBC", "Order Comprehensive metabolic panel (calcium, albumin, creatinine/eGFR, ALP)",
+        "Order 25-OH vitamin D"]
     spep = next(s for s in suggestions if "SPEP" in s["label"])
     assert {a["resource"]["code"]["coding"][0]["code"] for a in spep["actions"]} == {"24351-9", "36916-5", "33944-0", "48378-4"}
     dxa = next(s for s in suggestions if "DXA" in s["label"])
@@ -228,3 +231,60 @@ def test_kidney_caution_shows_the_latest_egfr_before_antiresorptives(service):
     normal.obs("98979-8", "eGFR (CKD-EPI 2021)", 72, "mL/min/{1.73_m2}", 20)
     body, a = response_for(service, normal.bundle())
     assert "Kidney function" not in body["cards"][0]["detail"] and a.context.latest_egfr[0] == 72
+
+
+def _ordered(card: dict) -> list[str]:
+    return [a["resource"]["code"]["coding"][0]["code"] for s in card["suggestions"] for a in s["actions"]]
+
+
+def test_extended_workup_with_low_bone_density_each_test_once(service):
+    """Osteoporosis on record: the secondary-cause search (PTH, TSH, urine calcium, SPEP/FLC from 50,
+    tTG-IgA, testosterone for men); myeloma's own SPEP/FLC is not ordered twice."""
+    p = Patient("ext1", sex="male", age=68)
+    p.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    p.condition(ICD, "C90.00", "Multiple myeloma not having achieved remission", onset=200)
+    body, _ = response_for(service, p.bundle())
+    codes = _ordered(body["cards"][0])
+    assert len(codes) == len(set(codes))
+    assert {"2777-1", "2731-8", "3016-3", "6874-2", "24351-9", "31017-7", "2986-8"} <= set(codes)
+    young = Patient("ext2", sex="male", age=44)
+    young.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    assert "24351-9" not in _ordered(response_for(service, young.bundle())[0]["cards"][0])     # SPEP from 50
+
+
+def test_a_panel_is_done_only_when_its_key_components_were_resulted(service):
+    glucose_only = Patient("cmp1", sex="female", age=70)
+    glucose_only.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    glucose_only.obs("2345-7", "Glucose [Mass/volume] in Serum or Plasma", 98, "mg/dL", 30)
+    glucose_only.obs("17861-6", "Calcium [Mass/volume] in Serum or Plasma", 9.4, "mg/dL", 30)
+    codes = _ordered(response_for(service, glucose_only.bundle())[0]["cards"][0])
+    assert "24323-8" in codes                         # calcium alone is not a metabolic panel
+    full = Patient("cmp2", sex="female", age=70)
+    full.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    for code, name, value, unit in (("17861-6", "Calcium", 9.4, "mg/dL"), ("1751-7", "Albumin", 4.1, "g/dL"),
+                                    ("2160-0", "Creatinine", 0.8, "mg/dL"), ("6768-6", "Alkaline phosphatase", 70, "U/L")):
+        full.obs(code, name, value, unit, 30)
+    body, a = response_for(service, full.bundle())
+    codes = _ordered(body["cards"][0])
+    assert "wk_cmp" in a.context.workup_done and "24323-8" not in codes
+    assert codes[codes.index("2731-8") + 1] == "17861-6"          # PTH comes with a calcium drawn with it
+
+
+def test_no_testosterone_on_androgen_deprivation_and_no_dxa_in_pregnancy(service):
+    adt = Patient("adt1", sex="male", age=72)
+    adt.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    adt.med_request("leuprolide acetate 22.5 MG Injection", "42375", start=200, text="22.5 mg IM every 3 months")
+    assert "2986-8" not in _ordered(response_for(service, adt.bundle())[0]["cards"][0])
+    pregnant = Patient("preg1", sex="female", age=31)
+    pregnant.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=2000)
+    pregnant.condition(SCT, "72892002", "Normal pregnancy (finding)", onset=120)
+    body, a = response_for(service, pregnant.bundle())
+    assert a.context.pregnant and not {"77080", "77085"} & set(_ordered(body["cards"][0]))
+    assert "Pregnant: no DXA is suggested." in body["cards"][0]["detail"]
+
+
+def test_hyperparathyroidism_adds_a_forearm_dxa(service):
+    p = Patient("phpt1", age=64)
+    p.condition(ICD, "E21.0", "Primary hyperparathyroidism", onset=300)
+    dxa = next(s for s in response_for(service, p.bundle())[0]["cards"][0]["suggestions"] if "DXA" in s["label"])
+    assert [a["resource"]["code"]["coding"][0]["code"] for a in dxa["actions"]] == ["77080", "77081"]
