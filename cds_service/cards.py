@@ -116,8 +116,9 @@ class CardRenderer:
         s = self.cat.settings
 
         def cause_view(f: Finding) -> dict:
-            evidence = [f"{md(e.text)} ({md(e.reference)})" for e in f.evidence]
-            evidence += [f"Supporting: {md(e.text)} ({md(e.reference)})" for e in f.supporting]
+            # words and dates only: resource ids stay in --explain
+            evidence = [md(e.text) for e in f.evidence]
+            evidence += [f"Supporting: {md(e.text)}" for e in f.supporting]
             return SimpleNamespace(label=self._label_md[f.cause.id], tier=self._tier_md(f.tier),
                                    strength=f.cause.strength, evidence=evidence,
                                    next_step=self._next_step_md[f.cause.id], guidelines=self._guidelines_md(f.citations))

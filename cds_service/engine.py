@@ -18,6 +18,7 @@ from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
 class Evidence:
     reference: str          # "ResourceType/id"
     text: str               # what, when, dose or value
+    others: tuple[str, ...] = ()     # the other records a grouped line stands for ("24 records 2019-2026")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Finding:
         seen: dict[str, None] = {}
         for e in self.evidence:
             seen.setdefault(e.reference, None)
+            for ref in e.others:
+                seen.setdefault(ref, None)
         return list(seen)
 
 
@@ -96,7 +99,7 @@ class Assessment:
         """Resources that drive a finding or the card's wording: findings' evidence, bone
         diagnoses, osteoporosis treatment and the last DXA. (Recently resulted workup labs only
         keep a test from being offered again, and are not validated.)"""
-        refs = {e.reference for f in self.findings for e in f.evidence + f.supporting}
+        refs = {ref for f in self.findings for e in f.evidence + f.supporting for ref in (e.reference, *e.others)}
         ctx = self.context
         refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + ctx.kidney_caution}
         if ctx.low_t_score:
@@ -259,9 +262,10 @@ class Engine:
             entries = [e for e in entries if e.resource_type != "Procedure" or (e.when is not None and e.when >= since)]
         if entries and detect.get("codes_refuted_by"):
             entries = self._not_refuted(entries, detect["codes_refuted_by"], rec)
-        for entry in entries:
-            roles = {role for cid, role in entry.matches if cid == cause.id}
-            ev = Evidence(entry.reference, _coded_text(entry))
+        for group in _same_concept(entries):
+            roles = {role for e in group for cid, role in e.matches if cid == cause.id}
+            ev = Evidence(group[0].reference, _coded_text(group[0], len(group), group[-1].when),
+                          tuple(e.reference for e in group[1:]))
             (evidence if "trigger" in roles else supporting).append(ev)
         if evidence:
             citations.append(cause.citations[0])
@@ -346,9 +350,9 @@ class Engine:
             # a dose given within the window, or an order still active, however old
             since = rec.as_of - timedelta(days=med["within_days"])
             recent = [m for m in exps if m.start <= rec.as_of and (m.start >= since or m.ongoing)]
-            return [Evidence(m.reference, m.describe()) for m in recent], None, cause.citations[:1]
+            return _grouped(recent), None, cause.citations[:1]
         if rule == "any_use":
-            return [Evidence(m.reference, m.describe()) for m in exps], None, cause.citations[:1]
+            return _grouped(exps), None, cause.citations[:1]
         if rule == "current_use_with_lab":
             current = self._current(exps, rec)
             if not current:
@@ -356,7 +360,7 @@ class Engine:
             lab = self._observation_rule(self.cat.observation_rules[med["requires_observation"]], rec)
             if not lab:
                 return [], None, []
-            return [Evidence(m.reference, m.describe()) for m in current] + lab, None, cause.citations[:1]
+            return _grouped(current) + lab, None, cause.citations[:1]
         if rule == "high_dose":
             high = [m for m in exps if m.mg_per_dose and m.mg_per_dose >= med["min_single_dose_mg"]]
             return [Evidence(m.reference, m.describe() + f", {m.mg_per_dose:g} mg per dose") for m in high], None, cause.citations[:1]
@@ -371,7 +375,7 @@ class Engine:
         days = _union_days(intervals)
         if days < med.get("min_days", 0):
             return [], None, []
-        ev = [Evidence(m.reference, m.describe()) for m in exps]
+        ev = _grouped(exps)
         ev.append(Evidence(exps[0].reference, f"{days} days of use in the last {med.get('lookback_days', 365)} days "
                                               f"(threshold {med.get('min_days', 0)} days)"))
         return ev, None, cause.citations[:1]
@@ -818,12 +822,42 @@ def _union_days(intervals: list[tuple[date, date]]) -> int:
     return total
 
 
-def _coded_text(entry: CodedEntry) -> str:
+def _same_concept(entries) -> list[list[CodedEntry]]:
+    """Copies of one condition or procedure (the same codes and name) grouped, oldest first: a chart that
+    records it at every visit shows one line, not twenty."""
+    groups: dict[tuple, list[CodedEntry]] = {}
+    for e in entries:
+        groups.setdefault((tuple(e.codes), e.text, e.historic, e.as_text), []).append(e)
+    return [sorted(g, key=lambda e: e.when or date.min) for g in groups.values()]
+
+
+def _grouped(exps: list[MedicationExposure]) -> list[Evidence]:
+    """One line per medicine and regimen: "omeprazole 20 MG ..., 20 mg/day, 24 records 2019-03-02 to 2026-05-01"."""
+    groups: dict[tuple, list[MedicationExposure]] = {}
+    for m in exps:
+        groups.setdefault((m.label, m.regimen(), m.single_dose), []).append(m)
+    out = []
+    for (label, regimen, _), ms in groups.items():
+        if len(ms) == 1:
+            out.append(Evidence(ms[0].reference, ms[0].describe()))
+            continue
+        ms.sort(key=lambda m: m.start or date.min)
+        first = ms[0].start.isoformat() if ms[0].start else "date not recorded"
+        last = max((m.end or m.start) for m in ms if m.start)
+        active = " (still active)" if any(m.ongoing for m in ms) else ""
+        out.append(Evidence(ms[0].reference, f"{label or 'medication'}{regimen}, {len(ms)} records {first} to "
+                                             f"{last.isoformat()}{active}", tuple(m.reference for m in ms[1:])))
+    return out
+
+
+def _coded_text(entry: CodedEntry, copies: int = 1, last: date | None = None) -> str:
     codes = "recorded as text, no code we know" if entry.as_text else \
         ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
     when = f", {'onset' if entry.resource_type == 'Condition' else 'performed'} {entry.when.isoformat()}" if entry.when else ""
     healed = ", recorded as resolved (history)" if entry.historic else ""
-    return f"{entry.text or 'coded entry'} ({codes}){when}{healed}"
+    again = f"; recorded {copies} times, last {last.isoformat()}" if copies > 1 and last else \
+        f"; recorded {copies} times" if copies > 1 else ""
+    return f"{entry.text or 'coded entry'} ({codes}){when}{healed}{again}"
 
 
 def _system_name(system: str) -> str:

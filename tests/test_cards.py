@@ -69,11 +69,12 @@ def test_indicator_follows_cause_strength(service):
     assert response_for(service, moderate.bundle())[0]["cards"][0]["indicator"] == "info"
 
 
-def test_detail_shows_evidence_with_resource_date_value_and_guideline(service):
+def test_detail_shows_evidence_with_date_value_and_guideline_never_ids(service):
     body, _ = response_for(service, load_fixture("patients/hyperparathyroidism-positive.json"))
     detail = body["cards"][0]["detail"]
     assert "Calcium 11.2 mg/dL on 2026-06-10" in detail and "albumin-corrected" in detail
-    assert "PTH 128 pg/mL" in detail and "Observation/" in detail
+    assert "PTH 128 pg/mL" in detail
+    assert "Observation/" not in detail and "urn:uuid" not in detail     # words and dates; ids stay in --explain
     assert "Guideline: Fifth International Workshop on Primary Hyperparathyroidism 2022" in detail
 
 
@@ -288,3 +289,19 @@ def test_hyperparathyroidism_adds_a_forearm_dxa(service):
     p.condition(ICD, "E21.0", "Primary hyperparathyroidism", onset=300)
     dxa = next(s for s in response_for(service, p.bundle())[0]["cards"][0]["suggestions"] if "DXA" in s["label"])
     assert [a["resource"]["code"]["coding"][0]["code"] for a in dxa["actions"]] == ["77080", "77081"]
+
+
+def test_repeated_records_are_one_line(service):
+    """Synthea re-records a condition at every visit and renews orders: the card shows one line each."""
+    p = Patient("grp1", sex="male", age=70)
+    for d in (3000, 2000, 1000, 100):
+        p.condition(SCT, "69896004", "Rheumatoid arthritis (disorder)", onset=d)
+    for start in (700, 520, 340, 160):
+        p.med_request("omeprazole 20 MG Delayed Release Oral Capsule", "7646", status="completed", start=start,
+                      dose=20, supply=180)
+    body, a = response_for(service, p.bundle())
+    detail = body["cards"][0]["detail"]
+    assert detail.count("Rheumatoid arthritis \\(disorder\\)") == 1 and "recorded 4 times" in detail
+    ppi = next(f for f in a.findings if f.cause.id == "ppi")
+    assert ppi.evidence[0].text.startswith("omeprazole 20 MG Delayed Release Oral Capsule, 20 mg/day, 4 records ")
+    assert len(ppi.references) == 4
