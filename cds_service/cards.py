@@ -55,7 +55,10 @@ class CardRenderer:
         if not a.card_due:
             return []
         firing, listed = a.triggering, a.listed
-        strong = any(f.cause.strength == "strong" for f in firing)
+        if self.cat.settings.get("firing_policy", "standard") == "quiet":
+            strong = any(f.warning for f in firing)          # info by default; warning where the policy says
+        else:
+            strong = any(f.cause.strength == "strong" for f in firing)
         gap = a.context.treatment_gap
         card = {
             "uuid": self.new_uuid(),

@@ -120,6 +120,7 @@ class Cause:
     card: dict
     short_name: str
     not_with: tuple[str, ...] = ()          # more specific causes that, when found, replace this one
+    quiet: dict = field(default_factory=dict)   # the cause's rule under the quiet firing policy
 
     @property
     def medication_rule(self) -> dict | None:
@@ -361,13 +362,24 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
         policy = entry["policy"]
         _require(isinstance(policy.get("fires_alone"), bool), where, "policy.fires_alone must be true/false")
         _require(policy["fires_alone"] or bool(policy.get("reason")), where, "a cause that never fires alone needs a reason")
+        quiet = policy.get("quiet") or {}
+        if quiet:
+            _require(set(quiet) <= {"fires_alone", "unless", "unless_ingredients", "warning", "reason"}, where,
+                     f"policy.quiet: unknown keys {sorted(set(quiet) - {'fires_alone', 'unless', 'unless_ingredients', 'warning', 'reason'})}")
+            _require(quiet.get("fires_alone") in (True, False, "from_age"), where,
+                     "policy.quiet.fires_alone must be true, false or from_age")
+            _require(quiet.get("unless") in (None, "codes", "kidney_caution"), where,
+                     "policy.quiet.unless must be codes or kidney_caution")
+            _require(quiet.get("warning") in (None, "always", "no_recent_dxa", "bone_treatment_context"), where,
+                     "policy.quiet.warning must be always, no_recent_dxa or bone_treatment_context")
+            _require(bool(quiet.get("reason")), where, "policy.quiet needs a reason")
         not_with = policy.get("not_with", [])
         _require(not not_with or bool(policy.get("not_with_reason")), where, "policy.not_with needs a not_with_reason")
         causes[cid] = Cause(
             id=cid, label=entry["label"], category=entry["category"], strength=entry["strength"],
             fires_alone=policy["fires_alone"], policy_reason=policy.get("reason", ""),
             citations=entry["citations"], detect=detect, workup=entry.get("workup", []),
-            card=entry["card"], short_name=short_names[cid], not_with=tuple(not_with),
+            card=entry["card"], short_name=short_names[cid], not_with=tuple(not_with), quiet=quiet,
         )
 
     for wid, found in (detection.get("workup_policy") or {}).get("not_with_findings", {}).items():
@@ -377,6 +389,8 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     for wid, item in workup_items.items():
         for code in item.get("order", []):
             _require(code in order_labels, "card.yaml order_labels", f"no short label for order code {code} ({wid})")
+    _require(manifest.get("scope", {}).get("firing_policy", "standard") in ("standard", "quiet"), "catalog.yaml scope",
+             "firing_policy must be standard or quiet")
     for cause in causes.values():
         for other in cause.not_with:
             _require(other in causes, f"causes.yaml cause {cause.id}", f"policy.not_with: unknown cause {other}")

@@ -28,6 +28,9 @@ class Finding:
     citations: list[str]
     tier: str | None = None
     supporting: list[Evidence] = field(default_factory=list)
+    coded: bool = False              # a diagnosis or procedure code is among the evidence
+    fires_alone: bool = True         # under the catalog's firing policy, for this patient
+    warning: bool = False            # the quiet policy's warning condition holds
 
     @property
     def references(self) -> list[str]:
@@ -83,11 +86,11 @@ class Assessment:
 
     @property
     def triggering(self) -> list[Finding]:
-        return [f for f in self.findings if f.cause.fires_alone]
+        return [f for f in self.findings if f.fires_alone]
 
     @property
     def listed(self) -> list[Finding]:
-        return [f for f in self.findings if not f.cause.fires_alone]
+        return [f for f in self.findings if not f.fires_alone]
 
     @property
     def card_due(self) -> bool:
@@ -239,9 +242,37 @@ class Engine:
                     findings.append(finding)
             found = {f.cause.id for f in findings}
             findings = [f for f in findings if not found.intersection(f.cause.not_with)]
-        findings.sort(key=lambda f: (not f.cause.fires_alone, _STRENGTH_ORDER[f.cause.strength],
+            for f in findings:
+                self._apply_policy(f, record, context, found)
+        findings.sort(key=lambda f: (not f.fires_alone, _STRENGTH_ORDER[f.cause.strength],
                                      f.tier != "very_high", f.cause.id))
         return Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
+
+    def _apply_policy(self, f: Finding, rec: PatientRecord, ctx: BoneContext, found: set[str]) -> None:
+        """Whether the finding fires the card on its own, and (quiet policy) whether it makes it a warning."""
+        f.fires_alone = f.cause.fires_alone
+        q = f.cause.quiet
+        if self.cat.settings.get("firing_policy", "standard") != "quiet" or not q:
+            return
+        rule = q.get("fires_alone", True)
+        if rule == "from_age":
+            min_age = self.cat.settings.get("quiet_min_age_years", 50)
+            rule = (rec.age is not None and rec.age >= min_age) or "premature_menopause" in found
+        if not rule and q.get("unless") == "codes":
+            rule = f.coded
+        if not rule and q.get("unless") == "kidney_caution":
+            rule = bool(ctx.kidney_caution)
+        if not rule and q.get("unless_ingredients"):
+            refs = set(f.references)
+            rule = any(i.name in q["unless_ingredients"] for m in rec.medications_by_cause.get(f.cause.id, ())
+                       if m.reference in refs for i in m.ingredients)
+        f.fires_alone = bool(rule)
+        when = q.get("warning")
+        f.warning = f.fires_alone and (
+            when == "always"
+            or (when == "no_recent_dxa" and (ctx.last_dxa is None or ctx.treatment_gap or f.tier == "very_high"))
+            or (when == "bone_treatment_context" and bool(ctx.kidney_caution)
+                and (ctx.treatment_gap or bool(ctx.treatments))))
 
     # ------------------------------------------------------------------------------------------
     def _detect(self, cause: Cause, rec: PatientRecord, ctx: BoneContext) -> Finding | None:
@@ -267,6 +298,7 @@ class Engine:
             ev = Evidence(group[0].reference, _coded_text(group[0], len(group), group[-1].when),
                           tuple(e.reference for e in group[1:]))
             (evidence if "trigger" in roles else supporting).append(ev)
+        coded = bool(evidence)
         if evidence:
             citations.append(cause.citations[0])
         med = cause.medication_rule
@@ -292,7 +324,8 @@ class Engine:
             since = rec.as_of - timedelta(days=req["fragility_fracture_within_days"])
             if not any(self._is_fracture(c) and c.when and c.when >= since for c in rec.conditions):
                 return None
-        return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting)
+        return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting,
+                       coded=coded)
 
     def _not_refuted(self, entries, rule_id: str, rec: PatientRecord) -> list[CodedEntry]:
         """Coded entries that later results do not refute: a CKD code recorded before a run of normal

@@ -125,7 +125,7 @@ class OsteoporosisService:
 def explain(assessment: Assessment) -> list[dict]:
     """The --explain findings list: every cause found, the resources it rests on, and whether it is only
     listed on a card that fires for another reason."""
-    return [{"cause": f.cause.id, "evidence": f.references, "listed_only": not f.cause.fires_alone}
+    return [{"cause": f.cause.id, "evidence": f.references, "listed_only": not f.fires_alone}
             for f in assessment.findings]
 
 

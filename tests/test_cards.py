@@ -305,3 +305,56 @@ def test_repeated_records_are_one_line(service):
     ppi = next(f for f in a.findings if f.cause.id == "ppi")
     assert ppi.evidence[0].text.startswith("omeprazole 20 MG Delayed Release Oral Capsule, 20 mg/day, 4 records ")
     assert len(ppi.references) == 4
+
+
+# ---- the quiet firing policy (scope.firing_policy: quiet) --------------------------------------
+@pytest.fixture(scope="module")
+def quiet():
+    from cds_service.catalog import load_catalog
+    cat = load_catalog()
+    cat.settings["firing_policy"] = "quiet"
+    return OsteoporosisService(cat, FhirClient())
+
+
+def test_quiet_policy_lists_weak_contributors_and_never_fires_on_them_alone(quiet, service):
+    p = Patient("q1", sex="male", age=35)
+    p.obs("72166-2", "Tobacco smoking status", value_cc=("449868002", "Smokes tobacco daily (finding)"), days_ago=30)
+    p.obs("62292-8", "25-Hydroxyvitamin D3+25-Hydroxyvitamin D2", 14, "ng/mL", 30)
+    p.med_request("omeprazole 20 MG Delayed Release Oral Capsule", "7646", start=500, dose=20)
+    assert response_for(quiet, p.bundle())[0]["cards"] == []
+    assert response_for(service, p.bundle())[0]["cards"]                 # the standard policy fires
+
+
+def test_quiet_policy_age_gates_and_exceptions(quiet):
+    young_ra = Patient("q2", age=38)
+    young_ra.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+    assert response_for(quiet, young_ra.bundle())[0]["cards"] == []
+    old_ra = Patient("q3", age=58)
+    old_ra.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+    card = response_for(quiet, old_ra.bundle())[0]["cards"][0]
+    assert card["indicator"] == "info"                                    # info by default
+    aud = Patient("q4", sex="male", age=40)
+    aud.condition("http://snomed.info/sct", "7200002", "Alcoholism (disorder)", onset=900)
+    assert response_for(quiet, aud.bundle())[0]["cards"]                  # a use disorder fires alone
+    lamo = Patient("q5", age=40)
+    lamo.med_request("lamotrigine 100 MG Oral Tablet", "28439", start=400, dose=100)
+    assert response_for(quiet, lamo.bundle())[0]["cards"] == []
+    phenytoin = Patient("q6", age=40)
+    phenytoin.med_request("phenytoin 100 MG Extended Release Oral Capsule", "8183", start=400, dose=100, per_day=3)
+    assert response_for(quiet, phenytoin.bundle())[0]["cards"]            # enzyme-inducing
+
+
+def test_quiet_policy_warns_only_where_it_says(quiet):
+    gc = Patient("q7", sex="male", age=66)                                 # no DXA in 2 years
+    gc.med_request("prednisone 10 MG Oral Tablet", "8640", start=200, dose=10)
+    assert response_for(quiet, gc.bundle())[0]["cards"][0]["indicator"] == "warning"
+    g3 = Patient("q8", sex="male", age=70)                                 # CKD G3 alone: listed
+    for value, d in ((48, 300), (45, 20)):
+        g3.obs("98979-8", "eGFR (CKD-EPI 2021)", value, "mL/min/{1.73_m2}", d)
+    assert response_for(quiet, g3.bundle())[0]["cards"] == []
+    g4 = Patient("q9", sex="male", age=70)                                 # G4 with untreated osteoporosis
+    g4.condition(ICD, "M81.0", "Age-related osteoporosis without current pathological fracture", onset=300)
+    for value, d in ((27, 300), (25, 20)):
+        g4.obs("98979-8", "eGFR (CKD-EPI 2021)", value, "mL/min/{1.73_m2}", d)
+    body, a = response_for(quiet, g4.bundle())
+    assert body["cards"][0]["indicator"] == "warning" and next(f for f in a.findings if f.cause.id == "ckd").warning
