@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .fhir_client import FhirClient
     from .record import warm_models
     from .service import OsteoporosisService
+    from .snooze import SnoozeBook
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -40,13 +41,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         logging.getLogger(__name__).warning(
             "client JWT authentication is OFF (CDS_AUTH=%s, host %s): for local testing only", settings.auth,
             settings.host, extra={"event": "auth_off"})
+    store = open_store(settings.resolved_database_url)
     app.extensions["cds"] = {
         "authenticator": authenticator,
         "settings": settings,
         "catalog": catalog,
         "service": OsteoporosisService(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
                                        settings.fhir_allowlist_prefixes),
-        "feedback": open_store(settings.resolved_database_url),
+        "feedback": store,
+        "snooze": SnoozeBook(store, settings.snooze_secret_list, settings.snooze_days)
+        if settings.snooze_secret_list else None,
     }
     app.register_blueprint(api.bp)
     if settings.bench_endpoint:

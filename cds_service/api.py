@@ -76,6 +76,8 @@ def invoke(service_id: str):
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
     result = cds["service"].invoke(body, cds["settings"].evaluation_date())
     g.timings.update(result.timings)
+    snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment) \
+        if cds.get("snooze") else False
     for card in result.response["cards"]:
         metrics.CARDS.labels(card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
@@ -85,7 +87,7 @@ def invoke(service_id: str):
                 "superseded_conditions": result.assessment.record.superseded,
                 "findings": len(result.assessment.findings), "cards": len(result.response["cards"]),
                 "fhir_keys_fetched": len(result.prefetch.fetched_keys),
-                "fhir_requests": result.prefetch.stats.requests}
+                "fhir_requests": result.prefetch.stats.requests, "snoozed": int(snoozed)}
     return json_response(result.response)
 
 
@@ -97,7 +99,8 @@ def feedback(service_id: str):
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
     stored = _cds()["feedback"].save(service_id, entries)
-    g.counts = {"feedback_entries": len(entries), "feedback_new": stored}
+    snoozes = _cds()["snooze"].on_feedback(entries) if _cds().get("snooze") else 0
+    g.counts = {"feedback_entries": len(entries), "feedback_new": stored, "snoozes_set": snoozes}
     return json_response({"stored": stored, "received": len(entries)})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -70,16 +70,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
     service = OsteoporosisService(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
                                   settings.fhir_page_size)
+    book = None
+    if settings.snooze_secret_list:               # the service's own store: --explain says when a card is snoozed
+        from .feedback import open_store
+        from .snooze import SnoozeBook
+        book = SnoozeBook(open_store(settings.resolved_database_url), settings.snooze_secret_list, settings.snooze_days)
     failures = 0
     for name in args.files:
         try:
             data = orjson.loads(Path(name).read_bytes())
             body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
             result = service.invoke(body, as_of)
+            snoozed = False
+            if book is not None and result.response["cards"]:
+                snoozed = book.is_snoozed(body.get("fhirServer") or "", result.assessment.patient_id,
+                                          result.assessment, datetime.now(timezone.utc))
             line = dict(result.response)
+            if snoozed:
+                line["cards"] = []
             if args.explain:
                 line["findings"] = explain(result.assessment)
-                line["context"] = explain_context(result.assessment)
+                line["context"] = explain_context(result.assessment) | {"snoozed": snoozed}
         except (OSError, orjson.JSONDecodeError) as exc:
             failures += 1
             line = {"file": name, "error": operation_outcome(f"Cannot read {name}: {type(exc).__name__}")}

@@ -38,6 +38,8 @@ class Settings:
     auth: str = "auto"                     # required | off | auto (off only when bound to loopback)
     trusted_issuers: str = ""              # JSON: issuer -> JWKS URL (or list of allowed JWKS URLs)
     public_base_url: str = ""              # e.g. https://cds.example.org (the JWT aud behind a proxy)
+    snooze_secrets: str = ""               # comma-separated HMAC secrets, current first; empty: snooze off
+    snooze_days: int = 182                 # how long an overridden or accepted card stays away
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -63,6 +65,8 @@ class Settings:
             raise ValueError("CDS_AUTH must be required, off or auto")
         if s.as_of:
             date.fromisoformat(s.as_of)   # fail at start-up, not per request
+        if s.snooze_days <= 0:
+            raise ValueError("CDS_SNOOZE_DAYS must be a positive number of days")
         return s
 
     @property
@@ -74,6 +78,10 @@ class Settings:
     @property
     def fhir_allowlist_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.fhir_allowlist.split(",") if p.strip())
+
+    @property
+    def snooze_secret_list(self) -> list[str]:
+        return [x.strip() for x in self.snooze_secrets.split(",") if x.strip()]
 
     @property
     def auth_required(self) -> bool:
@@ -106,5 +114,8 @@ ENV_DOC = {
     "auth": "Client JWT authentication: required, off, or auto (off only when bound to a loopback address)",
     "trusted_issuers": "JSON object: trusted JWT issuer -> JWKS URL (or list of allowed JWKS URLs for jku)",
     "public_base_url": "The service's public base URL, used as the expected JWT aud behind a proxy",
+    "snooze_secrets": "Comma-separated secrets (current first, older ones still read) keying the card-to-patient link "
+                      "for snooze; empty: snooze is off",
+    "snooze_days": "Days an overridden or accepted card stays away for that patient (unless something new appears)",
     "bench_endpoint": "Add POST /cds-services/_parse-only, the benchmark's parse-and-return-nothing floor",
 }

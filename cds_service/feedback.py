@@ -100,6 +100,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
+CREATE TABLE IF NOT EXISTS issued_cards (
+    card_uuid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    issued_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snoozes (
+    patient_key TEXT PRIMARY KEY,
+    until TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    card_uuid TEXT NOT NULL
+);
 """
 
 
@@ -145,6 +157,27 @@ class SQLiteFeedbackStore:
     def count(self) -> int:
         return self._connect().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
 
+    # ---- snooze: which patient a card was issued for (a keyed hash), and snoozes per patient ----
+    def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
+        self._connect().execute("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)",
+                                (card_uuid, patient_key, signature, issued_at))
+
+    def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
+        row = self._connect().execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = ?",
+                                      (card_uuid,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_snooze(self, patient_key: str, until: str, signature: str, card_uuid: str) -> None:
+        self._connect().execute(
+            "INSERT INTO snoozes VALUES (?,?,?,?) ON CONFLICT (patient_key) DO UPDATE SET until = excluded.until,"
+            " signature = excluded.signature, card_uuid = excluded.card_uuid", (patient_key, until, signature, card_uuid))
+
+    def snooze_for(self, patient_keys: list[str]) -> tuple[str, str] | None:
+        marks = ",".join("?" * len(patient_keys))
+        row = self._connect().execute(f"SELECT until, signature FROM snoozes WHERE patient_key IN ({marks})"
+                                      " ORDER BY until DESC LIMIT 1", patient_keys).fetchone()
+        return (row[0], row[1]) if row else None
+
 
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -161,6 +194,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
+CREATE TABLE IF NOT EXISTS issued_cards (
+    card_uuid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    issued_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snoozes (
+    patient_key TEXT PRIMARY KEY,
+    until TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    card_uuid TEXT NOT NULL
+);
 """
 
 
@@ -235,6 +280,31 @@ class PostgresFeedbackStore:
                 cur.execute("SELECT COUNT(*) FROM feedback")
                 return cur.fetchone()[0]
         return self._run(count)
+
+    def _execute(self, sql: str, params: tuple, fetch: bool = False):
+        def run(conn):
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchone() if fetch else None
+        return self._run(run)
+
+    def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
+        self._execute("INSERT INTO issued_cards VALUES (%s,%s,%s,%s) ON CONFLICT (card_uuid) DO NOTHING",
+                      (card_uuid, patient_key, signature, issued_at))
+
+    def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
+        row = self._execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = %s", (card_uuid,), True)
+        return (row[0], row[1]) if row else None
+
+    def set_snooze(self, patient_key: str, until: str, signature: str, card_uuid: str) -> None:
+        self._execute("INSERT INTO snoozes VALUES (%s,%s,%s,%s) ON CONFLICT (patient_key) DO UPDATE SET"
+                      " until = excluded.until, signature = excluded.signature, card_uuid = excluded.card_uuid",
+                      (patient_key, until, signature, card_uuid))
+
+    def snooze_for(self, patient_keys: list[str]) -> tuple[str, str] | None:
+        row = self._execute("SELECT until, signature FROM snoozes WHERE patient_key = ANY(%s) ORDER BY until DESC LIMIT 1",
+                            (patient_keys,), True)
+        return (row[0], row[1]) if row else None
 
 
 def _entry_hash(service_id: str, entry: dict) -> str:

@@ -126,6 +126,7 @@ def test_explain_shows_the_context_a_reviewer_checks(tmp_path):
     line = json.loads(out.stdout)
     assert line["context"] == {
         "treatment_gap": True, "on_treatment": None, "next_decision": None, "kidney_caution": True,
-        "latest_egfr": {"value": 29, "date": "2026-06-10"}, "latest_t_score": None, "pregnant": False}
+        "latest_egfr": {"value": 29, "date": "2026-06-10"}, "latest_t_score": None, "pregnant": False,
+        "snoozed": False}
     listed = {f["cause"]: f["listed_only"] for f in line["findings"]}
     assert listed["copd"] is False and listed["ssri"] is True

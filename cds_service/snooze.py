@@ -1,0 +1,87 @@
+"""Snooze: a card the clinician overrode or acted on stays away for that patient for a while.
+
+The link from a card to its patient is a keyed hash (HMAC-SHA256 with a secret from configuration)
+of the FHIR server and patient id, never the raw id. Secrets rotate without losing snoozes: the first
+secret writes, every listed secret is tried when reading. A snooze ends early when the patient's
+record shows something the snoozed card did not: a new cause, a new fracture or a treatment gap.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from datetime import datetime, timedelta, timezone
+
+import orjson
+
+from .engine import Assessment
+
+log = logging.getLogger(__name__)
+
+
+class SnoozeBook:
+    def __init__(self, store, secrets: list[str], days: int):
+        if not secrets:
+            raise ValueError("snooze needs at least one secret")
+        self.store = store
+        self.secrets = [s.encode() for s in secrets]
+        self.days = days
+
+    def patient_keys(self, fhir_server: str, patient_id: str) -> list[str]:
+        """The patient's key under every configured secret, the current one first."""
+        msg = f"{fhir_server.rstrip('/')}|{patient_id}".encode()
+        return [hmac.new(secret, msg, hashlib.sha256).hexdigest() for secret in self.secrets]
+
+    @staticmethod
+    def signature(a: Assessment) -> list[str]:
+        """What the card was about: its causes, its fractures, and whether it named a treatment gap."""
+        out = {f"cause:{f.cause.id}" for f in a.findings}
+        out |= {f"fracture:{e.reference}" for e in a.context.fractures}
+        if a.context.treatment_gap:
+            out.add("treatment_gap")
+        return sorted(out)
+
+    def is_snoozed(self, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> bool:
+        found = self.store.snooze_for(self.patient_keys(fhir_server, patient_id))
+        if found is None:
+            return False
+        until, signature = found
+        if datetime.fromisoformat(until) <= now:
+            return False
+        return set(self.signature(a)) <= set(orjson.loads(signature))    # nothing new since the snooze
+
+    def issued(self, card_uuid: str, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> None:
+        self.store.record_issued(card_uuid, self.patient_keys(fhir_server, patient_id)[0],
+                                 orjson.dumps(self.signature(a)).decode(), now.isoformat())
+
+    def apply(self, response: dict, fhir_server: str, a: Assessment, now: datetime | None = None) -> bool:
+        """Drop the card when the patient is snoozed (True), else remember whom it was issued for.
+        A store that fails is logged and the card goes out: snooze never costs a clinician a card."""
+        if not response.get("cards"):
+            return False
+        now = now or datetime.now(timezone.utc)
+        try:
+            if self.is_snoozed(fhir_server, a.patient_id, a, now):
+                response["cards"] = []
+                return True
+            for card in response["cards"]:
+                self.issued(card["uuid"], fhir_server, a.patient_id, a, now)
+        except Exception as exc:                       # noqa: BLE001 - the card matters more than the snooze
+            log.warning("snooze store unavailable: %s", type(exc).__name__, extra={"event": "snooze_store_error"})
+        return False
+
+    def on_feedback(self, entries: list[dict]) -> int:
+        """Snooze the patient of each card overridden or acted on; returns how many snoozes were set."""
+        done = 0
+        for e in entries:
+            card = self.store.issued_card(e["card"])
+            if card is None:
+                continue                    # not a card this service issued (or issued before snooze was on)
+            patient_key, signature = card
+            at = datetime.fromisoformat(e["outcomeTimestamp"].replace("Z", "+00:00"))
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=timezone.utc)
+            until = (at + timedelta(days=self.days)).astimezone(timezone.utc)
+            self.store.set_snooze(patient_key, until.isoformat(), signature, e["card"])
+            done += 1
+        return done

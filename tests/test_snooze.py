@@ -1,0 +1,114 @@
+"""Snooze: an overridden or accepted card stays away for that patient, unless something new appears."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cds_service import create_app
+from cds_service.bundles import request_from_bundle
+from cds_service.config import Settings
+
+from .conftest import AS_OF, ROOT, SERVICE_URL
+
+sys.path.insert(0, str(ROOT))
+from fixtures.generate import ICD, Patient  # noqa: E402
+
+SERVER = "https://ehr.example.org/fhir"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+def make_client(tmp_path, database_url: str, secrets: str):
+    settings = Settings(data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), database_url=database_url,
+                        snooze_secrets=secrets, log_level="WARNING")
+    return create_app(settings).test_client()
+
+
+def ra_patient(pid: str = "snooze-1") -> Patient:
+    p = Patient(pid, age=64, style="searchset")
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+    return p
+
+
+def invoke(client, p: Patient) -> list[dict]:
+    body = request_from_bundle(p.bundle())
+    body["fhirServer"] = SERVER
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json()["cards"]
+
+
+def override(client, card: dict, when: datetime | None = None) -> None:
+    when = when or datetime.now(timezone.utc)
+    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
+                          "outcomeTimestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                          "overrideReason": {"reason": {"system": "x", "code": "already-evaluated"}}}]}
+    assert client.post(SERVICE_URL + "/feedback", json=body).status_code == 200
+
+
+def test_an_overridden_card_is_snoozed_until_something_new_appears(tmp_path, database_url):
+    client = make_client(tmp_path, database_url, "secret-2026")
+    p = ra_patient()
+    card = invoke(client, p)[0]
+    override(client, card)
+    assert invoke(client, p) == []                       # the same chart: quiet for the snooze period
+    assert invoke(client, ra_patient("someone-else"))      # only that patient
+    p.condition(ICD, "C90.00", "Multiple myeloma not having achieved remission", onset=30)
+    assert invoke(client, p)                             # a new cause brings the card back
+
+
+def test_a_snooze_ends_after_its_period(tmp_path, database_url):
+    client = make_client(tmp_path, database_url, "secret-2026")
+    p = ra_patient()
+    override(client, invoke(client, p)[0], datetime.now(timezone.utc) - timedelta(days=200))
+    assert invoke(client, p)                             # 182 days by default
+
+
+def test_secrets_rotate_without_losing_snoozes_and_no_raw_ids_are_stored(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    client = make_client(tmp_path, url, "old-secret")
+    p = ra_patient("patient-raw-id-123")
+    override(client, invoke(client, p)[0])
+    rotated = make_client(tmp_path, url, "new-secret,old-secret")
+    assert invoke(rotated, p) == []
+    dump = "\n".join(sqlite3.connect(tmp_path / "feedback.sqlite3").iterdump())
+    assert "patient-raw-id-123" not in dump and SERVER not in dump
+    dropped = make_client(tmp_path, url, "new-secret")    # the old secret retired: its snoozes lapse
+    assert invoke(dropped, p)
+
+
+def test_explain_says_when_a_card_is_snoozed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    client = make_client(tmp_path, url, "secret-2026")
+    p = ra_patient()
+    override(client, invoke(client, p)[0])
+    body = request_from_bundle(p.bundle())
+    body["fhirServer"] = SERVER
+    (tmp_path / "req.json").write_text(json.dumps(body))
+    env = {"CDS_DATABASE_URL": url, "CDS_SNOOZE_SECRETS": "secret-2026", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--explain", "--as-of", AS_OF.isoformat(),
+                          str(tmp_path / "req.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    line = json.loads(out.stdout)
+    assert line["cards"] == [] and line["context"]["snoozed"] is True
+    assert [f["cause"] for f in line["findings"]] == ["rheumatoid_arthritis"]
+
+
+def test_a_broken_snooze_store_never_costs_the_card(tmp_path):
+    client = make_client(tmp_path, f"sqlite:///{tmp_path / 'feedback.sqlite3'}", "secret-2026")
+    book = client.application.extensions["cds"]["snooze"]
+
+    class Down:
+        def __getattr__(self, name):
+            raise OSError("database is down")
+    book.store = Down()
+    assert invoke(client, ra_patient())
