@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Callable
 
 from .catalog import Catalog
-from .engine import Assessment, Finding
+from .engine import LATEST_RESULTS, Assessment, Finding
 
 _MD_SPECIAL = "\\`*_{}[]<>()#+!|~"            # backslash first, so escapes are not escaped again
 
@@ -55,15 +56,18 @@ class CardRenderer:
         if not a.card_due:
             return []
         firing, listed = a.triggering, a.listed
-        if self.cat.settings.get("firing_policy", "standard") == "quiet":
+        quiet = self.cat.settings.get("firing_policy", "standard") == "quiet"
+        if quiet:
             strong = any(f.warning for f in firing)          # info by default; warning where the policy says
         else:
             strong = any(f.cause.strength == "strong" for f in firing)
         gap = a.context.treatment_gap
+        treated = bool(a.context.treatments) and not (quiet and strong)
+        indicator = "treatment_gap" if gap else "on_treatment" if treated else "strong_cause" if strong else "otherwise"
         card = {
             "uuid": self.new_uuid(),
             "summary": self.gap_summary(a, firing) if gap else self.summary(firing),
-            "indicator": self.cfg["indicator"]["treatment_gap" if gap else "strong_cause" if strong else "otherwise"],
+            "indicator": self.cfg["indicator"][indicator],
             "detail": self.detail(a, firing, listed),
             "source": {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])},
         }
@@ -172,12 +176,27 @@ class CardRenderer:
         # template variables as attributes: Jinja looks attributes up first, dict keys only after a miss
         listed_view = [SimpleNamespace(label=self._label_md[f.cause.id], evidence=[md(e.text) for e in f.evidence])
                        for f in listed]
+        results = [f"{label} {value} ({day})" for label, value, day in self._latest_results(a)]
+        results_line = ctx_cfg["latest_results"].format(items="; ".join(results)) if results \
+            else ctx_cfg["no_results"].format(days=s.get("latest_results_days", 730))
         text = self.cat.templates["detail"].render(
             gap=gap, kidney=kidney, causes=[cause_view(f) for f in firing], listed=listed_view,
-            context=SimpleNamespace(bone_status=bone, dxa=dxa, treatment=treatment, workup=workup))
+            context=SimpleNamespace(bone_status=bone, dxa=dxa, treatment=treatment, workup=workup, results=results_line))
         while "\n\n\n" in text:                  # template blocks that rendered empty
             text = text.replace("\n\n\n", "\n\n")
         return text.strip()
+
+    def _latest_results(self, a: Assessment) -> list[tuple[str, str, str]]:
+        """The numbers a clinician checks before bone treatment: eGFR, calcium, 25-OH D, ALP (newest, 2 years)."""
+        rec = a.record
+        since = rec.as_of - timedelta(days=self.cat.settings.get("latest_results_days", 730))
+        out = []
+        for label, group, fmt in LATEST_RESULTS:
+            codes = self.cat.loinc_groups.get(group, [])
+            m = next((m for m in rec.results(codes, since) if m.when <= rec.as_of and m.value is not None), None)
+            if m is not None:
+                out.append((label, fmt.format(m.value), m.when.isoformat()))
+        return out
 
     def _tier_md(self, tier: str | None) -> str | None:
         return md(TIER_LABELS.get(tier, tier)) if tier else None

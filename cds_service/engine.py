@@ -120,6 +120,11 @@ _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
 _WINDOWED_KEYS = ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc", "creatinine_loinc")
 
 
+# the numbers shown on every card (label, LOINC group, format); read back scope.latest_results_days
+LATEST_RESULTS = (("eGFR", "egfr", "{:.0f}"), ("calcium", "calcium", "{:.1f} mg/dL"),
+                  ("25-OH vitamin D", "vitamin_d", "{:.0f} ng/mL"), ("ALP", "alp", "{:.0f} U/L"))
+
+
 def observation_windows(catalog: Catalog) -> dict[str, int | None]:
     """How many days back the engine reads results of each LOINC code; None where it may read
     any result, however old. The record builder leaves older results out, so this must mirror
@@ -152,6 +157,9 @@ def observation_windows(catalog: Catalog) -> dict[str, int | None]:
         for item in tier:
             for c in item["codes"]:
                 read(c["code"], s.get("recent_workup_days", 365))
+    for _, group, _ in LATEST_RESULTS:
+        for code in catalog.loinc_groups.get(group, []):
+            read(code, s.get("latest_results_days", 730))
     for groups in det.get("workup_policy", {}).get("key_components", {}).values():
         for group in groups:
             for code in group:

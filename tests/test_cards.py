@@ -205,7 +205,7 @@ def test_a_treated_patient_is_told_when_and_what_next(service):
     p.med_request("alendronic acid 70 MG Oral Tablet", None, start=365 * 6, text="70 mg by mouth once a week")
     body, a = response_for(service, p.bundle())
     card = body["cards"][0]
-    assert not a.context.treatment_gap and card["indicator"] == "warning"      # RA is a strong cause
+    assert not a.context.treatment_gap and card["indicator"] == "info"         # treated: the card informs
     since = (AS_OF - timedelta(days=365 * 6)).isoformat()[:7]
     assert f"Already on osteoporosis therapy: alendronate since {since}." in card["detail"]
     assert "Next decision: 6 years of oral bisphosphonate: review fracture risk for a drug holiday." in card["detail"]
@@ -358,3 +358,26 @@ def test_quiet_policy_warns_only_where_it_says(quiet):
         g4.obs("98979-8", "eGFR (CKD-EPI 2021)", value, "mL/min/{1.73_m2}", d)
     body, a = response_for(quiet, g4.bundle())
     assert body["cards"][0]["indicator"] == "warning" and next(f for f in a.findings if f.cause.id == "ckd").warning
+
+
+def test_the_numbers_a_clinician_checks_are_on_the_card(service):
+    p = Patient("num1", sex="female", age=69)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+    p.obs("98979-8", "eGFR (CKD-EPI 2021)", 64, "mL/min/{1.73_m2}", 40)
+    p.obs("17861-6", "Calcium [Mass/volume] in Serum or Plasma", 9.6, "mg/dL", 40)
+    p.obs("62292-8", "25-Hydroxyvitamin D3+25-Hydroxyvitamin D2", 50, "nmol/L", 40)      # 20 ng/mL
+    day = (AS_OF - timedelta(days=40)).isoformat()
+    detail = response_for(service, p.bundle())[0]["cards"][0]["detail"]
+    assert f"Latest results: eGFR 64 ({day}); calcium 9.6 mg/dL ({day}); 25-OH vitamin D 20 ng/mL ({day})." in detail
+
+
+def test_override_reasons_include_the_ones_clinicians_asked_for(service):
+    card = response_for(service, ra_only())[0]["cards"][0]
+    codes = {r["code"] for r in card["overrideReasons"]}
+    assert {"already-treated", "record-out-of-date", "goals-of-care", "workup-elsewhere"} <= codes
+
+
+def ra_only() -> dict:
+    p = Patient("ovr1", age=66)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+    return p.bundle()
