@@ -1,14 +1,14 @@
 """HTTP endpoints: discovery, the patient-view service, feedback, health; errors as OperationOutcome."""
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 import uuid
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadTooLarge
 
 from . import metrics
 from .auth import AuthError
@@ -28,6 +28,9 @@ def json_response(body: object, status: int = 200) -> Response:
 
 
 UNAUTHENTICATED = {"/healthz", "/metrics"}
+# a UUID or a 16-64 digit hex trace id with a letter in it: the shapes tracing systems send, never a bare number
+_SAFE_REQUEST_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+                              r"|(?=[0-9]*[a-fA-F])[0-9a-fA-F]{16,64}")
 
 
 def _cds() -> dict:
@@ -45,21 +48,43 @@ def _audiences() -> list[str]:
 
 
 def _read_json() -> object:
+    """The body as JSON, strictly: orjson refuses NaN, Infinity, numbers that overflow to infinity and
+    lone UTF-16 surrogates, so nothing non-finite or unencodable reaches the engine or the logs. A body
+    longer than the limit is refused whether or not it declared its length (chunked uploads too)."""
     ctype = (request.mimetype or "").lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise BadRequest("The body must be JSON (Content-Type: application/json).")
-    raw = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge()
+    if limit and request.content_length is None:
+        # a chunked upload: read the server's decoded stream ourselves, one byte past the limit, so an
+        # oversize body is refused rather than cut at the limit and parsed
+        raw = _read_up_to(request.environ["wsgi.input"], limit + 1)
+        if len(raw) > limit:
+            raise PayloadTooLarge()
+    else:
+        raw = request.get_data(cache=False)
     if not raw:
         raise BadRequest("The request body is empty.")
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses some valid JSON (integers beyond 64 bits): the standard parser decides
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("The request body is not valid JSON.") from None
+    except orjson.JSONDecodeError as exc:
+        where = str(exc).rsplit(": line ", 1)
+        position = f" (line {where[1]})" if len(where) == 2 else ""
+        raise BadRequest(f"The request body is not valid JSON{position}: numbers must be finite and strings "
+                         "valid Unicode.") from None
+
+
+def _read_up_to(stream, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(min(65536, n - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 @bp.get("/cds-services")
@@ -128,7 +153,9 @@ def healthz():
 def install_handlers(app: Flask) -> None:
     @app.before_request
     def _start():
-        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        # a caller's id is kept only when it looks like a trace id (it could otherwise carry an MRN)
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         g.started = time.perf_counter()
         g.timings, g.counts, g.hook = {}, {}, None
         if request.method == "OPTIONS":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 from datetime import datetime, timezone
@@ -36,16 +37,17 @@ def normalize_feedback(body: object) -> list[dict]:
             raise BadRequest(f"{where}.outcome must be 'accepted' or 'overridden'.")
         ts = item.get("outcomeTimestamp")
         if not isinstance(ts, str) or not _is_timestamp(ts):
-            raise BadRequest(f"{where}.outcomeTimestamp must be an ISO 8601 date-time.")
+            raise BadRequest(f"{where}.outcomeTimestamp must be an RFC 3339 date-time with a time zone "
+                             "(e.g. 2026-05-02T14:03:11Z).")
         accepted: list[str] = []
         raw_acc = item.get("acceptedSuggestions")
         if raw_acc is not None:
             if not isinstance(raw_acc, list):
                 raise BadRequest(f"{where}.acceptedSuggestions must be an array.")
             for s in raw_acc:
-                sid = s.get("id") if isinstance(s, dict) else s       # bare strings: pre-2.0 clients
-                if not isinstance(sid, str) or not sid:
-                    raise BadRequest(f"{where}.acceptedSuggestions items need an 'id'.")
+                sid = s.get("id") if isinstance(s, dict) else None     # AcceptedSuggestion objects, as 2.0 says
+                if not isinstance(sid, str) or not sid.strip():
+                    raise BadRequest(f"{where}.acceptedSuggestions items must be objects with a string 'id'.")
                 accepted.append(sid)
         if outcome == "accepted" and not accepted:
             raise BadRequest(f"{where}: an accepted outcome needs acceptedSuggestions.")
@@ -59,7 +61,9 @@ def normalize_feedback(body: object) -> list[dict]:
             reason = raw_or.get("reason")
             comment = raw_or.get("userComment")
             if isinstance(reason, dict):
-                reason = {k: reason[k] for k in ("system", "code", "display") if isinstance(reason.get(k), str)}
+                if any(k in reason and not isinstance(reason[k], str) for k in ("system", "code", "display")):
+                    raise BadRequest(f"{where}.overrideReason.reason must be a Coding of strings.")
+                reason = {k: reason[k] for k in ("system", "code", "display") if k in reason}
             if reason is None and comment is None:
                 raise BadRequest(f"{where}.overrideReason needs a reason or a userComment.")
             if reason is not None and (not isinstance(reason, dict) or not isinstance(reason.get("code"), str)):
@@ -71,9 +75,15 @@ def normalize_feedback(body: object) -> list[dict]:
     return out
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
 def _is_timestamp(value: str) -> bool:
+    """RFC 3339 section 5.6 date-time: a full date, a time and a time zone; then a real instant."""
+    if not _RFC3339.fullmatch(value):
+        return False
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
         return True
     except ValueError:
         return False

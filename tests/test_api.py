@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 
@@ -221,7 +222,7 @@ def test_duplicate_feedback_is_idempotent(app, client):
     {**OVERRIDDEN, "overrideReason": {"userComment": "not now"}},
     {k: v for k, v in OVERRIDDEN.items() if k != "overrideReason"},
     {**OVERRIDDEN, "overrideReason": {"system": "s", "code": "c", "display": "d"}},  # older: bare Coding
-    {**ACCEPTED, "acceptedSuggestions": ["0d3e5c7a-9b1f-4a2e-8c4d-6f7a8b9c0d1e"]},   # older: bare ids
+    {**ACCEPTED, "outcomeTimestamp": "2026-05-02T16:03:11.250+02:00"},                 # RFC 3339 with an offset
 ])
 def test_feedback_shapes_clients_send(client, entry):
     assert client.post(FEEDBACK, json={"feedback": [entry]}).status_code == 200
@@ -232,6 +233,12 @@ def test_feedback_shapes_clients_send(client, entry):
     {k: v for k, v in ACCEPTED.items() if k != "acceptedSuggestions"},
     {k: v for k, v in ACCEPTED.items() if k != "outcomeTimestamp"},
     {**ACCEPTED, "outcomeTimestamp": "yesterday"},
+    {**ACCEPTED, "outcomeTimestamp": "2026-05-02T14:03:11"},            # RFC 3339 needs a time zone
+    {**ACCEPTED, "outcomeTimestamp": "2026-05-02"},
+    {**ACCEPTED, "outcomeTimestamp": "20260502T140311Z"},               # ISO 8601 basic form is not RFC 3339
+    {**ACCEPTED, "acceptedSuggestions": ["0d3e5c7a-9b1f-4a2e-8c4d-6f7a8b9c0d1e"]},   # ids must be objects
+    {**ACCEPTED, "acceptedSuggestions": [{"id": 7}]},
+    {**OVERRIDDEN, "overrideReason": {"reason": {"system": 12, "code": "c"}}},          # a Coding of strings
     {**OVERRIDDEN, "overrideReason": {}},
     {k: v for k, v in ACCEPTED.items() if k != "card"},
     "not an object",
@@ -301,3 +308,40 @@ def test_metrics_endpoint(client, request_for):
     text = resp.get_data(as_text=True)
     assert 'cds_requests_total{service="service",status="200"}' in text
     assert 'cds_cards_total{indicator="warning"}' in text and "cds_fhir_fallback_calls_total" in text
+
+
+# ---- input that must never get through ------------------------------------------------------
+@pytest.mark.parametrize("raw", [
+    b'{"hook": "patient-view", "hookInstance": "x", "context": {"patientId": NaN}}',
+    b'{"hook": "patient-view", "context": {"n": -Infinity}}',
+    b'{"hook": "patient-view", "context": {"n": 1e999}}',
+    b'{"hook": "patient-\\ud800view", "context": {}}',            # a lone UTF-16 surrogate
+    b'{"hook": "patient-view", "context": {"x": "\\udfff"}}',
+])
+def test_non_finite_numbers_and_lone_surrogates_are_400(client, raw):
+    resp = client.post(SERVICE_URL, data=raw, content_type="application/json")
+    body = is_outcome(resp, 400)
+    assert "line 1" in body["issue"][0]["diagnostics"] and "patient-" not in body["issue"][0]["diagnostics"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(tmp_path):
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=2048, log_level="WARNING"))
+    client = app.test_client()
+    big = json.dumps({"hook": "patient-view", "context": {"pad": "x" * 5000}}).encode()
+    # no Content-Length, as a chunked upload arrives through the server
+    resp = client.post(SERVICE_URL, input_stream=io.BytesIO(big), content_type="application/json",
+                       environ_base={"wsgi.input_terminated": True})
+    is_outcome(resp, 413)
+
+
+@pytest.mark.parametrize("given, kept", [
+    ("3f2b1c4e-9d8a-4b7c-8e6f-5a4b3c2d1e0f", True),
+    ("4bf92f3577b34da6a3ce929d0e0e4736", True),
+    ("MRN-004417", False),                     # could carry a patient identifier
+    ("12345678901234567890", False),           # a bare number
+    ("<script>alert(1)</script>", False),
+])
+def test_x_request_id_is_kept_only_in_a_safe_shape(client, given, kept):
+    resp = client.get("/cds-services", headers={"X-Request-Id": given})
+    assert (resp.headers["X-Request-Id"] == given) is kept
+    assert re.fullmatch(r"[0-9a-fA-F-]{16,64}", resp.headers["X-Request-Id"])

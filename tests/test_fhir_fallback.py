@@ -251,7 +251,7 @@ def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults, json_
         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M32.9"}], "text": "SLE"}}}]}
     resp = app.test_client().post(SERVICE_URL, json=body)
     assert resp.status_code == 200
-    assert "Condition/c-page2" in resp.get_json()["cards"][0]["detail"]
+    assert "SLE \\(ICD-10-CM M32.9\\)" in resp.get_json()["cards"][0]["detail"]      # the page-2 condition
     assert [r["path"] for r in faults.seen] == ["/page2"] and faults.seen[0]["authorization"] == f"Bearer {TOKEN}"
     logged = [json.loads(line) for line in json_log.getvalue().splitlines()]
     served = next(r for r in logged if r.get("event") == "request" and r["status"] == 200)

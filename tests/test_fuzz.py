@@ -18,7 +18,7 @@ FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None
 ODD_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
     ["", " ", "\u0000", "\u202e", "😀" * 20, "../../etc/passwd", "<script>", "Patient/", "urn:uuid:",
      "9" * 400, "2026-13-45", "1e309", "NaN", "\ud7ff", "Z", "#missing"])
-SCALARS = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | ODD_TEXT
+SCALARS = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False, allow_infinity=False) | ODD_TEXT
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ODD_TEXT, inner, max_size=4),
                     max_leaves=25)
 RESOURCE_TYPES = ["Patient", "Condition", "MedicationRequest", "MedicationStatement", "MedicationAdministration",
@@ -29,7 +29,7 @@ CODES = st.sampled_from(["3016-3", "62292-8", "M06.9", "E05", "8640", "98979-8",
 CODING = st.fixed_dictionaries({}, optional={"system": SYSTEMS | JSON, "code": CODES | JSON, "display": ODD_TEXT | JSON})
 CONCEPT = st.fixed_dictionaries({}, optional={"coding": st.lists(CODING, max_size=3) | JSON, "text": ODD_TEXT | JSON})
 DATES = st.sampled_from(["2026-06-01", "2026", "2026-02", "2025-12-31T23:59:59Z", "0000-00-00", "tomorrow"]) | JSON
-QUANTITY = st.fixed_dictionaries({}, optional={"value": st.floats(allow_nan=False) | JSON, "unit": ODD_TEXT,
+QUANTITY = st.fixed_dictionaries({}, optional={"value": st.floats(allow_nan=False, allow_infinity=False) | JSON, "unit": ODD_TEXT,
                                                "code": st.sampled_from(["mg", "nmol/L", "mIU/L", "[lb_av]", "{tbl}"]) | ODD_TEXT})
 RESOURCE = st.fixed_dictionaries(
     {"resourceType": st.sampled_from(RESOURCE_TYPES) | JSON},

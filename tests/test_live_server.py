@@ -36,6 +36,18 @@ def test_errors_over_http_are_operation_outcomes(live_server):
         assert "Traceback" not in c.text and c.headers["Access-Control-Allow-Origin"]
 
 
+def test_a_chunked_body_over_the_limit_is_413_over_http(live_server):
+    """Without Content-Length the size cap still holds: the body is refused, never cut off and answered."""
+    def chunks():
+        yield b'{"hook": "patient-view", "hookInstance": "x", "context": {"pad": "'
+        for _ in range(11):
+            yield b"x" * (1024 * 1024)
+        yield b'"}}'
+    r = requests.post(live_server.base + SERVICE_URL, data=chunks(), headers={"Content-Type": "application/json"},
+                      timeout=20)
+    assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
+
+
 def test_preflight_over_http(live_server):
     r = requests.options(live_server.base + SERVICE_URL, headers={
         "Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST",
