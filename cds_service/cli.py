@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
 
     from gunicorn.app.base import BaseApplication
+
+    from .http_server import log_config
     from prometheus_client import multiprocess
 
     from . import create_app
@@ -36,12 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", max(1, settings.workers))
             self.cfg.set("threads", max(1, settings.threads))
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", "cds_service.http_server.JsonErrorWorker")   # gthread, JSON error answers
             self.cfg.set("preload_app", True)          # load and validate the catalog once, before forking
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)            # our own JSON request log has no patient data
+            self.cfg.set("logconfig_dict", log_config(settings.log_level))
             self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("child_exit", child_exit)
             if "control_socket_disable" in self.cfg.settings:

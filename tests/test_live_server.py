@@ -1,8 +1,10 @@
 """The production server (gunicorn via `cds-service serve`) on loopback, over real HTTP."""
 from __future__ import annotations
 
+import json
 import signal
 
+import pytest
 import requests
 
 from .conftest import SERVICE_URL, LiveServer, fixture_request
@@ -46,6 +48,32 @@ def test_a_chunked_body_over_the_limit_is_413_over_http(live_server):
     r = requests.post(live_server.base + SERVICE_URL, data=chunks(), headers={"Content-Type": "application/json"},
                       timeout=20)
     assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
+
+
+def _raw(live_server, request: bytes) -> tuple[str, dict]:
+    import socket
+    with socket.create_connection(("127.0.0.1", live_server.port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.decode("latin-1").split("\r\n")[0], json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"NOT A REQUEST LINE\r\n\r\n", "400"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "414"),
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", "431"),
+    (b"GET /cds-services HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(120)) + b"\r\n", "431"),
+])
+def test_the_http_servers_own_refusals_are_json(live_server, request_bytes, status):
+    line, body = _raw(live_server, request_bytes)
+    assert line.split(" ")[1] == status and body["resourceType"] == "OperationOutcome"
+    log = live_server.log.read_text()
+    assert "a" * 200 not in log and "b" * 200 not in log                 # no request text in the logs
+    lines = [x for x in log.splitlines() if x.strip() and not x.startswith("cds-service: serving")]  # the banner
+    assert all(json.loads(x) for x in lines)                             # every log line is JSON
 
 
 def test_preflight_over_http(live_server):
