@@ -51,8 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
                 self.cfg.set("control_socket_disable", True)   # one socket in $HOME would be shared by every instance
 
         def load(self):
-            return create_app(settings)
+            return app
 
+    app = create_app(settings)                         # settings, catalog and store checked before the banner
     print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
           f"({max(1, settings.workers)} workers); discovery at /cds-services", file=sys.stderr, flush=True)
     try:
@@ -70,7 +71,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .service import OsteoporosisService, explain, explain_context
 
     settings = Settings.from_env()
-    as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
+    try:
+        as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
+    except ValueError:
+        raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
     service = OsteoporosisService(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
                                   settings.fhir_page_size)
     book = None
@@ -79,9 +83,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .snooze import SnoozeBook
         book = SnoozeBook(open_store(settings.resolved_database_url), settings.snooze_secret_list, settings.snooze_days)
     failures = 0
-    for name in args.files:
+    for name in _input_files(args.files):
         try:
-            data = orjson.loads(Path(name).read_bytes())
+            data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
             body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
             result = service.invoke(body, as_of)
             snoozed = False
@@ -94,15 +98,32 @@ def _evaluate(args: argparse.Namespace) -> int:
             if args.explain:
                 line["findings"] = explain(result.assessment)
                 line["context"] = explain_context(result.assessment) | {"snoozed": snoozed}
-        except (OSError, orjson.JSONDecodeError) as exc:
+        except OSError as exc:
             failures += 1
-            line = {"file": name, "error": operation_outcome(f"Cannot read {name}: {type(exc).__name__}")}
+            message = f"cannot read {name}: {exc.strerror or type(exc).__name__}"
+            line = {"file": name, "error": operation_outcome(message)}
+            sys.stderr.write(f"cds-service evaluate: {message}\n")
+        except orjson.JSONDecodeError as exc:
+            failures += 1
+            message = f"{name} is not valid JSON: {exc}"          # orjson says where: line, column, char
+            line = {"file": name, "error": operation_outcome(message)}
+            sys.stderr.write(f"cds-service evaluate: {message}\n")
         except ServiceError as exc:
             failures += 1
             line = {"file": name, "status": exc.status, "error": operation_outcome(exc.diagnostics, exc.code)}
+            sys.stderr.write(f"cds-service evaluate: {name}: {exc.status} {exc.diagnostics}\n")
         sys.stdout.write(orjson.dumps(line).decode() + "\n")
     sys.stdout.flush()
     return 1 if failures else 0
+
+
+def _input_files(names: list[str]) -> list[str]:
+    """Files as named; a folder stands for every *.json in it, in name order; "-" is standard input."""
+    out: list[str] = []
+    for name in names:
+        p = Path(name)
+        out += [str(f) for f in sorted(p.glob("*.json"))] if name != "-" and p.is_dir() else [name]
+    return out
 
 
 def _codes(args: argparse.Namespace) -> int:
@@ -132,7 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     codes.add_argument("--csv", action="store_true", help="CSV instead of a tab-separated table")
     codes.set_defaults(func=_codes)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:          # settings, catalog, store URL, dates: one line, exit 2
+        print(f"cds-service {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import AS_OF, FIXTURES, LABELS, ROOT, fixture_request
 
 FILES = ["patients/glucocorticoids-positive.json", "patients/ckd-negative.json",
@@ -130,3 +132,34 @@ def test_explain_shows_the_context_a_reviewer_checks(tmp_path):
         "snoozed": False}
     listed = {f["cause"]: f["listed_only"] for f in line["findings"]}
     assert listed["copd"] is False and listed["ssri"] is True
+
+
+def cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, "-m", "cds_service.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, input=stdin, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["serve"], {"CDS_PORT": "abc"}, "CDS_PORT='abc' is not a valid int"),
+    (["serve"], {"CDS_DATABASE_URL": "mysql://x"}, "CDS_DATABASE_URL must be sqlite"),
+    (["serve"], {"CDS_CARDS_DIR": "/nonexistent"}, "missing catalog file"),
+    (["evaluate", "x.json", "--as-of", "2026-13-01"], {}, "--as-of '2026-13-01' is not a date"),
+])
+def test_config_and_cli_errors_are_one_line_and_exit_2(tmp_path, args, env, says):
+    out = cli(*args, env={"CDS_DATA_DIR": str(tmp_path), **env})
+    assert out.returncode == 2 and says in out.stderr
+    plain = [x for x in out.stderr.strip().splitlines() if not x.startswith("{")]       # JSON log lines aside
+    assert len(plain) == 1 and "Traceback" not in out.stderr
+    assert "serving" not in out.stderr                     # the banner only after settings are valid
+
+
+def test_evaluate_reads_folders_stdin_and_names_the_bad_file(tmp_path):
+    (tmp_path / "a.json").write_text("{bad")
+    (tmp_path / "b.json").write_text((FIXTURES / "patients/sle-positive.json").read_text())
+    out = cli("evaluate", str(tmp_path), "--as-of", AS_OF.isoformat())
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert out.returncode == 1 and len(lines) == 2 and lines[1]["cards"]           # one line per file, in order
+    assert f"{tmp_path / 'a.json'} is not valid JSON" in out.stderr and "line 1 column 2" in out.stderr
+    piped = cli("evaluate", "-", "--as-of", AS_OF.isoformat(), stdin=(tmp_path / "b.json").read_text())
+    assert piped.returncode == 0 and json.loads(piped.stdout)["cards"]
