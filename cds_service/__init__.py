@@ -16,7 +16,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Application factory: build the catalog, engine, FHIR client and feedback store once."""
     from . import api, logs
     from .catalog import load_catalog
-    from .feedback import open_store
+    from .feedback import GuardedStore, open_store
     from .fhir_client import FhirClient
     from .record import warm_models
     from .service import OsteoporosisService
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         logging.getLogger(__name__).warning(
             "client JWT authentication is OFF (CDS_AUTH=%s, host %s): for local testing only", settings.auth,
             settings.host, extra={"event": "auth_off"})
-    store = open_store(settings.resolved_database_url)
+    store = GuardedStore(open_store(settings.resolved_database_url))      # deadlines: a stuck store never stalls us
     app.extensions["cds"] = {
         "authenticator": authenticator,
         "settings": settings,

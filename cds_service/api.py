@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadT
 from . import metrics
 from .auth import AuthError
 from .errors import BadRequest, NotFound, ServiceError, operation_outcome
-from .feedback import normalize_feedback
+from .feedback import StoreUnavailable, normalize_feedback
 from .service import SERVICE_ID
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def json_response(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
-UNAUTHENTICATED = {"/healthz", "/metrics"}
+UNAUTHENTICATED = {"/healthz", "/readyz", "/metrics"}
 # a UUID or a 16-64 digit hex trace id with a letter in it: the shapes tracing systems send, never a bare number
 _SAFE_REQUEST_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
                               r"|(?=[0-9]*[a-fA-F])[0-9a-fA-F]{16,64}")
@@ -123,8 +123,21 @@ def feedback(service_id: str):
     entries = normalize_feedback(_read_json())
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
-    stored = _cds()["feedback"].save(service_id, entries)
-    snoozes = _cds()["snooze"].on_feedback(entries) if _cds().get("snooze") else 0
+    try:
+        stored = _cds()["feedback"].save(service_id, entries)
+    except StoreUnavailable as exc:
+        log.warning("feedback store unavailable", extra={"event": "store_unavailable", "error": str(exc),
+                                                         "request_id": g.get("request_id")})
+        resp = json_response(operation_outcome("The feedback store is unavailable; nothing was stored. "
+                                               "Retry later.", "transient"), 503)
+        resp.headers["Retry-After"] = "5"
+        return resp
+    snoozes = 0
+    if _cds().get("snooze"):
+        try:
+            snoozes = _cds()["snooze"].on_feedback(entries)
+        except StoreUnavailable:                   # feedback is stored; the snooze is best effort
+            log.warning("snooze not set: store unavailable", extra={"event": "snooze_store_error"})
     g.counts = {"feedback_entries": len(entries), "feedback_new": stored, "snoozes_set": snoozes}
     return json_response({"stored": stored, "received": len(entries)})
 
@@ -147,7 +160,20 @@ def prometheus_metrics():
 
 @bp.get("/healthz")
 def healthz():
+    """Liveness: the process answers. Touches nothing outside it."""
     return json_response({"status": "ok", "catalog_version": _cds()["catalog"].version})
+
+
+@bp.get("/readyz")
+def readyz():
+    """Readiness: the feedback store answers within a second (and the service is not shutting down)."""
+    if _cds().get("draining"):
+        return json_response({"status": "shutting-down"}, 503)
+    try:
+        _cds()["feedback"].call("ping", timeout=1.0)
+    except StoreUnavailable:
+        return json_response({"status": "unavailable", "store": "unavailable"}, 503)
+    return json_response({"status": "ready", "store": "ok", "catalog_version": _cds()["catalog"].version})
 
 
 def install_handlers(app: Flask) -> None:

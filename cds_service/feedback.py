@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -129,7 +132,7 @@ class SQLiteFeedbackStore:
     """The embedded default store. Safe across threads and worker processes (SQLite locking)."""
 
     def __init__(self, path: str | Path):
-        self.db = ThreadLocalSQLite(path, SCHEMA, synchronous="FULL")    # durable before the 200
+        self.db = ThreadLocalSQLite(path, SCHEMA, synchronous="FULL", busy_timeout_ms=2000)   # durable before the 200
         self.path = self.db.path
 
     def _connect(self) -> sqlite3.Connection:
@@ -167,6 +170,9 @@ class SQLiteFeedbackStore:
     def count(self) -> int:
         return self._connect().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
 
+    def ping(self) -> None:
+        self._connect().execute("SELECT 1").fetchone()
+
     # ---- snooze: which patient a card was issued for (a keyed hash), and snoozes per patient ----
     def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
         self._connect().execute("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)",
@@ -188,6 +194,9 @@ class SQLiteFeedbackStore:
                                       " ORDER BY until DESC LIMIT 1", patient_keys).fetchone()
         return (row[0], row[1]) if row else None
 
+
+CONNECT_TIMEOUT_S = 2          # PostgreSQL: a server that does not answer is given up on after this
+STATEMENT_TIMEOUT_MS = 2000    # and a statement the server cannot finish in time is cancelled by it
 
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -228,7 +237,7 @@ class PostgresFeedbackStore:
         self._psycopg = psycopg
         self.url = url
         self._local = threading.local()
-        with psycopg.connect(url, autocommit=False) as conn:     # own connection: never crosses a fork
+        with psycopg.connect(url, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S) as conn:   # never crosses a fork
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(4242001)")   # workers may start at once
                 cur.execute(PG_SCHEMA)
@@ -237,7 +246,8 @@ class PostgresFeedbackStore:
     def _conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = self._psycopg.connect(self.url, autocommit=False)
+            conn = self._psycopg.connect(self.url, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S,
+                                         options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
             self._local.conn = conn
         return conn
 
@@ -291,6 +301,9 @@ class PostgresFeedbackStore:
                 return cur.fetchone()[0]
         return self._run(count)
 
+    def ping(self) -> None:
+        self._execute("SELECT 1", (), True)
+
     def _execute(self, sql: str, params: tuple, fetch: bool = False):
         def run(conn):
             with conn.cursor() as cur:
@@ -315,6 +328,58 @@ class PostgresFeedbackStore:
         row = self._execute("SELECT until, signature FROM snoozes WHERE patient_key = ANY(%s) ORDER BY until DESC LIMIT 1",
                             (patient_keys,), True)
         return (row[0], row[1]) if row else None
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time (stuck, locked, down or busy): the caller answers 503 or goes on."""
+
+
+class GuardedStore:
+    """Every store call runs on a small pool of its own threads with a deadline, so a stuck or down
+    database costs a caller at most `timeout` seconds and never holds a request thread; while the pool
+    is saturated by stuck calls, new calls fail at once instead of queueing behind them."""
+
+    def __init__(self, store, timeout: float = 2.0, threads: int = 4):
+        self.store = store
+        self.timeout = timeout
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None      # created on first use: after a worker forks
+        self._pool_pid = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def call(self, method: str, *args, timeout: float | None = None):
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="store")
+                self._pool_pid, self._running = os.getpid(), 0
+            if self._running >= self.threads:
+                raise StoreUnavailable("busy")
+            self._running += 1
+        future = self._pool.submit(self._run, method, args)
+        try:
+            return future.result(timeout or self.timeout)
+        except FutureTimeout:
+            raise StoreUnavailable("timeout") from None
+
+    def _run(self, method: str, args: tuple):
+        try:
+            return getattr(self.store, method)(*args)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:              # noqa: BLE001 - locked, refused, reset: all mean "not now"
+            if isinstance(exc, (TypeError, AttributeError)):
+                raise
+            raise StoreUnavailable(type(exc).__name__) from exc
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def __getattr__(self, method: str):
+        """store.save(...) and the rest, with the deadline."""
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return lambda *args: self.call(method, *args)
 
 
 def _entry_hash(service_id: str, entry: dict) -> str:

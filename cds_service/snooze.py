@@ -20,12 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class SnoozeBook:
-    def __init__(self, store, secrets: list[str], days: int):
+    def __init__(self, store, secrets: list[str], days: int, timeout: float = 0.5):
         if not secrets:
             raise ValueError("snooze needs at least one secret")
         self.store = store
+        self.timeout = timeout             # patient-view waits at most this for the store, then goes on
         self.secrets = [s.encode() for s in secrets]
         self.days = days
+
+    def _store(self, method: str, *args):
+        call = getattr(self.store, "call", None)          # a GuardedStore: with this book's deadline
+        return call(method, *args, timeout=self.timeout) if call else getattr(self.store, method)(*args)
 
     def patient_keys(self, fhir_server: str, patient_id: str) -> list[str]:
         """The patient's key under every configured secret, the current one first."""
@@ -42,7 +47,7 @@ class SnoozeBook:
         return sorted(out)
 
     def is_snoozed(self, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> bool:
-        found = self.store.snooze_for(self.patient_keys(fhir_server, patient_id))
+        found = self._store("snooze_for", self.patient_keys(fhir_server, patient_id))
         if found is None:
             return False
         until, signature = found
@@ -51,8 +56,8 @@ class SnoozeBook:
         return set(self.signature(a)) <= set(orjson.loads(signature))    # nothing new since the snooze
 
     def issued(self, card_uuid: str, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> None:
-        self.store.record_issued(card_uuid, self.patient_keys(fhir_server, patient_id)[0],
-                                 orjson.dumps(self.signature(a)).decode(), now.isoformat())
+        self._store("record_issued", card_uuid, self.patient_keys(fhir_server, patient_id)[0],
+                    orjson.dumps(self.signature(a)).decode(), now.isoformat())
 
     def apply(self, response: dict, fhir_server: str, a: Assessment, now: datetime | None = None) -> bool:
         """Drop the card when the patient is snoozed (True), else remember whom it was issued for.
@@ -74,7 +79,7 @@ class SnoozeBook:
         """Snooze the patient of each card overridden or acted on; returns how many snoozes were set."""
         done = 0
         for e in entries:
-            card = self.store.issued_card(e["card"])
+            card = self._store("issued_card", e["card"])
             if card is None:
                 continue                    # not a card this service issued (or issued before snooze was on)
             patient_key, signature = card
@@ -82,6 +87,6 @@ class SnoozeBook:
             if at.tzinfo is None:
                 at = at.replace(tzinfo=timezone.utc)
             until = (at + timedelta(days=self.days)).astimezone(timezone.utc)
-            self.store.set_snooze(patient_key, until.isoformat(), signature, e["card"])
+            self._store("set_snooze", patient_key, until.isoformat(), signature, e["card"])
             done += 1
         return done
