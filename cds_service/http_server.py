@@ -29,6 +29,14 @@ _STATUS = [
 
 
 class JsonErrorWorker(ThreadWorker):
+    def handle_exit(self, sig, frame):
+        """SIGTERM: readiness turns false at once (a load balancer stops sending), then gunicorn stops
+        accepting, finishes the requests in flight (graceful_timeout) and closes the listener."""
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", None)
+        if extensions and "cds" in extensions:
+            extensions["cds"]["draining"] = True
+        super().handle_exit(sig, frame)
+
     def handle_error(self, req, client, addr, exc):
         status, reason, code = next(((s, r, c) for kind, s, r, c in _STATUS if isinstance(exc, kind)),
                                     (500, "Internal Server Error", "exception"))

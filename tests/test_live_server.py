@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 
 import pytest
 import requests
@@ -162,3 +164,56 @@ def test_soak_memory_stays_flat(tmp_path):
         assert growth_kb < 8 * 1024
     finally:
         server.kill(signal.SIGTERM)
+
+
+class SlowFhir:
+    """A FHIR server that takes its time: each search answers an empty Bundle after a delay."""
+
+    def __init__(self, delay: float):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                time.sleep(delay)
+                body = json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": []}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_sigterm_finishes_requests_in_flight_and_readiness_goes_false_first(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    server = LiveServer(tmp_path / "graceful", env={"CDS_WORKERS": "1", "CDS_FHIR_TIMEOUT": "5"}).start()
+    fhir = SlowFhir(delay=1.5)
+    body = {"hook": "patient-view", "hookInstance": "g-1", "fhirServer": fhir.base,
+            "context": {"patientId": "pat-1", "userId": "Practitioner/1"},
+            "prefetch": {"patient": {"resourceType": "Patient", "id": "pat-1", "gender": "female",
+                                     "birthDate": "1950-01-01"}}}
+    kept = requests.Session()
+    assert kept.get(server.base + "/readyz", timeout=5).status_code == 200       # a kept-alive connection
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            flights = [pool.submit(requests.post, server.base + SERVICE_URL, json=body, timeout=20) for _ in range(3)]
+            time.sleep(0.5)                                        # all three are waiting on the FHIR server
+            os.kill(server.proc.pid, signal.SIGTERM)               # what an orchestrator sends the master
+            time.sleep(0.3)
+            draining = kept.get(server.base + "/readyz", timeout=5)
+            answers = [f.result() for f in flights]
+        assert [a.status_code for a in answers] == [200, 200, 200]        # none reset
+        assert draining.status_code == 503 and draining.json()["status"] == "shutting-down"
+        server.proc.wait(timeout=20)
+        with pytest.raises(requests.ConnectionError):                     # the listener is closed
+            requests.get(server.base + "/healthz", timeout=2)
+    finally:
+        server.kill(signal.SIGKILL)
+        fhir.httpd.shutdown()
