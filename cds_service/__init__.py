@@ -29,19 +29,22 @@ def create_app(settings: Settings | None = None) -> Flask:
     catalog = load_catalog(settings.cards_dir or None)
     warm_models()
     client = FhirClient(max_pages=settings.fhir_max_pages, max_bytes=settings.fhir_max_bytes)
+    store = GuardedStore(open_store(settings.resolved_database_url))      # deadlines: a stuck store never stalls us
     authenticator = None
     if settings.auth_required:
-        from .auth import ClientAuthenticator, JtiStore, parse_trusted_issuers
+        from .auth import ClientAuthenticator, JtiStore, SharedJtiStore, parse_trusted_issuers
         issuers = parse_trusted_issuers(settings.trusted_issuers)
         if not issuers:
             raise ValueError("Client authentication is required but CDS_TRUSTED_ISSUERS is empty "
                              "(set it, or CDS_AUTH=off for local testing)")
-        authenticator = ClientAuthenticator(issuers, JtiStore(Path(settings.data_dir) / "jti.sqlite3"))
+        jti = JtiStore(Path(settings.data_dir) / "jti.sqlite3")
+        if hasattr(store.store, "first_use_jti"):          # PostgreSQL: one replay cache for every replica
+            jti = SharedJtiStore(store, jti)
+        authenticator = ClientAuthenticator(issuers, jti)
     else:
         logging.getLogger(__name__).warning(
             "client JWT authentication is OFF (CDS_AUTH=%s, host %s): for local testing only", settings.auth,
             settings.host, extra={"event": "auth_off"})
-    store = GuardedStore(open_store(settings.resolved_database_url))      # deadlines: a stuck store never stalls us
     app.extensions["cds"] = {
         "authenticator": authenticator,
         "settings": settings,

@@ -11,6 +11,7 @@ Failures raise AuthError; callers answer 401 without saying why.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +21,8 @@ import jwt
 from jwt import PyJWKClient
 
 from .sqlite_util import ThreadLocalSQLite
+
+log = logging.getLogger(__name__)
 
 ALLOWED_ALGORITHMS = ("ES384", "RS384")
 REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]
@@ -55,6 +58,26 @@ class JtiStore:
                 conn.execute("UPDATE jti SET exp = ? WHERE iss = ? AND jti = ?", (exp, iss, jti))
                 return True
             return False
+
+
+class SharedJtiStore:
+    """The replay cache in the shared PostgreSQL store, so a token replayed to another replica is refused.
+    If the database does not answer in time, this host's own cache decides (replays to this host are
+    still refused) rather than every call failing or waiting."""
+
+    def __init__(self, store, local: JtiStore, timeout: float = 1.0):
+        self.store = store
+        self.local = local
+        self.timeout = timeout
+
+    def first_use(self, iss: str, jti: str, exp: float) -> bool:
+        from .feedback import StoreUnavailable
+        first_here = self.local.first_use(iss, jti, exp)
+        try:
+            return self.store.call("first_use_jti", iss, jti, exp, time.time(), timeout=self.timeout) and first_here
+        except StoreUnavailable:
+            log.warning("shared jti cache unavailable: this host's cache decides", extra={"event": "jti_store_error"})
+            return first_here
 
 
 class ClientAuthenticator:

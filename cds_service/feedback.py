@@ -225,6 +225,12 @@ CREATE TABLE IF NOT EXISTS snoozes (
     signature TEXT NOT NULL,
     card_uuid TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jti (
+    iss TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    exp DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (iss, jti)
+);
 """
 
 
@@ -303,6 +309,16 @@ class PostgresFeedbackStore:
 
     def ping(self) -> None:
         self._execute("SELECT 1", (), True)
+
+    def first_use_jti(self, iss: str, jti: str, exp: float, now: float) -> bool:
+        """Record a JWT id for every replica at once; False when it was used already (a replay). An id
+        whose token expired more than five minutes ago may be used again (the purge window)."""
+        row = self._execute("INSERT INTO jti (iss, jti, exp) VALUES (%s, %s, %s) ON CONFLICT (iss, jti) DO UPDATE"
+                            " SET exp = excluded.exp WHERE jti.exp < %s RETURNING 1", (iss, jti, exp, now - 300), True)
+        self._jti_inserts = getattr(self, "_jti_inserts", 0) + 1
+        if self._jti_inserts % 500 == 0:                     # purge expired ids now and then
+            self._execute("DELETE FROM jti WHERE exp < %s", (now - 300,))
+        return row is not None
 
     def _execute(self, sql: str, params: tuple, fetch: bool = False):
         def run(conn):

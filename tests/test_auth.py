@@ -239,3 +239,20 @@ def test_auto_is_off_on_loopback_and_required_elsewhere():
     assert Settings(host="127.0.0.1").auth_required is False
     assert Settings(host="0.0.0.0").auth_required is True
     assert Settings(host="127.0.0.1", auth="required").auth_required is True
+
+
+def test_a_token_replayed_to_another_replica_is_refused(tmp_path, jwks, postgres):
+    """Two service instances on one PostgreSQL database: the replay cache is shared."""
+    url = postgres.new_database()
+    trusted = json.dumps({ISS: [jwks.base + "/jwks.json"]})
+    replicas = [create_app(Settings(data_dir=str(tmp_path / f"replica{n}"), as_of=AS_OF.isoformat(), auth="required",
+                                    trusted_issuers=trusted, public_base_url=BASE, database_url=url,
+                                    log_level="WARNING")).test_client() for n in (1, 2)]
+    t = token()
+    headers = {"Authorization": f"Bearer {t}"}
+    body = fixture_request("patients/sle-positive.json")
+    assert replicas[0].post(SERVICE_URL, json=body, headers=headers).status_code == 200
+    assert replicas[1].post(SERVICE_URL, json=body, headers=headers).status_code == 401
+    assert replicas[0].post(SERVICE_URL, json=body, headers=headers).status_code == 401
+    fresh = {"Authorization": f"Bearer {token()}"}
+    assert replicas[1].post(SERVICE_URL, json=body, headers=fresh).status_code == 200
