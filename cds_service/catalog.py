@@ -6,12 +6,16 @@ anything clinical itself.
 """
 from __future__ import annotations
 
+import contextvars
 import re
+import string
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jsonschema
 import yaml
 
 # libyaml's C loader when present (several times faster start-up); same safe semantics
@@ -74,7 +78,39 @@ OBS_KINDS = {"threshold", "pth_calcium", "persistent", "bmi", "smoking", "dexame
 
 
 class CatalogError(ValueError):
-    """The catalog in cards/ is malformed: the service must not start with it."""
+    """The catalog in cards/ is malformed: the service must not start with it. `problems` lists every
+    problem found, one line each, as `cards/FILE:LINE: message`."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class _Problems:
+    """Problems found while loading, collected so that all of them are reported at once."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.items: list[str] = []
+        self.lines: dict[str, dict[tuple, int]] = {}       # file -> path in the document -> line
+        self.anchors: dict[str, tuple[str, int]] = {}       # "causes.yaml cause ckd" -> (file, line)
+
+    def add(self, file: str, line: int | None, message: str) -> None:
+        where = f"cards/{file}:{line}" if line else f"cards/{file}"
+        self.items.append(f"{where}: {message}")
+
+    def where(self, where: str, message: str) -> None:
+        """A semantic problem named by its `where` ("causes.yaml cause ckd"), placed on its line."""
+        file, line = self.anchors.get(where, (where.split(" ", 1)[0], None))
+        rest = where.split(" ", 1)[1] if " " in where else ""
+        self.add(file, line, f"{rest}: {message}" if rest else message)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise CatalogError(f"{len(self.items)} problem(s) in the catalog:\n" + "\n".join(self.items), self.items)
+
+
+_problems: contextvars.ContextVar[_Problems | None] = contextvars.ContextVar("catalog_problems", default=None)
 
 
 _NORMALIZED: dict[str, str] = {}
@@ -196,18 +232,99 @@ def icd_prefix_match(code: str, prefixes: set[str]) -> bool:
     return any(key[:n] in prefixes for n in range(3, len(key) + 1))
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, problems: _Problems | None = None) -> Any:
+    """Parse one YAML file. With `problems`: record each value's line (for messages) and every
+    duplicated key (which YAML would otherwise resolve silently, the last one winning)."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise CatalogError(f"missing catalog file {path}") from exc
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if problems is not None and node is not None:
+                lines: dict[tuple, int] = {}
+                # value_sets.yaml holds thousands of imported codes: its entries' insides are checked in Python
+                _walk_nodes(node, (), lines, path.name, problems, 3 if path.name == "value_sets.yaml" else 99)
+                problems.lines[path.name] = lines
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{path.name}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        what = getattr(exc, "problem", None) or "not valid YAML"
+        if problems is None:
+            raise CatalogError(f"{path.name}: not valid YAML: {exc}") from exc
+        problems.add(path.name, mark.line + 1 if mark else None, f"not valid YAML: {what}")
+        return None
+
+
+def _walk_nodes(node, path: tuple, lines: dict, file: str, problems: _Problems, depth: int) -> None:
+    lines[path] = node.start_mark.line + 1
+    if depth == 0:
+        return
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.add(file, key_node.start_mark.line + 1,
+                             f"duplicate key {key!r} (first at line {seen[key]}): YAML would keep only the last")
+            seen[key] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, path + (key,), lines, file, problems, depth - 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk_nodes(item, path + (i,), lines, file, problems, depth - 1)
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
     if not cond:
-        raise CatalogError(f"{where}: {msg}")
+        collecting = _problems.get()
+        if collecting is None:
+            raise CatalogError(f"{where}: {msg}")
+        collecting.where(where, msg)
+
+
+def _schema_problems(file: str, data: Any, problems: _Problems) -> None:
+    """Unknown keys, wrong types and out-of-range numbers, each on its line."""
+    schema = _catalog_schema()
+    validator = jsonschema.Draft202012Validator({**schema["files"][file], "$defs": schema["$defs"]})
+    lines = problems.lines.get(file, {})
+    found: list[tuple[int, str]] = []
+    for error in validator.iter_errors(data):
+        path = tuple(error.absolute_path)
+        line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            # point at the unknown key itself
+            allowed = set(error.schema.get("properties", {}))
+            for key in error.instance:
+                if key not in allowed and (path + (key,)) in lines:
+                    line = lines[path + (key,)]
+        label = _path_label(data, path)
+        message = error.message if len(error.message) < 300 else error.message[:300] + "..."
+        found.append((line or 0, f"{label}: {message}"))
+    for line, message in sorted(found):
+        problems.add(file, line or None, message)
+
+
+def _path_label(data: Any, path: tuple) -> str:
+    """causes[ckd].detect.medications.min_days: list items named by their id where they have one."""
+    out, node = "", data
+    for step in path:
+        if isinstance(step, int):
+            item = node[step] if isinstance(node, list) and step < len(node) else None
+            out += f"[{item['id']}]" if isinstance(item, dict) and isinstance(item.get("id"), str) else f"[{step}]"
+            node = item
+        else:
+            out += ("." if out else "") + str(step)
+            node = node.get(step) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+@lru_cache(maxsize=1)
+def _catalog_schema() -> dict:
+    return yaml.load((Path(__file__).parent / "catalog_schema.yaml").read_text(encoding="utf-8"), Loader=_Loader)
 
 
 def _check_code(entry: Any, where: str) -> None:
@@ -228,18 +345,52 @@ def _check_code(entry: Any, where: str) -> None:
              f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
 
 
+FILES = ("causes", "observations", "medications", "detection", "value_sets", "citations", "card")
+
+
 def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
-    """Load and validate cards/; raise CatalogError naming the first malformed entry."""
+    """Load and validate cards/. Every problem is collected and raised at once (CatalogError.problems),
+    each as `cards/FILE:LINE: message`: YAML syntax, duplicate keys, the schema (unknown keys, types,
+    numbers), then cross-references and templates."""
     base = Path(cards_dir) if cards_dir else DEFAULT_CARDS_DIR
-    manifest = _read(base / "catalog.yaml")
-    _require(isinstance(manifest, dict) and "catalog" in manifest, "catalog.yaml", "needs a 'catalog' section")
-    files = manifest["catalog"].get("files", {})
-    for key in ("causes", "observations", "medications", "detection", "value_sets", "citations", "card"):
-        _require(key in files, "catalog.yaml", f"files.{key} missing")
-    raw = {k: _read(base / v) for k, v in files.items()}
+    problems = _Problems(base)
+    manifest = _read(base / "catalog.yaml", problems)
+    raw = {k: _read(base / f"{k}.yaml", problems) for k in FILES}
+    if manifest is None or any(v is None for v in raw.values()):
+        problems.raise_if_any()                     # a file that does not parse: nothing else can be checked
+    for name, data in [("catalog.yaml", manifest)] + [(f"{k}.yaml", raw[k]) for k in FILES]:
+        _schema_problems(name, data, problems)
+    problems.raise_if_any()
+    for file, kind, items, key in (("causes.yaml", "cause", raw["causes"]["causes"], ("causes",)),
+                                   ("observations.yaml", "rule", raw["observations"]["rules"], ("rules",))):
+        for i, item in enumerate(items):
+            problems.anchors[f"{file} {kind} {item.get('id')}"] = (file, problems.lines[file].get(key + (i,)))
+    for tier, items in raw["detection"]["workup"].items():
+        for i, item in enumerate(items):
+            problems.anchors[f"detection.yaml workup {item.get('id')}"] = (
+                "detection.yaml", problems.lines["detection.yaml"].get(("workup", tier, i)))
+    token = _problems.set(problems)
+    try:
+        catalog = _build(base, manifest, raw)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        if not problems.items:
+            problems.add("catalog.yaml", None, f"cannot be read: {type(exc).__name__} {exc}")
+        catalog = None
+    finally:
+        _problems.reset(token)
+    problems.raise_if_any()
+    return catalog
+
+
+def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
 
     citations = {c["id"]: c for c in raw["citations"]["citations"]}
     value_sets = {v["oid"]: v for v in raw["value_sets"]["value_sets"]}
+    for oid, vs in value_sets.items():
+        bad = [c for c in vs["codes"] if not (isinstance(c, dict) and isinstance(c.get("system"), str)
+                                              and isinstance(c.get("code"), str) and c["code"]
+                                              and set(c) <= {"system", "code", "display"})]
+        _require(not bad, f"value_sets.yaml {oid}", f"{len(bad)} code entries are not {{system, code, display}} strings")
     card_cfg = raw["card"]
     obs_cfg = raw["observations"]
     units = obs_cfg["units"]
@@ -513,8 +664,52 @@ def _build_indexes(cat: Catalog) -> None:
     env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, trim_blocks=False)
     try:
         cat.templates["detail"] = env.from_string(cat.card["detail"])
+        cat.templates["detail"].render(**_sample_detail_context())   # every variable defined, or refuse now
     except jinja2.TemplateError as exc:
-        raise CatalogError(f"card.yaml detail template: {exc}") from exc
+        _require(False, "card.yaml detail", f"template: {exc}")
+    _check_format_templates(cat.card)
+
+
+def _sample_detail_context() -> dict:
+    """A complete sample of what CardRenderer passes the detail template (every branch taken)."""
+    from types import SimpleNamespace as NS
+    cause = NS(label="x", tier="x", strength="strong", evidence=["x"], next_step="x", guidelines="x")
+    return {"gap": NS(bone="x", evidence=["x"], options="x", guidelines="x"),
+            "kidney": NS(latest="x", caution="x", evidence=["x"]),
+            "causes": [cause], "listed": [NS(label="x", evidence=["x"])],
+            "context": NS(bone_status="x", dxa="x", treatment="x", workup="x", results="x")}
+
+
+# the fields each str.format template in card.yaml may use
+_FORMAT_FIELDS = {
+    ("summary", "template"): {"causes"}, ("summary", "template_short"): {"causes"}, ("summary", "more"): {"n"},
+    ("summary", "gap_template"): {"bone", "causes"}, ("summary", "gap_template_short"): {"bone"},
+    ("context", "bone_diagnosis"): {"items"}, ("context", "dxa_recent"): {"date", "days"},
+    ("context", "dxa_none"): {"days"}, ("context", "treatment_current"): {"items"},
+    ("context", "treatment_since"): {"drug", "since"}, ("context", "next_decision"): {"text"},
+    ("context", "latest_t_score"): {"value", "site", "date"}, ("context", "latest_results"): {"items"},
+    ("context", "no_results"): {"days"}, ("context", "workup_done"): {"days", "items"},
+    ("context", "workup_none_done"): {"days"}, ("kidney", "latest"): {"value", "date"},
+    ("kidney", "caution"): {"guidelines"}, ("suggestions", "baseline_label"): {"n"},
+    ("suggestions", "baseline_action"): {"label"}, ("suggestions", "directed_label"): {"label"},
+}
+
+
+def _check_format_templates(card: dict) -> None:
+    """A `{placeholder}` the renderer does not supply would fail on the first card: refuse it at load."""
+    formatter = string.Formatter()
+    for (section, key), allowed in _FORMAT_FIELDS.items():
+        text = (card.get(section) or {}).get(key)
+        if not isinstance(text, str):
+            continue
+        try:
+            used = {name.split(".")[0].split("[")[0] for _, name, _, _ in formatter.parse(text) if name is not None}
+        except ValueError as exc:
+            _require(False, f"card.yaml {section}.{key}", f"bad template: {exc}")
+            continue
+        unknown = used - allowed
+        _require(not unknown, f"card.yaml {section}.{key}",
+                 f"unknown placeholder(s) {sorted(unknown)}; this template may use {sorted(allowed)}")
 
 
 def _has_word(name: str, text: str) -> bool:

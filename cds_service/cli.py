@@ -117,6 +117,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _check_catalog(args: argparse.Namespace) -> int:
+    """For a content reviewer's CI: exit 0 and a summary, or every problem and exit 2."""
+    from .catalog import DEFAULT_CARDS_DIR, load_catalog
+
+    folder = args.directory or Settings.from_env().cards_dir or str(DEFAULT_CARDS_DIR)
+    catalog = load_catalog(folder)
+    print(f"{folder}: catalog {catalog.version} OK: {len(catalog.causes)} causes, "
+          f"{len(catalog.observation_rules)} lab rules, {len(catalog.value_sets)} value sets")
+    return 0
+
+
 def _input_files(names: list[str]) -> list[str]:
     """Files as named; a folder stands for every *.json in it, in name order; "-" is standard input."""
     out: list[str] = []
@@ -152,10 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     codes.add_argument("--unmatched", action="store_true", help="only codings the catalog gives no meaning")
     codes.add_argument("--csv", action="store_true", help="CSV instead of a tab-separated table")
     codes.set_defaults(func=_codes)
+    check = sub.add_parser("check-catalog", help="validate a catalog folder (default: the one the service uses)")
+    check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")
+    check.set_defaults(func=_check_catalog)
     args = parser.parse_args(argv)
+    from .catalog import CatalogError
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:          # settings, catalog, store URL, dates: one line, exit 2
+    except CatalogError as exc:                   # every problem, one line each, as cards/FILE:LINE: message
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"cds-service {args.command}: the catalog has {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:          # settings, store URL, dates: one line, exit 2
         print(f"cds-service {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """The clinical catalog: complete, traceable to the reference, and refused when malformed."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -203,24 +204,78 @@ def _cause(causes, cid):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda cs: _cause(cs, "ckd").update(citations=[]), "ckd: every rule needs a citation"),
-    (lambda cs: _cause(cs, "sle").update(strength="very strong"), "sle: strength must be one of"),
+    (lambda cs: _cause(cs, "ckd").update(citations=[]), r"cards/causes.yaml:\d+: causes\[ckd\].citations: \[\] should be non-empty"),
+    (lambda cs: _cause(cs, "sle").update(strength="very strong"), r"causes\[sle\].strength: 'very strong' is not one of"),
     (lambda cs: _cause(cs, "sle")["detect"]["codes"][0].update(system="http://example.org/made-up"), "unknown code system"),
-    (lambda cs: _cause(cs, "sle")["detect"]["codes"][0].pop("verified"), "needs verified"),
+    (lambda cs: _cause(cs, "sle")["detect"]["codes"][0].pop("verified"), "'verified' is a required property"),
     (lambda cs: _cause(cs, "hiv")["detect"]["codes"][-1].update(match="prefix"), "prefix match is only for ICD-10-CM"),
     (lambda cs: _cause(cs, "celiac").update(workup=["wk_unknown"]), "unknown workup item"),
-    (lambda cs: _cause(cs, "ppi")["detect"]["medications"].update(rule="sometimes"), "medications.rule must be one of"),
+    (lambda cs: _cause(cs, "ppi")["detect"]["medications"].update(rule="sometimes"), "rule: 'sometimes' is not one of"),
     (lambda cs: _cause(cs, "ssri")["policy"].pop("reason"), "never fires alone needs a reason"),
     (lambda cs: cs.append(dict(_cause(cs, "copd"))), "duplicate id"),
     (lambda cs: _cause(cs, "copd").update(citations=["nobody2099"]), "unknown citation nobody2099"),
     (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].update(procedures_within_days="90"),
-     "procedures_within_days must be a whole number of days"),
-    (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].pop("reason"), "evidence_age needs a reason"),
-    (lambda cs: _cause(cs, "copd")["detect"].update(condition_text="copd"), "condition_text must be a list"),
+     "procedures_within_days: '90' is not of type 'integer'"),
+    (lambda cs: _cause(cs, "ckd")["detect"]["evidence_age"].pop("reason"), "'reason' is a required property"),
+    (lambda cs: _cause(cs, "copd")["detect"].update(condition_text="copd"), "condition_text: 'copd' is not of type 'array'"),
+    # the typos a reviewer makes: a misspelled key is refused, never silently ignored
+    (lambda cs: _cause(cs, "heparin")["detect"]["medications"].update(min_dayz=90),
+     r"causes\[heparin\].detect.medications: Additional properties are not allowed \('min_dayz' was unexpected\)"),
+    (lambda cs: _cause(cs, "glucocorticoids")["thresholds"][0].update(sourc="acr2022"), "'sourc' was unexpected"),
 ])
 def test_loader_fails_loudly_on_a_malformed_entry(tmp_path, edit, message):
     cards = _broken_copy(tmp_path, edit)
-    with pytest.raises(CatalogError, match=message.replace("(", r"\(")):
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(cards)
+
+
+def _edit_text(tmp_path: Path, file: str, old: str, new: str) -> Path:
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    text = (cards / file).read_text()
+    assert old in text
+    (cards / file).write_text(text.replace(old, new, 1))
+    return cards
+
+
+def test_a_duplicated_key_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys: `strength: weak` added under glucocorticoids would turn
+    its warnings into info without anyone noticing."""
+    cards = _edit_text(tmp_path, "causes.yaml", "  strength: strong\n", "  strength: strong\n  strength: weak\n")
+    with pytest.raises(CatalogError) as err:
+        load_catalog(cards)
+    (problem,) = err.value.problems
+    assert re.fullmatch(r"cards/causes.yaml:(\d+): duplicate key 'strength' \(first at line (\d+)\): .*", problem)
+
+
+def test_every_problem_is_reported_at_once_on_its_line(tmp_path):
+    def edit(cs):
+        _cause(cs, "heparin")["detect"]["medications"].update(min_dayz=90)
+        _cause(cs, "ppi")["detect"]["medications"].update(lookback_days="a year")
+        _cause(cs, "copd").update(citations=["nobody2099"])
+    cards = _broken_copy(tmp_path, edit)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(cards)
+    problems = err.value.problems
+    assert len(problems) == 2                 # the schema's two; cross-references are checked once it passes
+    assert all(re.match(r"cards/causes.yaml:\d+: ", p) for p in problems)
+    lines = (cards / "causes.yaml").read_text().splitlines()
+    for p in problems:
+        n = int(p.split(":")[1])
+        assert "min_dayz" in lines[n - 1] or "lookback_days" in lines[n - 1]
+
+
+@pytest.mark.parametrize("file, old, new, message", [
+    ("card.yaml", "{{ context.workup }}", "{{ context.wrokup }}", "card.yaml: detail: template: .*wrokup"),
+    ("card.yaml", 'dxa_none: "No DXA in the last {days} days', 'dxa_none: "No DXA in the last {dayz} days',
+     r"context.dxa_none: unknown placeholder\(s\) \['dayz'\]"),
+    ("observations.yaml", "    below: 0.1\n", "    below: low\n", r"rules\[tsh_suppressed\].below: 'low' is not of type 'number'"),
+    ("value_sets.yaml", "- system: http://hl7.org/fhir/sid/icd-10-cm\n    code: E05.00",
+     "- system: http://hl7.org/fhir/sid/icd-10-cm\n    cod: E05.00", "code entries are not"),
+])
+def test_templates_numbers_and_other_files_are_checked_at_load(tmp_path, file, old, new, message):
+    cards = _edit_text(tmp_path, file, old, new)
+    with pytest.raises(CatalogError, match=message):
         load_catalog(cards)
 
 

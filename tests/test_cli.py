@@ -163,3 +163,22 @@ def test_evaluate_reads_folders_stdin_and_names_the_bad_file(tmp_path):
     assert f"{tmp_path / 'a.json'} is not valid JSON" in out.stderr and "line 1 column 2" in out.stderr
     piped = cli("evaluate", "-", "--as-of", AS_OF.isoformat(), stdin=(tmp_path / "b.json").read_text())
     assert piped.returncode == 0 and json.loads(piped.stdout)["cards"]
+
+
+def test_check_catalog_for_a_reviewers_ci(tmp_path):
+    import shutil
+    ok = cli("check-catalog")
+    assert ok.returncode == 0 and "OK: 65 causes" in ok.stdout
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    text = (cards / "causes.yaml").read_text()
+    text = text.replace("      min_days: 90\n", "      min_dayz: 90\n", 1).replace("  strength: strong\n", "  strength: strong\n  strength: weak\n", 1)
+    (cards / "causes.yaml").write_text(text)
+    bad = cli("check-catalog", str(cards))
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert any(x.startswith("cards/causes.yaml:") and "duplicate key 'strength'" in x for x in lines)
+    assert any(x.startswith("cards/causes.yaml:") and "'min_dayz' was unexpected" in x for x in lines)
+    assert lines[-1] == "cds-service check-catalog: the catalog has 2 problem(s)"
+    serve = cli("serve", env={"CDS_CARDS_DIR": str(cards), "CDS_DATA_DIR": str(tmp_path / "d")})
+    assert serve.returncode == 2 and "'min_dayz' was unexpected" in serve.stderr and "serving" not in serve.stderr
