@@ -8,7 +8,7 @@ import uuid
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadTooLarge, RequestTimeout
 
 from . import metrics
 from .auth import AuthError
@@ -57,14 +57,17 @@ def _read_json() -> object:
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit and request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge()
-    if limit and request.content_length is None:
-        # a chunked upload: read the server's decoded stream ourselves, one byte past the limit, so an
-        # oversize body is refused rather than cut at the limit and parsed
-        raw = _read_up_to(request.environ["wsgi.input"], limit + 1)
-        if len(raw) > limit:
-            raise PayloadTooLarge()
-    else:
-        raw = request.get_data(cache=False)
+    # read the body ourselves, one byte past the limit (a chunked upload over it is refused, never cut
+    # and parsed) and within BODY_DEADLINE_S in all (a client trickling its body cannot hold the thread)
+    chunked = request.content_length is None
+    stream = request.environ["wsgi.input"] if chunked else request.stream
+    want = (limit + 1) if limit else (request.content_length or 0) if not chunked else 1 << 30
+    try:
+        raw = _read_up_to(stream, want, time.monotonic() + BODY_DEADLINE_S)
+    except OSError:
+        raise RequestTimeout() from None
+    if limit and len(raw) > limit:
+        raise PayloadTooLarge()
     if not raw:
         raise BadRequest("The request body is empty.")
     try:
@@ -76,9 +79,14 @@ def _read_json() -> object:
                          "valid Unicode.") from None
 
 
-def _read_up_to(stream, n: int) -> bytes:
+BODY_DEADLINE_S = 30.0
+
+
+def _read_up_to(stream, n: int, deadline: float) -> bytes:
     parts, got = [], 0
     while got < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("request body not received in time")
         chunk = stream.read(min(65536, n - got))
         if not chunk:
             break
@@ -236,8 +244,8 @@ def install_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.code or 400, "invalid")
-        text = {404: "Not found.", 405: "Method not allowed.",
+        code = {404: "not-found", 405: "not-supported", 408: "timeout", 413: "too-costly"}.get(exc.code or 400, "invalid")
+        text = {404: "Not found.", 405: "Method not allowed.", 408: "The request body was not received in time.",
                 413: "The request body is larger than this service accepts."}.get(exc.code or 400, exc.name)
         resp = json_response(operation_outcome(text, code), exc.code or 400)
         if exc.code == 405 and getattr(exc, "valid_methods", None):

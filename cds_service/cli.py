@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CatalogError as exc:                   # every problem, one line each, as cards/FILE:LINE: message
+        if len(exc.problems) == 1:
+            print(f"cds-service {args.command}: {exc.problems[0]}", file=sys.stderr)
+            return 2
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"cds-service {args.command}: the catalog has {len(exc.problems)} problem(s)", file=sys.stderr)

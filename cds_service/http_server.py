@@ -7,7 +7,11 @@ error's class, so that every answer a client gets is JSON and no request text re
 """
 from __future__ import annotations
 
+import io
 import logging
+import selectors
+import time
+from functools import partial
 
 import orjson
 from gunicorn.http import errors as http_errors
@@ -28,7 +32,87 @@ _STATUS = [
 ]
 
 
+HEAD_DEADLINE_S = 10.0     # a client has this long to send its request line and headers
+HEAD_MAX_BYTES = 1 << 20   # past this the parser decides (431/414), as it would anyway
+BODY_READ_TIMEOUT_S = 10.0  # each body read waits at most this (the app bounds the whole body too)
+
+
 class JsonErrorWorker(ThreadWorker):
+    """gthread, with three changes: a request's head (request line and headers) is read by the event
+    loop without a thread (a client sending a byte a second holds no worker thread, and is answered
+    408 after HEAD_DEADLINE_S); refusals are JSON; SIGTERM turns readiness false first."""
+
+    def init_process(self):
+        self._heads: dict = {}                 # conn -> (bytes so far, deadline)
+        super().init_process()
+
+    def enqueue_req(self, conn):
+        if self.cfg.is_ssl or getattr(conn, "is_http2", False):
+            return super().enqueue_req(conn)   # TLS and HTTP/2 are read as gunicorn reads them
+        buffered = conn.parser.unreader.buf.getvalue() if conn.parser is not None else b""
+        if b"\r\n\r\n" in buffered:
+            return super().enqueue_req(conn)   # a pipelined request already read in full
+        if conn.parser is not None:
+            conn.parser.unreader.buf = io.BytesIO()
+        conn.sock.setblocking(False)
+        self._heads[conn] = (bytearray(buffered), time.monotonic() + HEAD_DEADLINE_S)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_readable, conn))
+
+    def _on_head_readable(self, conn, _client):
+        data, deadline = self._heads[conn]
+        try:
+            chunk = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:                           # the client went away
+            self._forget_head(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        data += chunk
+        if b"\r\n\r\n" in data or len(data) >= HEAD_MAX_BYTES or data.startswith(b"PRI * HTTP/2"):
+            self._forget_head(conn)
+            conn.prebuffered = bytes(data)
+            super().enqueue_req(conn)
+
+    def _forget_head(self, conn) -> None:
+        self._heads.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def murder_pending(self):
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, (_, deadline) in list(self._heads.items()):
+            if now >= deadline:                 # too slow: 408, and the connection is closed
+                self._forget_head(conn)
+                self.nr_conns -= 1
+                log.warning("request head not received in time", extra={"event": "http_error", "status": 408,
+                                                                      "error": "SlowRequestHead"})
+                try:
+                    conn.sock.setblocking(True)
+                    conn.sock.settimeout(1.0)
+                    conn.sock.sendall(_json_answer(408, "Request Timeout", "timeout",
+                                                   "The request was not received in time."))
+                except OSError:
+                    pass
+                conn.close()
+
+    def handle(self, conn):
+        data = getattr(conn, "prebuffered", None)
+        if data is not None:
+            conn.prebuffered = None
+            conn.init()                         # blocking socket, HTTP/1 parser
+            conn.parser.unreader.unread(data)
+            conn.data_ready = True
+            conn.sock.settimeout(BODY_READ_TIMEOUT_S)
+        return super().handle(conn)
+
+
     def handle_exit(self, sig, frame):
         """SIGTERM: readiness turns false at once (a load balancer stops sending), then gunicorn stops
         accepting, finishes the requests in flight (graceful_timeout) and closes the listener."""
@@ -43,13 +127,17 @@ class JsonErrorWorker(ThreadWorker):
         log.warning("request refused by the HTTP server", extra={"event": "http_error", "status": status,
                                                                   "error": type(exc).__name__})
         text = "The service could not process this request." if status == 500 else f"{reason}."
-        body = orjson.dumps(operation_outcome(text, code))
-        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n\r\n").encode("latin-1")
         try:
-            client.sendall(head + body)
+            client.sendall(_json_answer(status, reason, code, text))
         except OSError:
             pass                                    # the client is gone: nothing to answer
+
+
+def _json_answer(status: int, reason: str, code: str, text: str) -> bytes:
+    body = orjson.dumps(operation_outcome(text, code))
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n\r\n").encode("latin-1")
+    return head + body
 
 
 def log_config(level: str) -> dict:

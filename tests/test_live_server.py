@@ -217,3 +217,48 @@ def test_sigterm_finishes_requests_in_flight_and_readiness_goes_false_first(tmp_
     finally:
         server.kill(signal.SIGKILL)
         fhir.httpd.shutdown()
+
+
+def test_fifty_slow_clients_do_not_starve_normal_requests(tmp_path):
+    """Clients sending their headers a byte a second hold no worker thread: the event loop reads request
+    heads, and answers 408 to a head not complete in 10 s."""
+    import socket
+    import threading
+    server = LiveServer(tmp_path / "slow", env={"CDS_WORKERS": "1", "CDS_THREADS": "4"}).start()
+    answers: list[bytes] = []
+    stop = threading.Event()
+
+    def slowloris():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            for b in b"GET /cds-services HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 60:
+                if stop.is_set():
+                    return
+                try:
+                    s.send(bytes([b]))
+                except OSError:
+                    break
+                time.sleep(0.5)
+            try:
+                answers.append(s.recv(4096))
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=slowloris, daemon=True) for _ in range(50)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        latencies = []
+        with requests.Session() as s:
+            for _ in range(40):
+                start = time.monotonic()
+                assert s.get(server.base + "/cds-services", timeout=15).status_code == 200
+                latencies.append(time.monotonic() - start)
+        latencies.sort()
+        assert latencies[int(len(latencies) * 0.95) - 1] < 0.1, latencies
+        for t in threads:
+            t.join(timeout=20)
+        assert answers and all(a.startswith(b"HTTP/1.1 408 ") and b'"OperationOutcome"' in a for a in answers)
+    finally:
+        stop.set()
+        server.kill(signal.SIGKILL)
