@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -58,28 +59,79 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class FhirClient:
-    """One per process: a pooled HTTP session and a small thread pool for parallel queries."""
+class _Exchange:
+    """One request's conversation with a FHIR server: its own connections, so that when its deadline
+    passes every socket it opened is shut down, and a server that trickles bytes (or never answers)
+    cannot hold a thread a moment longer."""
 
-    def __init__(self, max_pages: int = 10, max_bytes: int = 20 * 1024 * 1024, max_workers: int = 16):
+    def __init__(self):
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.session = requests.Session()
+        self.session.trust_env = False         # no proxies from the environment: talk to fhirServer only
+        exchange = self
+
+        def tracked(base):
+            class Tracked(base):
+                def _new_conn(self):
+                    sock = super()._new_conn()
+                    with exchange.lock:
+                        if exchange.closed:
+                            sock.close()
+                            raise OSError("deadline passed")
+                        exchange.sockets.append(sock)
+                    return sock
+            return Tracked
+
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0)
+        pools = adapter.poolmanager.pool_classes_by_scheme
+        pools = {"http": type("P", (pools["http"],), {"ConnectionCls": tracked(pools["http"].ConnectionCls)}),
+                 "https": type("PS", (pools["https"],), {"ConnectionCls": tracked(pools["https"].ConnectionCls)})}
+        adapter.poolmanager.pool_classes_by_scheme = pools
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        """Shut every socket down (a blocked read in another thread returns at once), then close."""
+        with self.lock:
+            self.closed = True
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.session.close()
+
+
+class FhirClient:
+    """One per process: a thread pool for parallel queries, a cap on how many run at once for all
+    requests together (a request over the cap fails fast instead of queueing behind slow servers),
+    and per request one exchange whose sockets are shut down at its deadline."""
+
+    def __init__(self, max_pages: int = 10, max_bytes: int = 20 * 1024 * 1024, max_workers: int = 64,
+                 per_server: int = 16):
         self.max_pages = max_pages
         self.max_bytes = max_bytes
         self.max_workers = max_workers
-        self._local = threading.local()
+        self.per_server = per_server
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_workers)
+        self._server_slots: dict[str, threading.BoundedSemaphore] = {}
 
-    # a session per thread: requests.Session is not documented as thread-safe
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.trust_env = False          # no proxies from the environment: talk to fhirServer only
-            self._local.session = s
-        return s
+    def _server_slot(self, base: str) -> threading.BoundedSemaphore:
+        """Each FHIR server (scheme, host, port) has its own share of the threads: a slow one can use up
+        only its own, never those of the servers other requests name."""
+        key = urlsplit(base)._replace(path="", query="", fragment="").geturl().lower()
+        with self._pool_lock:
+            sem = self._server_slots.get(key)
+            if sem is None:
+                if len(self._server_slots) > 1000:             # bounded: forget idle servers
+                    self._server_slots.clear()
+                sem = self._server_slots[key] = threading.BoundedSemaphore(self.per_server)
+            return sem
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -97,40 +149,77 @@ class FhirClient:
 
     def fetch_many(self, base: str, token: str | None, queries: dict[str, str], timeout: float,
                    stats: FetchStats) -> dict[str, dict]:
-        """Run every query in parallel; all must succeed before `timeout` seconds, else FhirError."""
+        """Run the queries in parallel (one thread each, from a capped pool); all must succeed before
+        `timeout` seconds of wall-clock time, else FhirError. At the deadline every connection of
+        this request is shut down, so no thread outlives it."""
         self.check_server(base, token)
         deadline = time.monotonic() + timeout
         lock = threading.Lock()
-        futures = {self._executor().submit(self._fetch, base, token, q, deadline, stats, lock): key
-                   for key, q in queries.items()}
-        done, pending = wait(futures, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        results: dict[str, dict] = {}
-        for f in done:
-            exc = f.exception()
-            if exc is not None:
-                raise exc if isinstance(exc, FhirError) else FhirBadResponse(type(exc).__name__)
-            results[futures[f]] = f.result()
-        if pending:
-            raise FhirTimeout(f"FHIR server did not answer within {timeout:g} s")
-        return results
+        exchange = _Exchange()
+        taken = 0
+        try:
+            items = list(queries.items())          # one per prefetch key the catalog names: a fixed, small number
+            server = self._server_slot(base)
+            for _ in items:
+                if not server.acquire(blocking=False):
+                    raise FhirTimeout("this FHIR server already has its share of threads busy")
+                if not self._slots.acquire(blocking=False):
+                    server.release()
+                    raise FhirTimeout("the FHIR fallback is at capacity")
+                taken += 1
+            futures = {self._executor().submit(self._slot(self._fetch, server), exchange, base, token, q, deadline,
+                                               stats, lock): key for key, q in items}
+            taken = 0                              # each task gives its slot back
+            done, pending = wait(futures, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_EXCEPTION)
+            results: dict[str, dict] = {}
+            for f in done:
+                exc = f.exception()
+                if exc is not None:
+                    raise exc if isinstance(exc, FhirError) else FhirBadResponse(type(exc).__name__)
+                results[futures[f]] = f.result()
+            if pending:
+                raise FhirTimeout(f"FHIR server did not answer within {timeout:g} s")
+            return results
+        finally:
+            for _ in range(taken):
+                self._slots.release()
+                self._server_slot(base).release()
+            exchange.close()                       # whatever is still reading stops now
+
+    def _slot(self, fn, server: threading.BoundedSemaphore):
+        def run(*args):
+            try:
+                return fn(*args)
+            finally:
+                self._slots.release()
+                server.release()
+        return run
 
     def follow_next(self, base: str, token: str | None, bundle: dict, timeout: float, stats: FetchStats) -> dict:
         """Complete a paginated prefetch Bundle by following its `next` links."""
         self.check_server(base, token)
         deadline = time.monotonic() + timeout
-        return self._pages(base, token, bundle, deadline, stats, threading.Lock())
+        exchange = _Exchange()
+        timer = threading.Timer(max(0.0, timeout), exchange.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._pages(exchange, base, token, bundle, deadline, stats, threading.Lock())
+        finally:
+            timer.cancel()
+            exchange.close()
 
     # ------------------------------------------------------------------------------------------
-    def _fetch(self, base: str, token: str | None, query: str, deadline: float, stats: FetchStats, lock) -> dict:
+    def _fetch(self, exchange: _Exchange, base: str, token: str | None, query: str, deadline: float,
+               stats: FetchStats, lock) -> dict:
         url = base.rstrip("/") + "/" + query.lstrip("/")
-        first = self._get(url, token, deadline, stats, lock)
+        first = self._get(exchange, url, token, deadline, stats, lock)
         if first.get("resourceType") == "Bundle":
-            return self._pages(base, token, first, deadline, stats, lock)
+            return self._pages(exchange, base, token, first, deadline, stats, lock)
         return first
 
-    def _pages(self, base: str, token: str | None, bundle: dict, deadline: float, stats: FetchStats, lock) -> dict:
+    def _pages(self, exchange: _Exchange, base: str, token: str | None, bundle: dict, deadline: float,
+               stats: FetchStats, lock) -> dict:
         entries = list(as_list(bundle.get("entry")))
         page, pages = bundle, 1
         root = base.rstrip("/") + "/"
@@ -144,7 +233,7 @@ class FhirClient:
                 break
             if not nxt.startswith(root):
                 raise FhirRefused("a next link points off the FHIR server")
-            page = self._get(nxt, token, deadline, stats, lock)
+            page = self._get(exchange, nxt, token, deadline, stats, lock)
             if page.get("resourceType") != "Bundle":
                 raise FhirBadResponse("a next page is not a Bundle")
             entries += as_list(page.get("entry"))
@@ -153,7 +242,7 @@ class FhirClient:
         merged["entry"] = entries
         return merged
 
-    def _get(self, url: str, token: str | None, deadline: float, stats: FetchStats, lock) -> dict:
+    def _get(self, exchange: _Exchange, url: str, token: str | None, deadline: float, stats: FetchStats, lock) -> dict:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FhirTimeout("deadline passed")
@@ -161,14 +250,17 @@ class FhirClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            with self._session().get(url, headers=headers, timeout=(min(remaining, 2.0), remaining),
-                                     allow_redirects=False, stream=True) as resp:
+            with exchange.session.get(url, headers=headers, timeout=(min(remaining, 2.0), remaining),
+                                      allow_redirects=False, stream=True) as resp:
                 with lock:
                     stats.requests += 1
                 if resp.status_code in (401, 403):
                     raise FhirUnauthorized(f"FHIR server answered {resp.status_code}")
                 if resp.status_code != 200:
                     raise FhirBadResponse(f"FHIR server answered {resp.status_code}")
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise FhirBadResponse("FHIR response too large")     # refused before reading a byte
                 body = bytearray()
                 for chunk in resp.iter_content(65536):
                     body += chunk
@@ -180,7 +272,9 @@ class FhirClient:
                     stats.bytes += len(body)
         except requests.Timeout as exc:
             raise FhirTimeout("FHIR server timed out") from exc
-        except requests.RequestException as exc:
+        except (requests.RequestException, OSError) as exc:
+            if time.monotonic() >= deadline or exchange.closed:
+                raise FhirTimeout("deadline passed") from exc
             raise FhirBadResponse(f"FHIR server unreachable ({type(exc).__name__})") from exc
         try:
             data = orjson.loads(bytes(body))

@@ -33,3 +33,7 @@ def configure(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    # urllib3 logs the URLs it fetched (a FHIR search names the patient): never let those lines out
+    noisy = logging.getLogger("urllib3")
+    noisy.setLevel(logging.CRITICAL)
+    noisy.propagate = False

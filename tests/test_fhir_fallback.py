@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -139,6 +140,27 @@ class FaultServer:
                 mode = outer.mode
                 if mode == "slow":
                     time.sleep(4)
+                if mode == "trickle":               # the status line, then a header byte a second, forever
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    self.wfile.flush()
+                    try:
+                        for _ in range(120):
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                            time.sleep(1)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
+                if mode == "declared-huge":         # says 2 GB: refused before any of it is read
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/fhir+json")
+                    self.send_header("Content-Length", str(2 * 1024 ** 3))
+                    self.end_headers()
+                    try:
+                        self.wfile.write(b'{"resourceType":"Bundle"' + b" " * 65536)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if mode in ("401", "403", "500"):
                     return self._send(int(mode), {"resourceType": "OperationOutcome", "issue": []})
                 if mode == "garbage":
@@ -341,3 +363,49 @@ def test_allowlist_handles_ipv6_and_idna():
     assert ServerAllowlist(("https://bücher.example/fhir",)).allows("https://xn--bcher-kva.example/fhir")
     with pytest.raises(ValueError):
         ServerAllowlist(("https://u:p@ehr.example.org",))
+
+
+def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tmp_path):
+    """Two FHIR servers that trickle a byte a second: their requests get 412 at the deadline, the
+    threads they used are free again, and a request naming a healthy server is served meanwhile."""
+    slow = [FaultServer(), FaultServer()]
+    healthy = FaultServer()
+    try:
+        for s in slow:
+            s.mode = "trickle"
+        app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+                                  log_level="WARNING"))
+        client = app.test_client()
+        with ThreadPoolExecutor(6) as pool:
+            stuck = [pool.submit(lambda b=s.base: timed(lambda: client.post(SERVICE_URL, json=bare_request(b))))
+                     for s in slow for _ in range(2)]
+            time.sleep(0.5)
+            ok, ok_s = timed(lambda: client.post(SERVICE_URL, json=bare_request(healthy.base)))
+            results = [f.result() for f in stuck]
+        assert ok.status_code == 200 and ok_s < 1.0
+        for resp, seconds in results:
+            assert resp.status_code == 412 and seconds < 3.0
+        fhir = app.extensions["cds"]["service"].resolver.client
+        deadline = time.monotonic() + 1.5
+        while fhir._slots._value < fhir.max_workers:          # every thread given back soon after the deadline
+            assert time.monotonic() < deadline, (fhir._slots._value, fhir.max_workers)
+            time.sleep(0.05)
+        again, again_s = timed(lambda: client.post(SERVICE_URL, json=bare_request(healthy.base)))
+        assert again.status_code == 200 and again_s < 1.0
+    finally:
+        for s in slow + [healthy]:
+            s.close()
+
+
+def test_a_declared_oversize_response_is_refused_before_reading(tmp_path, faults):
+    faults.mode = "declared-huge"
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+                              fhir_max_bytes=1_000_000, log_level="WARNING"))
+    resp, seconds = timed(lambda: app.test_client().post(SERVICE_URL, json=bare_request(faults.base)))
+    assert resp.status_code == 412 and seconds < 1.0
+
+
+def timed(fn):
+    start = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - start
