@@ -59,6 +59,8 @@ def normalize_feedback(body: object) -> list[dict]:
         if raw_or is not None:
             if not isinstance(raw_or, dict):
                 raise BadRequest(f"{where}.overrideReason must be an object.")
+            if "userComment" in raw_or and not isinstance(raw_or["userComment"], str):
+                raise BadRequest(f"{where}.overrideReason.userComment must be a string.")
             if "code" in raw_or and "reason" not in raw_or:
                 raw_or = {"reason": raw_or}                           # a bare Coding: pre-2.0 clients
             reason = raw_or.get("reason")

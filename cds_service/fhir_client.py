@@ -111,7 +111,7 @@ class FhirClient:
     and per request one exchange whose sockets are shut down at its deadline."""
 
     def __init__(self, max_pages: int = 10, max_bytes: int = 20 * 1024 * 1024, max_workers: int = 64,
-                 per_server: int = 16):
+                 per_server: int = 32):
         self.max_pages = max_pages
         self.max_bytes = max_bytes
         self.max_workers = max_workers
@@ -160,12 +160,12 @@ class FhirClient:
         try:
             items = list(queries.items())          # one per prefetch key the catalog names: a fixed, small number
             server = self._server_slot(base)
-            for _ in items:
-                if not server.acquire(blocking=False):
-                    raise FhirTimeout("this FHIR server already has its share of threads busy")
-                if not self._slots.acquire(blocking=False):
+            for _ in items:                        # wait for a thread, but never past this request's deadline
+                if not server.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise FhirTimeout("this FHIR server's share of threads stayed busy until the deadline")
+                if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     server.release()
-                    raise FhirTimeout("the FHIR fallback is at capacity")
+                    raise FhirTimeout("the FHIR fallback stayed at capacity until the deadline")
                 taken += 1
             futures = {self._executor().submit(self._slot(self._fetch, server), exchange, base, token, q, deadline,
                                                stats, lock): key for key, q in items}

@@ -1,6 +1,8 @@
 """The secondary-osteoporosis CDS service: request -> prefetch -> patient record -> findings -> cards."""
 from __future__ import annotations
 
+import re
+
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -45,10 +47,13 @@ def validate_request(body: object) -> dict:
     for key in ("userId", "encounterId"):
         if key in context and not isinstance(context[key], str):
             raise BadRequest(f"'context.{key}' must be a string.")
-    if "prefetch" in body and body["prefetch"] is not None and not isinstance(body["prefetch"], dict):
+    prefetch = body.get("prefetch")
+    if prefetch is not None and not isinstance(prefetch, dict):
         raise BadRequest("'prefetch' must be an object.")
+    if prefetch and any(v is not None and not isinstance(v, dict) for v in prefetch.values()):
+        raise BadRequest("Each 'prefetch' value must be a FHIR resource (an object) or null.")
     server = body.get("fhirServer")
-    if server is not None and (not isinstance(server, str) or not server.startswith(("http://", "https://"))):
+    if server is not None and (not isinstance(server, str) or not _SERVER_URL.fullmatch(server)):
         raise BadRequest("'fhirServer' must be an http(s) URL.")
     auth = body.get("fhirAuthorization")
     if auth is not None:
@@ -61,13 +66,20 @@ def validate_request(body: object) -> dict:
                 raise BadRequest(f"'fhirAuthorization.{key}' is required.")
         if auth["token_type"].lower() != "bearer":
             raise BadRequest("'fhirAuthorization.token_type' must be 'Bearer'.")
-        if not isinstance(auth.get("expires_in"), int) or isinstance(auth.get("expires_in"), bool):
-            raise BadRequest("'fhirAuthorization.expires_in' must be an integer.")
+        expires = auth.get("expires_in")
+        if isinstance(expires, float) and expires.is_integer():
+            expires = int(expires)                 # 300.0 is a JSON integer too
+        if not isinstance(expires, int) or isinstance(expires, bool) or not 0 <= expires <= 2**31 - 1:
+            raise BadRequest("'fhirAuthorization.expires_in' must be a whole number of seconds.")
         if "patient" in auth and auth["patient"] != pid:
             raise BadRequest("'fhirAuthorization.patient' does not match 'context.patientId'.")
     if "extension" in body and not isinstance(body["extension"], dict):
         raise BadRequest("'extension' must be an object.")
     return body
+
+
+# http(s), a host, no whitespace and no credentials in the authority (openapi.yaml says the same)
+_SERVER_URL = re.compile("https?://[^\u0000-\u0020\u007f/?#@]+([/?#][^\u0000-\u0020\u007f]*)?")
 
 
 class OsteoporosisService:
@@ -141,7 +153,7 @@ def explain_context(assessment: Assessment) -> dict:
         "kidney_caution": bool(ctx.kidney_caution),
         "latest_egfr": {"value": round(ctx.latest_egfr[0], 1), "date": ctx.latest_egfr[1].isoformat()}
         if ctx.latest_egfr else None,
-        "latest_t_score": {"value": ctx.latest_t_score[0], "site": ctx.latest_t_score[1],
+        "latest_t_score": {"value": round(ctx.latest_t_score[0], 1), "site": ctx.latest_t_score[1],
                            "date": ctx.latest_t_score[2].isoformat()} if ctx.latest_t_score else None,
         "pregnant": ctx.pregnant is not None,
     }
