@@ -120,6 +120,11 @@ class FhirClient:
         self._pool_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_workers)
         self._server_slots: dict[str, threading.BoundedSemaphore] = {}
+        # all fallback bodies being read at once share one budget: hostile servers streaming without
+        # end cannot together drive a worker's memory past it
+        self.budget_bytes = max(64 * 1024 * 1024, 2 * max_bytes)
+        self._in_flight = 0
+        self._budget_lock = threading.Lock()
 
     def _server_slot(self, base: str) -> threading.BoundedSemaphore:
         """Each FHIR server (scheme, host, port) has its own share of the threads: a slow one can use up
@@ -242,6 +247,16 @@ class FhirClient:
         merged["entry"] = entries
         return merged
 
+    def _reserve(self, n: int) -> None:
+        with self._budget_lock:
+            if self._in_flight + n > self.budget_bytes:
+                raise FhirBadResponse("the fallback's memory budget is in use by other responses")
+            self._in_flight += n
+
+    def _release(self, n: int) -> None:
+        with self._budget_lock:
+            self._in_flight -= n
+
     def _get(self, exchange: _Exchange, url: str, token: str | None, deadline: float, stats: FetchStats, lock) -> dict:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -262,26 +277,34 @@ class FhirClient:
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     raise FhirBadResponse("FHIR response too large")     # refused before reading a byte
                 body = bytearray()
-                for chunk in resp.iter_content(65536):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        raise FhirBadResponse("FHIR response too large")
-                    if time.monotonic() > deadline:
-                        raise FhirTimeout("deadline passed while reading")
-                with lock:
-                    stats.bytes += len(body)
+                try:
+                    for chunk in resp.iter_content(65536):
+                        self._reserve(len(chunk))
+                        body += chunk
+                        if len(body) > self.max_bytes:
+                            raise FhirBadResponse("FHIR response too large")
+                        if time.monotonic() > deadline:
+                            raise FhirTimeout("deadline passed while reading")
+                    with lock:
+                        stats.bytes += len(body)
+                    data = _parse(body)
+                finally:
+                    self._release(len(body))
         except requests.Timeout as exc:
             raise FhirTimeout("FHIR server timed out") from exc
         except (requests.RequestException, OSError) as exc:
             if time.monotonic() >= deadline or exchange.closed:
                 raise FhirTimeout("deadline passed") from exc
             raise FhirBadResponse(f"FHIR server unreachable ({type(exc).__name__})") from exc
-        try:
-            data = orjson.loads(bytes(body))
-        except orjson.JSONDecodeError as exc:
-            raise FhirBadResponse("FHIR server sent a body that is not JSON") from exc
         if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
             raise FhirBadResponse("FHIR server sent something that is not a FHIR resource")
         if data["resourceType"] == "OperationOutcome":
             raise FhirBadResponse("FHIR server answered with an OperationOutcome")
         return data
+
+
+def _parse(body: bytearray) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise FhirBadResponse("FHIR server sent a body that is not JSON") from exc

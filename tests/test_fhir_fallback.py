@@ -330,11 +330,11 @@ def test_userinfo_trick_never_reaches_the_server_behind_the_at_sign(tmp_path, fa
                               log_level="WARNING"))
     trick = faults.base.replace("http://", f"{allowed}@")
     resp = app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False))
-    assert resp.status_code == 412 and "allowlist" in resp.get_json()["issue"][0]["diagnostics"]
+    assert resp.status_code == 400 and "fhirServer" in resp.get_json()["issue"][0]["diagnostics"]
     assert faults.seen == []
     open_app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
-    assert open_app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False)).status_code == 412
-    assert faults.seen == []                     # credentials in the URL are refused even with no allowlist
+    assert open_app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False)).status_code == 400
+    assert faults.seen == []                     # credentials in the URL are refused outright, allowlist or not
 
 
 @pytest.mark.parametrize("server, allowed", [
@@ -409,3 +409,55 @@ def timed(fn):
     start = time.monotonic()
     out = fn()
     return out, time.monotonic() - start
+
+
+def test_hostile_servers_streaming_without_end_stay_within_the_memory_budget(tmp_path):
+    """Eight servers streaming gigabytes with no Content-Length: every body read at once shares one
+    budget (CDS_FHIR_MAX_BYTES per response, 64 MB in all), so the requests end in 412 quickly."""
+    class Endless(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.end_headers()
+            try:
+                self.wfile.write(b'{"resourceType":"Bundle","entry":[')
+                for _ in range(3000):
+                    self.wfile.write(b'{"resource":{"resourceType":"Observation"}},' * 20000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+    servers = []
+    for _ in range(8):
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+    try:
+        app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=10.0,
+                                  log_level="WARNING"))
+        client = app.test_client()
+        fhir = app.extensions["cds"]["service"].resolver.client
+        peak = [0]
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], fhir._in_flight)
+                time.sleep(0.005)
+        done = threading.Event()
+        threading.Thread(target=watch, daemon=True).start()
+        calls = [lambda s=s: client.post(SERVICE_URL, json=bare_request(f"http://127.0.0.1:{s.server_address[1]}",
+                                                                         token=False)) for s in servers]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda f: timed(f), calls))
+        done.set()
+        assert all(r.status_code == 412 and seconds < 5.0 for r, seconds in answers)
+        assert 0 < peak[0] <= fhir.budget_bytes == 64 * 1024 * 1024
+        deadline = time.monotonic() + 2
+        while fhir._in_flight:                      # the readers still running stop at their socket shutdown
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for httpd in servers:
+            httpd.shutdown()
