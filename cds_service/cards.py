@@ -273,9 +273,11 @@ class CardRenderer:
             gc = any(f.cause.id == "glucocorticoids" for f in firing)
             item = self.workup["wk_vfa" if gc else "wk_dxa"]
             label = cfg["dxa_vfa_label" if gc else "dxa_label"]
-            acts = [self._action(self.order_labels[c], c, patient_ref) for c in item["order"]]
+            order = cfg["baseline_action"]
+            acts = [self._action(order.format(label=self.order_labels[c]), c, patient_ref) for c in item["order"]]
             if found.intersection(pol.get("forearm_dxa_for", ())) and pol.get("forearm_dxa_order"):
-                acts.append(self._action(self.order_labels[pol["forearm_dxa_order"]], pol["forearm_dxa_order"], patient_ref))
+                code = pol["forearm_dxa_order"]
+                acts.append(self._action(order.format(label=self.order_labels[code]), code, patient_ref))
             out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
 

@@ -456,10 +456,15 @@ class Engine:
         ev = [Evidence(m.reference, text) for m, text in used]
         tier = None
         cites = []
-        if days_at(gc["min_mg_per_day"]) >= gc["min_days"]:
-            year_ago = rec.as_of - timedelta(days=365)
-            cumulative = sum(((min(e, rec.as_of) - max(s, year_ago)).days + 1) * v
-                             for s, e, v in segments if s <= rec.as_of and e >= year_ago)
+        year_ago = rec.as_of - timedelta(days=365)
+        cumulative = sum(((min(e, rec.as_of) - max(s, year_ago)).days + 1) * v
+                         for s, e, v in segments if s <= rec.as_of and e >= year_ago)
+        # a very-high-dose course qualifies on its own (ACR 2022: >= 30 mg/day for > 30 days, or >= 5 g in a
+        # year), before it has run three months
+        very_high = [t for t in gc["tiers"] if t.get("qualifies_alone")
+                     and (days_at(t["min_mg_per_day"]) >= t["min_days"]
+                          or (t.get("or_cumulative_mg_per_365_days") and cumulative >= t["or_cumulative_mg_per_365_days"]))]
+        if days_at(gc["min_mg_per_day"]) >= gc["min_days"] or very_high:
             for t in gc["tiers"]:
                 n = days_at(t["min_mg_per_day"])
                 if n >= t["min_days"] or (t.get("or_cumulative_mg_per_365_days") and cumulative >= t["or_cumulative_mg_per_365_days"]):

@@ -788,3 +788,14 @@ def test_text_is_read_only_when_no_coding_is_known(service):
     _text_condition(p, "Rheumatoid arthritis with celiac disease",
                     [{"system": ICD, "code": "M06.9", "display": "Rheumatoid arthritis, unspecified"}])
     assert set(causes(service, p)) == {"rheumatoid_arthritis"}
+
+
+def test_a_very_high_dose_course_counts_before_three_months(service):
+    """ACR 2022 very high risk: prednisone >= 30 mg/day for more than 30 days, even if it has not run 3 months."""
+    p = Patient("vh1", sex="female", age=47)
+    p.med_request("prednisone 20 MG Oral Tablet", "8640", start=60, dose=40)
+    f = causes(service, p)["glucocorticoids"]
+    assert f.tier == "very_high"
+    short = Patient("vh2", sex="female", age=47)        # three weeks at 40 mg: a burst
+    short.med_request("prednisone 20 MG Oral Tablet", "8640", status="completed", start=60, dose=40, supply=21)
+    assert "glucocorticoids" not in causes(service, short)
