@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         if settings.snooze_secret_list else None,
     }
     app.register_blueprint(api.bp)
+    app.wsgi_app = api.SlashTolerant(app.wsgi_app)
     if settings.bench_endpoint:
         app.register_blueprint(api.bench_bp)
     api.install_handlers(app)

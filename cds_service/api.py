@@ -42,6 +42,9 @@ def _audiences() -> list[str]:
     base = _cds()["settings"].public_base_url.rstrip("/") or request.host_url.rstrip("/")
     url = base + request.path
     out = [url]
+    typed = request.environ.get("cds.path_as_sent")
+    if typed and typed != request.path:
+        out.append(base + typed)                  # the URL exactly as the client called it ("//" included)
     if url.endswith("/feedback"):
         out.append(url[: -len("/feedback")])      # some clients sign feedback with the service URL
     return out
@@ -184,6 +187,23 @@ def readyz():
     return json_response({"status": "ready", "store": "ok", "catalog_version": _cds()["catalog"].version})
 
 
+class SlashTolerant:
+    """WSGI middleware: `/cds-services/` and `/cds-services//secondary-osteoporosis` (a discovery URL typed
+    with a trailing slash, then joined with the service id) reach the same routes as without the extra
+    slashes, instead of a 404 or Werkzeug's 308 HTML page."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if "//" in path or (path.endswith("/") and len(path) > 1):
+            environ["cds.path_as_sent"] = path
+            tidy = re.sub("/{2,}", "/", path)
+            environ["PATH_INFO"] = tidy.rstrip("/") or "/"
+        return self.app(environ, start_response)
+
+
 def install_handlers(app: Flask) -> None:
     @app.before_request
     def _start():
@@ -219,6 +239,10 @@ def install_handlers(app: Flask) -> None:
         elif origin and origin in {o.strip() for o in origins.split(",")}:
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Vary"] = "Origin"
+        if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true" \
+                and "Access-Control-Allow-Origin" in resp.headers:
+            # Chromium's private-network preflight: a hosted https sandbox calling a service on localhost
+            resp.headers["Access-Control-Allow-Private-Network"] = "true"
         resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
         resp.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
         resp.headers["Access-Control-Max-Age"] = "600"

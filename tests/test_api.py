@@ -11,7 +11,7 @@ import pytest
 from cds_service import create_app
 from cds_service.config import Settings
 
-from .conftest import AS_OF, SERVICE_URL, walk_empty
+from .conftest import AS_OF, SERVICE_URL, fixture_request, walk_empty
 
 TOKEN_RE = re.compile(r"^\{\{(context\.(patientId|userId|encounterId)|userPractitionerId|userPractitionerRoleId"
                       r"|userPatientId|userRelatedPersonId)\}\}$")
@@ -345,3 +345,22 @@ def test_x_request_id_is_kept_only_in_a_safe_shape(client, given, kept):
     resp = client.get("/cds-services", headers={"X-Request-Id": given})
     assert (resp.headers["X-Request-Id"] == given) is kept
     assert re.fullmatch(r"[0-9a-fA-F-]{16,64}", resp.headers["X-Request-Id"])
+
+
+# ---- sandbox interop: URLs typed with a slash, private-network preflight --------------------------
+def test_discovery_and_service_urls_typed_with_extra_slashes(client):
+    """A discovery URL typed as `.../cds-services/` makes clients call `.../cds-services//secondary-osteoporosis`."""
+    assert client.get("/cds-services/").status_code == 200
+    resp = client.post("/cds-services//secondary-osteoporosis", json=fixture_request("patients/sle-positive.json"))
+    assert resp.status_code == 200 and resp.get_json()["cards"]
+    assert client.post("/cds-services//secondary-osteoporosis/feedback/", json={"feedback": []}).status_code == 400
+
+
+def test_private_network_preflight_is_answered_for_allowed_origins(client):
+    resp = client.options(SERVICE_URL, headers={"Origin": "https://sandbox.cds-hooks.org",
+                                                "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Private-Network": "true"})
+    assert resp.status_code == 204 and resp.headers["Access-Control-Allow-Private-Network"] == "true"
+    plain = client.options(SERVICE_URL, headers={"Origin": "https://sandbox.cds-hooks.org",
+                                                 "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Private-Network" not in plain.headers

@@ -256,3 +256,10 @@ def test_a_token_replayed_to_another_replica_is_refused(tmp_path, jwks, postgres
     assert replicas[0].post(SERVICE_URL, json=body, headers=headers).status_code == 401
     fresh = {"Authorization": f"Bearer {token()}"}
     assert replicas[1].post(SERVICE_URL, json=body, headers=fresh).status_code == 200
+
+
+def test_a_url_called_with_a_double_slash_is_its_own_aud(auth_client):
+    path = "/cds-services//secondary-osteoporosis"
+    assert call(auth_client, token(aud=BASE + path), path=path).status_code == 200
+    assert call(auth_client, token(aud=BASE + SERVICE_URL), path=path).status_code == 200
+    assert call(auth_client, token(aud=BASE + "/cds-services/other"), path=path).status_code == 401
