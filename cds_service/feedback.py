@@ -100,6 +100,22 @@ class FeedbackStore(Protocol):
     def count(self) -> int: ...
 
 
+# which patient each card was issued for (a keyed hash), and snoozes per patient: the same in both stores
+SNOOZE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS issued_cards (
+    card_uuid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    issued_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snoozes (
+    patient_key TEXT PRIMARY KEY,
+    until TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    card_uuid TEXT NOT NULL
+);
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
@@ -115,19 +131,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
-CREATE TABLE IF NOT EXISTS issued_cards (
-    card_uuid TEXT PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    issued_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS snoozes (
-    patient_key TEXT PRIMARY KEY,
-    until TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    card_uuid TEXT NOT NULL
-);
-"""
+""" + SNOOZE_SCHEMA
 
 
 class SQLiteFeedbackStore:
@@ -215,25 +219,13 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card_uuid);
-CREATE TABLE IF NOT EXISTS issued_cards (
-    card_uuid TEXT PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    issued_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS snoozes (
-    patient_key TEXT PRIMARY KEY,
-    until TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    card_uuid TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS jti (
     iss TEXT NOT NULL,
     jti TEXT NOT NULL,
     exp DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (iss, jti)
 );
-"""
+""" + SNOOZE_SCHEMA
 
 
 class PostgresFeedbackStore:

@@ -161,10 +161,10 @@ class FhirClient:
         deadline = time.monotonic() + timeout
         lock = threading.Lock()
         exchange = _Exchange()
+        server = self._server_slot(base)
         taken = 0
         try:
             items = list(queries.items())          # one per prefetch key the catalog names: a fixed, small number
-            server = self._server_slot(base)
             for _ in items:                        # wait for a thread, but never past this request's deadline
                 if not server.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     raise FhirTimeout("this FHIR server's share of threads stayed busy until the deadline")
@@ -188,7 +188,7 @@ class FhirClient:
         finally:
             for _ in range(taken):
                 self._slots.release()
-                self._server_slot(base).release()
+                server.release()                   # the semaphore acquired, even if the table was reset since
             exchange.close()                       # whatever is still reading stops now
 
     def _slot(self, fn, server: threading.BoundedSemaphore):
