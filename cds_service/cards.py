@@ -100,8 +100,7 @@ class CardRenderer:
         """The treatment gap leads; the causes follow as far as the length allows."""
         cfg = self.cfg["summary"]
         ctx = a.context
-        bone = cfg["gap_bone"]["both" if (ctx.osteoporosis or ctx.low_t_score) and ctx.fractures
-                               else "fracture" if ctx.fractures else "osteoporosis"]
+        bone = cfg["gap_bone"][ctx.bone_kind]
         names = [self._short(f) for f in firing]
         for shown in range(len(names), 0, -1):
             parts = names[:shown] + ([cfg["more"].format(n=len(names) - shown)] if shown < len(names) else [])
@@ -153,10 +152,8 @@ class CardRenderer:
             bone += " " + ctx_cfg["latest_t_score"].format(value=value, site=md(site), date=day.isoformat())
         gap = None
         if ctx.treatment_gap:
-            kind = "both" if (ctx.osteoporosis or ctx.low_t_score) and ctx.fractures else \
-                "fracture" if ctx.fractures else "osteoporosis"
             shown = ctx.fractures + ctx.osteoporosis + ([ctx.low_t_score] if ctx.low_t_score else [])
-            gap = SimpleNamespace(bone=md(self.cfg["summary"]["gap_bone"][kind]),
+            gap = SimpleNamespace(bone=md(self.cfg["summary"]["gap_bone"][ctx.bone_kind]),
                                   evidence=[md(e.text) for e in shown[:4]],
                                   options=md(self.cfg["treatment_gap"]["options"]),
                                   guidelines=self._guidelines_md(self.cat.detection["treatment_gap"]["citations"]))

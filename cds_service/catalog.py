@@ -217,6 +217,18 @@ class Catalog:
     def ingredients_for_coding(self, system: str, code: str) -> list[Ingredient]:
         return self.med_codes.get((normalize_system(system), (code or "").strip()), [])
 
+    def index_codes(self, group: str) -> list[dict]:
+        """A bone-context group of detection.yaml (osteoporosis, fragility_fracture_history, ...): its own
+        entries (prefix matches included), then the codes of the VSAC expansions named for it."""
+        det = self.detection
+        return list(det["index_conditions"].get(group, [])) + [
+            c for oid in det.get("index_condition_value_sets", {}).get(group, []) for c in self.value_sets[oid]["codes"]]
+
+    def section_codes(self, section: str) -> list[dict]:
+        """The codes of a detection.yaml section that lists `codes` and `value_sets` (kidney_caution, pregnancy)."""
+        spec = self.detection.get(section, {})
+        return list(spec.get("codes", [])) + [c for oid in spec.get("value_sets", []) for c in self.value_sets[oid]["codes"]]
+
     def ingredients_in_text(self, text: str) -> list[Ingredient]:
         if not text or self.med_name_regex is None:
             return []
@@ -336,10 +348,6 @@ def _check_code(entry: Any, where: str) -> None:
     _require(entry.get("role", "trigger") in ("trigger", "supporting"), where, f"code {entry['code']}: bad role")
     if entry.get("match") == "prefix":
         _require(entry["system"] == ICD10CM, where, f"prefix match is only for ICD-10-CM ({entry['code']})")
-    if "min_age_at_onset" in entry:
-        age = entry["min_age_at_onset"]
-        _require(isinstance(age, int) and not isinstance(age, bool) and 0 < age < 130, where,
-                 f"code {entry['code']}: min_age_at_onset must be a whole number of years")
     source = entry.get("source", "reference")
     _require(isinstance(source, str) and (source == "reference" or source.startswith(CODE_SOURCES)), where,
              f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
@@ -439,9 +447,6 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
     for key in ("min_age", "key_components", "not_with_findings"):
         for wid in pol.get(key, {}):
             _require(wid in workup_items, where, f"{key}: unknown workup item {wid}")
-    for wid, components in pol.get("key_components", {}).items():
-        _require(isinstance(components, list) and all(isinstance(g, list) and g for g in components), where,
-                 f"key_components.{wid} must be a list of code lists")
     for key, item in (("calcium_order", "wk_cmp"), ("forearm_dxa_order", "wk_dxa")):
         if key in pol:
             codes = {c["code"]: c for c in workup_items[item]["codes"]}
@@ -476,17 +481,6 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
             rid = detect["codes_refuted_by"]
             _require(obs_rules.get(rid, {}).get("kind") == "persistent", where,
                      f"codes_refuted_by must name a persistent observation rule, not {rid!r}")
-        text = detect.get("condition_text", [])
-        _require(isinstance(text, list) and all(isinstance(t, str) and t.strip() for t in text), where,
-                 "condition_text must be a list of words or phrases")
-        age = detect.get("evidence_age")
-        if age is not None:
-            _require(isinstance(age, dict) and set(age) <= {"procedures_within_days", "reason"}, where,
-                     "evidence_age takes procedures_within_days and reason")
-            days = age.get("procedures_within_days")
-            _require(isinstance(days, int) and not isinstance(days, bool) and days > 0, where,
-                     "evidence_age.procedures_within_days must be a whole number of days")
-            _require(bool(age.get("reason")), where, "evidence_age needs a reason")
         med = detect.get("medications")
         if med:
             _require(med.get("rule") in MED_RULES, where, f"medications.rule must be one of {sorted(MED_RULES)}")
@@ -513,17 +507,7 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
         policy = entry["policy"]
         _require(isinstance(policy.get("fires_alone"), bool), where, "policy.fires_alone must be true/false")
         _require(policy["fires_alone"] or bool(policy.get("reason")), where, "a cause that never fires alone needs a reason")
-        quiet = policy.get("quiet") or {}
-        if quiet:
-            _require(set(quiet) <= {"fires_alone", "unless", "unless_ingredients", "warning", "reason"}, where,
-                     f"policy.quiet: unknown keys {sorted(set(quiet) - {'fires_alone', 'unless', 'unless_ingredients', 'warning', 'reason'})}")
-            _require(quiet.get("fires_alone") in (True, False, "from_age"), where,
-                     "policy.quiet.fires_alone must be true, false or from_age")
-            _require(quiet.get("unless") in (None, "codes", "kidney_caution"), where,
-                     "policy.quiet.unless must be codes or kidney_caution")
-            _require(quiet.get("warning") in (None, "always", "no_recent_dxa", "bone_treatment_context"), where,
-                     "policy.quiet.warning must be always, no_recent_dxa or bone_treatment_context")
-            _require(bool(quiet.get("reason")), where, "policy.quiet needs a reason")
+        quiet = policy.get("quiet") or {}        # its shape is the schema's (catalog_schema.yaml)
         not_with = policy.get("not_with", [])
         _require(not not_with or bool(policy.get("not_with_reason")), where, "policy.not_with needs a not_with_reason")
         causes[cid] = Cause(
@@ -540,8 +524,6 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
     for wid, item in workup_items.items():
         for code in item.get("order", []):
             _require(code in order_labels, "card.yaml order_labels", f"no short label for order code {code} ({wid})")
-    _require(manifest.get("scope", {}).get("firing_policy", "standard") in ("standard", "quiet"), "catalog.yaml scope",
-             "firing_policy must be standard or quiet")
     for cause in causes.values():
         for other in cause.not_with:
             _require(other in causes, f"causes.yaml cause {cause.id}", f"policy.not_with: unknown cause {other}")

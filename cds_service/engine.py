@@ -70,6 +70,12 @@ class BoneContext:
     pregnant: Evidence | None = None
 
     @property
+    def bone_kind(self) -> str:
+        """What is on record: "osteoporosis", "fracture" or "both" (a diagnosis or low T-score, and a fracture)."""
+        low_bmd = bool(self.osteoporosis or self.low_t_score)
+        return "both" if low_bmd and self.fractures else "fracture" if self.fractures else "osteoporosis"
+
+    @property
     def treatment_gap(self) -> bool:
         """Osteoporosis or a fragility fracture on record and no current osteoporosis medicine."""
         return bool(self.osteoporosis or self.fractures or self.low_t_score) and not self.treatments
@@ -177,12 +183,9 @@ class Engine:
         # osteoporosis, osteopenia and fragility-fracture codes per group (exact, or ICD-10-CM prefixes)
         self.bone_groups: dict[str, tuple[set[str], set[str]]] = {}
         for group in ("osteoporosis", "osteopenia", "fragility_fracture_history"):
-            exact, prefixes = set(), set()
-            for c in det["index_conditions"].get(group, []):
-                (prefixes.add(icd_key(c["code"])) if c.get("match") == "prefix" else exact.add(c["code"]))
-            for oid in det.get("index_condition_value_sets", {}).get(group, []):
-                exact.update(c["code"] for c in catalog.value_sets[oid]["codes"])
-            self.bone_groups[group] = (exact, prefixes)
+            codes = catalog.index_codes(group)
+            self.bone_groups[group] = ({c["code"] for c in codes if c.get("match") != "prefix"},
+                                       {icd_key(c["code"]) for c in codes if c.get("match") == "prefix"})
         # M80: osteoporosis with current pathological (fragility) fracture
         self.fracture_prefixes = {icd_key(c["code"]) for c in det["index_conditions"]["osteoporosis"]
                                   if c.get("match") == "prefix" and c["code"].startswith("M80")}
@@ -192,11 +195,8 @@ class Engine:
                                  for c in cs if "min_age_at_onset" in c}
         self.t_score_loincs = {c["code"] for c in det["existing_dxa"].get("t_score", [])}
         self.t_score_names = {c["code"]: c.get("display", "") for c in det["existing_dxa"].get("t_score", [])}
-        kc = det.get("kidney_caution", {})
-        self.kidney_codes = {c["code"] for c in kc.get("codes", [])}
-        for oid in kc.get("value_sets", []):
-            self.kidney_codes.update(c["code"] for c in catalog.value_sets[oid]["codes"])
-        self.pregnancy_codes = {c["code"] for c in det.get("pregnancy", {}).get("codes", [])}
+        self.kidney_codes = {c["code"] for c in catalog.section_codes("kidney_caution")}
+        self.pregnancy_codes = {c["code"] for c in catalog.section_codes("pregnancy")}
         self.egfr_loincs = catalog.loinc_groups.get("egfr", [])
         self.dxa_loincs = {c["code"] for k in ("t_score", "z_score", "bmd_area_density", "study")
                            for c in det["existing_dxa"].get(k, [])}
@@ -217,6 +217,10 @@ class Engine:
         self.key_components = {wid: [list(g) for g in groups]
                                for wid, groups in det.get("workup_policy", {}).get("key_components", {}).items()}
         self.panel_codes = {item["id"]: list(item["order"]) for tier in det["workup"].values() for item in tier}
+        self.workup_labels = {item["id"]: item["label"] for tier in det["workup"].values() for item in tier}
+        # the names that make a cortisol result a dexamethasone suppression test, compiled once per rule
+        self.test_names = {rid: re.compile("|".join(rf"(?<![a-z]){re.escape(w.lower())}(?![a-z])" for w in r["test_words"]))
+                           for rid, r in catalog.observation_rules.items() if r["kind"] == "dexamethasone_suppression"}
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
 
@@ -631,14 +635,14 @@ class Engine:
     def _dexamethasone_suppression(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
         """The newest cortisol result that is an overnight dexamethasone suppression test, when cortisol
         stayed above the cut-off (Endocrine Society 2008: > 1.8 ug/dL after 1 mg)."""
-        words = [w.lower() for w in rule["test_words"]]
+        named_test = self.test_names[rule["id"]]
         doses = [m for m in rec.medications_by_cause.get("glucocorticoids", ())
                  if m.start is not None and m.mg_per_dose is not None and m.mg_per_dose <= rule["test_dose_max_mg"]
                  and any(i.name == "dexamethasone" for i in m.ingredients)]
         for m in rec.results(rule["loinc"], since):
             if m.value is None or m.when > rec.as_of:
                 continue
-            named = any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", m.code_text.lower()) for w in words)
+            named = named_test.search(m.code_text.lower()) is not None
             dose = next((d for d in doses if 0 <= (m.when - d.start).days <= 1), None)
             if not named and dose is None:
                 continue
@@ -797,7 +801,7 @@ class Engine:
         ctx.next_decision = self._next_decision(ctx, rec)
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
         for item_id, groups in self.key_components.items():
-            label = next(lbl for wid, lbl, _ in self.workup_codes if wid == item_id)
+            label = self.workup_labels[item_id]
             newest = [self._newest_result(rec, codes, w_since) for codes in [self.panel_codes[item_id]] + groups]
             if newest[0] is None and all(newest[1:]):
                 newest[0] = max(newest[1:], key=attrgetter("when"))

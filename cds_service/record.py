@@ -205,12 +205,11 @@ class MedicationExposure:
         return self.start is not None and self.start <= day <= (self.end or self.start)
 
     def describe(self) -> str:
+        when = self.start.isoformat() if self.start else "date not recorded"
         if self.single_dose:
-            when = self.start.isoformat() if self.start else "date not recorded"
             dose = f" {self.mg_per_dose:g} mg" if self.mg_per_dose else ""
             return f"{self.label or 'medication'}, single{dose} dose on {when}" + \
                 (" (order still active)" if self.ongoing else "")
-        when = self.start.isoformat() if self.start else "date not recorded"
         if self.end and self.end != self.start:
             when += f" to {self.end.isoformat()}" + (" (ongoing/planned)" if self.ongoing else "")
         elif self.ongoing:
@@ -471,21 +470,15 @@ class RecordBuilder:
         # codes that shape the card's context (bone diagnoses, DXA procedures, treatment codes)
         self.context_codes: set[str] = set()
         self.context_icd_prefixes: set[str] = set()
-        for group in det["index_conditions"].values():
-            self.context_codes.update(c["code"] for c in group)
-            self.context_icd_prefixes.update(icd_key(c["code"]) for c in group if c.get("match") == "prefix")
-        for oids in det.get("index_condition_value_sets", {}).values():
-            for oid in oids:
-                self.context_codes.update(c["code"] for c in catalog.value_sets.get(oid, {}).get("codes", []))
-        for key in ("kidney_caution", "pregnancy"):       # card context: kidney safety, no DXA in pregnancy
-            self.context_codes.update(c["code"] for c in det.get(key, {}).get("codes", []))
-            for oid in det.get(key, {}).get("value_sets", []):
-                self.context_codes.update(c["code"] for c in catalog.value_sets[oid]["codes"])
+        for group in set(det["index_conditions"]) | set(det.get("index_condition_value_sets", {})):
+            codes = catalog.index_codes(group)
+            self.context_codes.update(c["code"] for c in codes)
+            self.context_icd_prefixes.update(icd_key(c["code"]) for c in codes if c.get("match") == "prefix")
+        for section in ("kidney_caution", "pregnancy"):   # card context: kidney safety, no DXA in pregnancy
+            self.context_codes.update(c["code"] for c in catalog.section_codes(section))
         # fractures stay on record when healed (resolved): they are history, not a current problem
         self.history_codes = {(normalize_system(c["system"]), c["code"])
-                              for c in det["index_conditions"].get("fragility_fracture_history", [])}
-        for oid in det.get("index_condition_value_sets", {}).get("fragility_fracture_history", []):
-            self.history_codes.update((normalize_system(c["system"]), c["code"]) for c in catalog.value_sets[oid]["codes"])
+                              for c in catalog.index_codes("fragility_fracture_history")}
         for key in ("procedure_cpt", "procedure_snomed"):
             self.context_codes.update(c["code"] for c in det["existing_dxa"].get(key, []))
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
