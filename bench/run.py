@@ -42,7 +42,7 @@ from synthetic import AS_OF, patient_request, resource_count  # noqa: E402
 from cds_service.catalog import load_catalog  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.record import warm_models  # noqa: E402
-from cds_service.service import OsteoporosisService  # noqa: E402
+from cds_service.services import CdsService, ServiceRegistry  # noqa: E402
 
 SERVICE = "/cds-services/secondary-osteoporosis"
 FLOOR = "/cds-services/_parse-only"
@@ -58,7 +58,7 @@ def ms(v: float) -> float:
 
 
 # ---- engine -----------------------------------------------------------------------------------
-def _time_round(service: OsteoporosisService, body: bytes) -> tuple[float, float, float, dict]:
+def _time_round(service: CdsService, body: bytes) -> tuple[float, float, float, dict]:
     """(json.loads, orjson.loads, engine) seconds for one body, and the response. The cyclic GC is
     kept out of the timed steps: its pauses land in whichever step happens to allocate when it fires
     (the HTTP section measures the server as it really runs, GC included)."""
@@ -79,7 +79,7 @@ def bench_engine(quick: bool) -> list[dict]:
     are remembered by digest). `first`: a different patient every call, so every resource that
     drives a finding is typed with fhir.resources on the spot."""
     warm_models()
-    service = OsteoporosisService(load_catalog(), FhirClient())
+    service = ServiceRegistry(load_catalog(), FhirClient()).get("secondary-osteoporosis")
     rows = []
     for size, reps in ((40, 400), (400, 200), (4000, 25)):
         if quick:
@@ -277,7 +277,7 @@ def bench_fallback(quick: bool) -> dict:
     delays = {"Patient": 0.03, "Condition": 0.06, "MedicationRequest": 0.08, "MedicationStatement": 0.05,
               "MedicationAdministration": 0.05, "Observation": 0.15, "Procedure": 0.04}
     stub = StubFhir(req["prefetch"], delays)
-    service = OsteoporosisService(load_catalog(), FhirClient(), fhir_timeout=5.0)
+    service = ServiceRegistry(load_catalog(), FhirClient(), fhir_timeout=5.0).get("secondary-osteoporosis")
     reps = 5 if quick else 15
     try:
         def call(missing: list[str]) -> tuple[float, int, int]:

@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .feedback import GuardedStore, open_store
     from .fhir_client import FhirClient
     from .record import warm_models
-    from .service import OsteoporosisService
+    from .services import ServiceRegistry
     from .snooze import SnoozeBook
 
     settings = settings or Settings.from_env()
@@ -49,8 +49,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         "authenticator": authenticator,
         "settings": settings,
         "catalog": catalog,
-        "service": OsteoporosisService(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
-                                       settings.fhir_allowlist_prefixes),
+        "services": ServiceRegistry(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
+                                    settings.fhir_allowlist_prefixes),
         "feedback": store,
         "snooze": SnoozeBook(store, settings.snooze_secret_list, settings.snooze_days)
         if settings.snooze_secret_list else None,

@@ -12,9 +12,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadT
 
 from . import metrics
 from .auth import AuthError
-from .errors import BadRequest, NotFound, ServiceError, operation_outcome
+from .errors import BadRequest, ServiceError, operation_outcome
 from .feedback import StoreUnavailable, normalize_feedback
-from .service import SERVICE_ID
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
@@ -100,22 +99,28 @@ def _read_up_to(stream, n: int, deadline: float) -> bytes:
 
 @bp.get("/cds-services")
 def discovery():
-    return json_response({"services": [_cds()["service"].discovery()]})
+    return json_response(_cds()["services"].discovery())
+
+
+def _service(service_id: str):
+    """The registered service with this id (404 otherwise); its id labels the request's metrics and log."""
+    service = _cds()["services"].get(service_id)
+    g.service_id = service.id
+    return service
 
 
 @bp.post("/cds-services/<service_id>")
 def invoke(service_id: str):
-    if service_id != SERVICE_ID:
-        raise NotFound("No CDS service with that id.")
+    service = _service(service_id)
     body = _read_json()
     cds = _cds()
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
-    result = cds["service"].invoke(body, cds["settings"].evaluation_date())
+    result = service.invoke(body, cds["settings"].evaluation_date())
     g.timings.update(result.timings)
     snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment) \
-        if cds.get("snooze") else False
+        if cds.get("snooze") and service.snoozable else False
     for card in result.response["cards"]:
-        metrics.CARDS.labels(card["indicator"]).inc()
+        metrics.CARDS.labels(service.id, card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
                 "skipped_invalid": result.assessment.record.skipped_invalid,
                 "skipped_implausible": result.assessment.record.skipped_implausible,
@@ -129,8 +134,7 @@ def invoke(service_id: str):
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str):
-    if service_id != SERVICE_ID:
-        raise NotFound("No CDS service with that id.")
+    service_id = _service(service_id).id
     entries = normalize_feedback(_read_json())
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
@@ -212,6 +216,7 @@ def install_handlers(app: Flask) -> None:
         g.request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         g.started = time.perf_counter()
         g.timings, g.counts, g.hook = {}, {}, None
+        g.service_id = ""
         if request.method == "OPTIONS":
             # CORS preflight: answered here, never needs a JWT
             return Response(status=204)
@@ -251,12 +256,13 @@ def install_handlers(app: Flask) -> None:
         if request.method != "OPTIONS":
             label = metrics.endpoint_label(request.url_rule.rule if request.url_rule else None)
             elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-            metrics.REQUESTS.labels(label, str(resp.status_code)).inc()
-            metrics.LATENCY.labels(label, str(resp.status_code)).observe(elapsed)
+            service_id = g.get("service_id") or ("unknown" if label in ("service", "feedback") else "")
+            metrics.REQUESTS.labels(label, str(resp.status_code), service_id).inc()
+            metrics.LATENCY.labels(label, str(resp.status_code), service_id).observe(elapsed)
             log.info("request", extra={
                 "event": "request", "request_id": g.get("request_id"), "method": request.method,
                 "route": request.url_rule.rule if request.url_rule else "unmatched", "service": label,
-                "hook": g.get("hook"),
+                "service_id": service_id or None, "hook": g.get("hook"),
                 "status": resp.status_code,
                 "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
                 **g.get("timings", {}), **g.get("counts", {})})

@@ -178,6 +178,7 @@ class Catalog:
     detection: dict
     card: dict
     value_sets: dict[str, dict]
+    orders: dict = field(default_factory=dict)        # prescribing services (orders.yaml)
     # indexes, built once
     exact_codes: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)
     icd_prefixes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -353,7 +354,7 @@ def _check_code(entry: Any, where: str) -> None:
              f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
 
 
-FILES = ("causes", "observations", "medications", "detection", "value_sets", "citations", "card")
+FILES = ("causes", "observations", "medications", "detection", "value_sets", "citations", "card", "orders")
 
 
 def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
@@ -531,8 +532,9 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
         version=str(manifest["catalog"]["version"]), settings=manifest.get("scope", {}),
         statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
         observation_rules=obs_rules, units=units, medication_settings=raw["medications"],
-        detection=detection, card=card_cfg, value_sets=value_sets, loinc_groups=groups,
+        detection=detection, card=card_cfg, value_sets=value_sets, loinc_groups=groups, orders=raw["orders"],
     )
+    _check_orders(catalog)
     _build_indexes(catalog)
     return catalog
 
@@ -650,6 +652,37 @@ def _build_indexes(cat: Catalog) -> None:
     except jinja2.TemplateError as exc:
         _require(False, "card.yaml detail", f"template: {exc}")
     _check_format_templates(cat.card)
+
+
+def _check_orders(cat: Catalog) -> None:
+    """orders.yaml: every cause, citation, workup item and code it names exists (or is verified)."""
+    o = cat.orders
+    workup_ids = {w["id"] for tier in cat.detection["workup"].values() for w in tier}
+    for t in o["triggers"]:
+        where = f"orders.yaml triggers {t['id']}"
+        _require(t["cause"] in cat.causes, where, f"unknown cause {t['cause']}")
+        _require(t["dxa_workup"] in workup_ids, where, f"unknown workup item {t['dxa_workup']}")
+        for c in t["citations"]:
+            _require(c in cat.citations, where, f"unknown citation {c}")
+    risk, guards = o["glucocorticoid_risk"], o["bisphosphonate_guards"]
+    for c in [risk["citation"]] + guards["citations"] + [d["citation"] for d in o["drafts"].values()]:
+        _require(c in cat.citations, "orders.yaml", f"unknown citation {c}")
+    if guards.get("gastric_surgery_cause"):
+        _require(guards["gastric_surgery_cause"] in cat.causes, "orders.yaml bisphosphonate_guards",
+                 f"unknown cause {guards['gastric_surgery_cause']}")
+    for name, d in o["drafts"].items():
+        if "code" in d:
+            _check_code(d["code"], f"orders.yaml drafts.{name}")
+            _require(d["code"]["verified"], f"orders.yaml drafts.{name}", "a drug ordered must carry a verified code "
+                     "(or none: it is then offered as text)")
+    try:
+        cat.templates["order_detail"] = jinja2.Environment(
+            autoescape=False, undefined=jinja2.StrictUndefined).from_string(o["card"]["detail"])
+        from types import SimpleNamespace as NS
+        cat.templates["order_detail"].render(orders=["x"], why="x", exposure=["x"], risk=NS(label="x", reasons=["x"]),
+                                             guards=["x"], kidney=NS(latest="x", caution="x"), context=["x"])
+    except jinja2.TemplateError as exc:
+        _require(False, "orders.yaml card.detail", f"template: {exc}")
 
 
 def _sample_detail_context() -> dict:

@@ -68,15 +68,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
     from .errors import ServiceError, operation_outcome
     from .fhir_client import FhirClient
-    from .service import OsteoporosisService, explain, explain_context
+    from .services import ServiceRegistry, explain, explain_context
 
     settings = Settings.from_env()
     try:
         as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
     except ValueError:
         raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
-    service = OsteoporosisService(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
-                                  settings.fhir_page_size)
+    services = ServiceRegistry(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
+                               settings.fhir_page_size)
     book = None
     if settings.snooze_secret_list:               # the service's own store: --explain says when a card is snoozed
         from .feedback import open_store
@@ -87,9 +87,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         try:
             data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
             body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
-            result = service.invoke(body, as_of)
+            # the service for the request's hook (patient-view, order-select, order-sign)
+            service = services.for_hook(body.get("hook")) if isinstance(body, dict) else None
+            result = (service or services.get("secondary-osteoporosis")).invoke(body, as_of)
             snoozed = False
-            if book is not None and result.response["cards"]:
+            if book is not None and result.response["cards"] and (service is None or service.snoozable):
                 snoozed = book.is_snoozed(body.get("fhirServer") or "", result.assessment.patient_id,
                                           result.assessment, datetime.now(timezone.utc))
             line = dict(result.response)

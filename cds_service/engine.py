@@ -19,6 +19,7 @@ class Evidence:
     reference: str          # "ResourceType/id"
     text: str               # what, when, dose or value
     others: tuple[str, ...] = ()     # the other records a grouped line stands for ("24 records 2019-2026")
+    numbers: dict | None = None      # what a summary line says, as numbers (glucocorticoid days and mg)
 
 
 @dataclass
@@ -480,7 +481,9 @@ class Engine:
             planned = f" ({total} including the planned course)" if total > so_far else ""
             ev.append(Evidence(used[0][0].reference,
                                f"{so_far} days so far at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent{planned}; "
-                               f"cumulative {cumulative:,.0f} mg in the last 365 days"))
+                               f"cumulative {cumulative:,.0f} mg in the last 365 days",
+                               numbers={"days_so_far": so_far, "days_total": total, "cumulative_mg": cumulative,
+                                        "peak_mg_per_day": max((v for _, _, v in segments), default=0.0)}))
             cites.insert(0, gc["citation"])
         elif unknown and _union_days(unknown + [(s, e) for s, e, _, _ in dosed]) >= gc["unknown_dose_min_days"]:
             tier = "dose_not_recorded"

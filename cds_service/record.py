@@ -200,6 +200,7 @@ class MedicationExposure:
     dose_note: str = ""
     as_needed: bool = False
     single_dose: bool = False      # an injection with no frequency: one dose, however long it stays active
+    planned: bool = False          # a draft order being signed: the course it would start
 
     def covers(self, day: date) -> bool:
         return self.start is not None and self.start <= day <= (self.end or self.start)
@@ -347,6 +348,7 @@ class PatientRecord:
     superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
     skipped_implausible: int = 0     # results read with a value no real measurement could have
     malformed_dates: int = 0         # resources kept with a malformed date left out (the date is not read)
+    planned: list[MedicationExposure] = field(default_factory=list)   # draft orders (also in `medications`)
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -512,11 +514,14 @@ class RecordBuilder:
             "MedicationAdministration": self._each(self._medication),
         }
 
-    def build(self, prefetch: dict, patient_id: str, as_of: date) -> PatientRecord:
+    def build(self, prefetch: dict, patient_id: str, as_of: date, drafts: list[dict] = ()) -> PatientRecord:
         """One pass sorts the prefetch's resources by type; then each type is read in its own loop.
         Medications are gathered in the pass, so a record that points at one finds it wherever
         it was listed. A key whose Bundle carries an error OperationOutcome is noted in
-        `failed_keys` (the caller fetches it from the FHIR server instead)."""
+        `failed_keys` (the caller fetches it from the FHIR server instead).
+
+        `drafts`: MedicationRequests being ordered (order-select, order-sign), read as planned
+        exposures from their start (today when they name none) and listed in `rec.planned`."""
         rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid,
                             read_from=self._cutoffs(as_of))
         batches: dict[str, list[dict]] = {rt: [] for rt in self._readers}
@@ -551,6 +556,14 @@ class RecordBuilder:
         for rt, read in self._readers.items():
             if batches[rt]:
                 read(rec, batches[rt], medications)
+        for res in drafts:
+            try:
+                exposure = self._medication(rec, res, medications, planned=True)
+            except _MALFORMED:
+                rec.skipped_invalid += 1
+                continue
+            if exposure is not None:
+                rec.planned.append(exposure)
         if rec.closed_concepts:
             _reconcile(rec)
         rec.resources_seen = others + sum(map(len, batches.values()))
@@ -786,7 +799,10 @@ class RecordBuilder:
         return None, ""        # unknown unit: never guess
 
     # ---- Medications ----------------------------------------------------------------------------
-    def _medication(self, rec: PatientRecord, res: dict, medications: dict[str, dict]) -> None:
+    def _medication(self, rec: PatientRecord, res: dict, medications: dict[str, dict],
+                    planned: bool = False) -> MedicationExposure | None:
+        """Read one medication record as an exposure (None when it names no cause or does not count).
+        `planned`: a draft order being signed, read as the course it would start."""
         rt = res["resourceType"]
         concept = res.get("medicationCodeableConcept")
         med_res = None
@@ -826,7 +842,7 @@ class RecordBuilder:
         status = res.get("status") if isinstance(res.get("status"), str) else ""
         if res.get("doNotPerform") is True:
             return
-        if status in self.med_excluded[rt]:
+        if status in self.med_excluded[rt] and not (planned and status == "draft"):
             # a stopped order still shows that a dose was given, for the causes whose rule reads it
             if status != "stopped" or not any(i.cause_id in self.stopped_order_causes for i in ingredients):
                 return
@@ -847,19 +863,24 @@ class RecordBuilder:
         full_text = " ".join([text, dosage_text, route_text, form_text]).lower()
         systemic = not self.cat.non_systemic_regex.search(full_text)
         mg_per_dose, per_day, note, as_needed = self._dose(dosages, text, dosage_text, rt)
-        start, end, ongoing = self._interval(res, rt, dosages, rec.as_of)
+        start, end, ongoing = self._interval(res, rt, dosages, rec.as_of, planned)
+        if planned and start is not None and end == start and not as_needed:
+            end = start + timedelta(days=self._planned_days(res, dosages, dosage_text, mg_per_dose, per_day,
+                                                            text) - 1)
         single = self._single_dose(res, rt, dosages, dosage_text, full_text) and not as_needed
         if single and start is not None:
             end = start                        # one dose covers its own day
             if note == "frequency not recorded, once daily assumed":
                 per_day, note = 1.0, "single dose"
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
-        rec.medications.append(MedicationExposure(
+        exposure = MedicationExposure(
             reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, as_needed=as_needed,
-            single_dose=single))
+            single_dose=single, planned=planned)
+        rec.medications.append(exposure)
+        return exposure
 
     def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
         """What a medication names: by code, else by name in its text."""
@@ -868,8 +889,10 @@ class RecordBuilder:
             ingredients += self._ingredients_coded(c.get("system"), c.get("code"))
         return ingredients or self._ingredients_in_text(text)
 
-    def _interval(self, res: dict, rt: str, dosages: list[dict], as_of: date) -> tuple[date | None, date | None, bool]:
-        """First and last day the record covers; `ongoing` when its status says it is current."""
+    def _interval(self, res: dict, rt: str, dosages: list[dict], as_of: date,
+                  planned: bool = False) -> tuple[date | None, date | None, bool]:
+        """First and last day the record covers; `ongoing` when its status says it is current. A
+        planned (draft) order that names no start starts today."""
         status = res.get("status")
         start = end = None
         bounds_days = None
@@ -886,6 +909,10 @@ class RecordBuilder:
             dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
             vp = dr.get("validityPeriod") if isinstance(dr.get("validityPeriod"), dict) else {}
             start = start or parse_date(vp.get("start")) or parse_date(res.get("authoredOn"))
+            if planned:
+                start = max(start or as_of, as_of)          # a draft's course starts when it is signed
+                if vp.get("end") and not dr.get("expectedSupplyDuration"):
+                    end = max(filter(None, [end, parse_date(vp.get("end"))]), default=None)
             supply = _duration_days(dr["expectedSupplyDuration"]) if isinstance(dr.get("expectedSupplyDuration"), dict) else None
             if supply and start:
                 repeats = dr.get("numberOfRepeatsAllowed")
@@ -967,6 +994,34 @@ class RecordBuilder:
             per_day = None
             note = "as-needed dosing: daily dose not computed"
         return mg, per_day, note, as_needed
+
+    def _planned_days(self, res: dict, dosages: list[dict], dosage_text: str, mg_per_dose: float | None,
+                      per_day: float | None, med_text: str) -> int:
+        """How many days a draft order would last when it names no supply duration: its quantity
+        (tablets, or mg) over the daily use, times one plus its refills; else "for N days/weeks/months"
+        in the dosage text; else one day (a course whose length the order does not say)."""
+        dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
+        repeats = dr.get("numberOfRepeatsAllowed")
+        repeats = repeats if isinstance(repeats, int) and not isinstance(repeats, bool) and 0 <= repeats < 100 else 0
+        qty = dr.get("quantity") if isinstance(dr.get("quantity"), dict) else {}
+        value = _number(qty.get("value"), None)
+        if value and value > 0 and per_day:
+            unit = str(qty.get("code") or qty.get("unit") or "").lower()
+            strength = _strength_mg(med_text)
+            per_dose_units = None
+            if unit in ("mg", "milligram", "milligrams"):
+                value, per_dose_units = value, mg_per_dose
+            elif unit == "" or re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit):
+                per_dose_units = _dose_units(dosages) or (mg_per_dose / strength if mg_per_dose and strength else None)
+            if per_dose_units:
+                days = value / (per_dose_units * per_day)
+                if 1 <= days <= 3650:
+                    return round(days) * (1 + repeats)
+        m = _FOR_DURATION_RE.search(dosage_text or "")
+        if m:
+            n = float(m.group(1))
+            return max(1, round(n * _DURATION_UNIT_DAYS[m.group(2).lower().rstrip("s")]))
+        return 1
 
     def _single_dose(self, res: dict, rt: str, dosages: list[dict], dosage_text: str, full_text: str) -> bool:
         """An injection ordered with no frequency and no planned duration is one dose."""
@@ -1063,6 +1118,23 @@ _MG_TOTAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s+total", re.I)
 _MG_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(mg|milligrams?)\b", re.I)
 _UNITS_RE = re.compile(r"\b(\d+(?:\.\d+)?|one|two|three|four|five|six|half|a half)\s*(tablets?|tabs?|capsules?|caps?|pills?)\b", re.I)
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "half": 0.5, "a half": 0.5}
+
+
+_FOR_DURATION_RE = re.compile(r"\bfor\s+(\d{1,3}(?:\.\d)?)\s*(days?|weeks?|months?)\b", re.I)
+_DURATION_UNIT_DAYS = {"day": 1, "week": 7, "month": 30}
+
+
+def _dose_units(dosages: list[dict]) -> float | None:
+    """Tablets (or capsules) per administration, when the dose is given in them."""
+    for d in dosages:
+        for dr in as_list(d.get("doseAndRate")):
+            q = dr.get("doseQuantity") if isinstance(dr, dict) else None
+            if isinstance(q, dict):
+                unit = str(q.get("code") or q.get("unit") or "").lower()
+                value = _number(q.get("value"), None)
+                if value and re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit):
+                    return value
+    return None
 
 
 def _strength_mg(text: str) -> float | None:

@@ -38,18 +38,19 @@ def test_discovery(client):
     resp = client.get("/cds-services", headers={"Accept": "application/json"})
     assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/json")
     services = resp.get_json()["services"]
-    assert len(services) == 1
-    s = services[0]
-    assert (s["id"], s["hook"]) == ("secondary-osteoporosis", "patient-view")
-    assert s["title"] and s["description"] and walk_empty(s) == []
-    assert set(s["prefetch"]) >= {"patient", "conditions", "medicationRequests", "medicationStatements",
-                                  "medicationAdministrations", "observations", "procedures"}
-    for key, template in s["prefetch"].items():
-        assert re.fullmatch(r"[A-Za-z0-9_-]+", key)
-        assert len(template.encode()) < 8192, key
-        assert not template.startswith(("/", "http"))
-        for token in re.findall(r"\{\{[^}]*\}\}", template):
-            assert TOKEN_RE.match(token), token
+    assert [(s["id"], s["hook"]) for s in services] == [
+        ("secondary-osteoporosis", "patient-view"), ("bone-protection-order-sign", "order-sign"),
+        ("bone-protection-order-select", "order-select")]
+    for s in services:
+        assert s["title"] and s["description"] and walk_empty(s) == []
+        assert set(s["prefetch"]) >= {"patient", "conditions", "medicationRequests", "medicationStatements",
+                                      "medicationAdministrations", "observations", "procedures"}
+        for key, template in s["prefetch"].items():
+            assert re.fullmatch(r"[A-Za-z0-9_-]+", key)
+            assert len(template.encode()) < 8192, key
+            assert not template.startswith(("/", "http"))
+            for token in re.findall(r"\{\{[^}]*\}\}", template):
+                assert TOKEN_RE.match(token), token
 
 
 def test_observation_templates_are_code_filtered_from_the_catalog(client, catalog):
@@ -306,8 +307,8 @@ def test_metrics_endpoint(client, request_for):
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
     text = resp.get_data(as_text=True)
-    assert 'cds_requests_total{service="service",status="200"}' in text
-    assert 'cds_cards_total{indicator="warning"}' in text and "cds_fhir_fallback_calls_total" in text
+    assert 'cds_requests_total{service="service",service_id="secondary-osteoporosis",status="200"}' in text
+    assert 'cds_cards_total{indicator="warning",service_id="secondary-osteoporosis"}' in text and "cds_fhir_fallback_calls_total" in text
 
 
 # ---- input that must never get through ------------------------------------------------------

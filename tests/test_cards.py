@@ -10,7 +10,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from cds_service.bundles import request_from_bundle
 from cds_service.fhir_client import FhirClient
-from cds_service.service import OsteoporosisService
+from cds_service.services import SecondaryOsteoporosis, Toolkit
 
 from .conftest import AS_OF, LABELS, ROOT, load_fixture, walk_empty
 
@@ -23,7 +23,7 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 
 @pytest.fixture(scope="module")
 def service(catalog):
-    return OsteoporosisService(catalog, FhirClient())
+    return SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
 
 
 def response_for(service, bundle: dict) -> tuple[dict, object]:
@@ -313,7 +313,7 @@ def quiet():
     from cds_service.catalog import load_catalog
     cat = load_catalog()
     cat.settings["firing_policy"] = "quiet"
-    return OsteoporosisService(cat, FhirClient())
+    return SecondaryOsteoporosis(Toolkit(cat, FhirClient()))
 
 
 def test_quiet_policy_lists_weak_contributors_and_never_fires_on_them_alone(quiet, service):

@@ -107,6 +107,10 @@ def _catalog_codes(cards: Path):
     for group, entries in observations.get("loinc_groups", {}).items():
         for e in entries:
             add({"system": "http://loinc.org", "verified": True, **e}, f"loinc_groups.{group}")
+    orders = yaml.safe_load((cards / "orders.yaml").read_text())
+    for name, draft in orders["drafts"].items():          # drugs the prescribing card drafts
+        if "code" in draft:
+            add(draft["code"], f"orders.drafts.{name}")
     return found
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from cds_service.bundles import request_from_bundle
 from cds_service.fhir_client import FhirClient
-from cds_service.service import OsteoporosisService, explain
+from cds_service.services import SecondaryOsteoporosis, Toolkit, explain
 
 from .conftest import AS_OF, LABELS, ROOT, load_fixture
 
@@ -18,7 +18,7 @@ from fixtures.generate import ICD, Patient, ra  # noqa: E402
 
 @pytest.fixture(scope="module")
 def service(catalog):
-    return OsteoporosisService(catalog, FhirClient())
+    return SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
 
 
 def run(service, p: Patient, as_of: date = AS_OF):
@@ -368,7 +368,7 @@ def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
                 return model.model_validate(res)
         return Spy
     monkeypatch.setattr(record_mod, "_model", counting)
-    svc = OsteoporosisService(catalog, FhirClient())
+    svc = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
     p = Patient("v1")
     ra = p.condition(ICD, "M06.9", "Rheumatoid arthritis")
     first = run(svc, p)
@@ -405,10 +405,10 @@ def test_leaving_out_old_results_changes_no_finding_or_card(catalog):
     from cds_service.record import RecordBuilder
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic import patient_request
-    windowed = OsteoporosisService(catalog, FhirClient())
-    keep_all = OsteoporosisService(catalog, FhirClient())
-    keep_all.records = RecordBuilder(catalog)
-    assert windowed.records.read_windows == observation_windows(catalog)
+    windowed = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
+    keep_all = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
+    keep_all.kit.records = RecordBuilder(catalog)
+    assert windowed.kit.records.read_windows == observation_windows(catalog)
     requests = [request_from_bundle(load_fixture(f"patients/{p.name}")) for p in sorted((ROOT / "fixtures/patients").iterdir())]
     requests += [patient_request(400, seed=s) for s in range(1, 6)]
     pruned = 0

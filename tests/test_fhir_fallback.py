@@ -49,17 +49,43 @@ def test_the_access_token_never_reaches_the_logs(fallback_client, fhir_server, f
 
 @pytest.mark.parametrize("rel", FHIR_PATIENTS)
 def test_fallback_gives_the_same_cards_as_full_prefetch(fallback_client, fhir_server, rel):
-    full = fixture_request(rel)
-    expected = strip_ids(fallback_client.post(SERVICE_URL, json=full).get_json())
+    assert_fallback_gives_the_same_cards(fallback_client, fhir_server, SERVICE_URL, fixture_request(rel))
+
+
+def assert_fallback_gives_the_same_cards(client, fhir_server, url: str, full: dict) -> list:
+    """The request without prefetch (with fhirServer and a token) gives the cards it gives with full
+    prefetch; every template is fetched once, with the token."""
+    expected = strip_ids(client.post(url, json=full).get_json())
     fhir_server.requests_seen()
     bare = {k: v for k, v in full.items() if k != "prefetch"}
     bare.update(fhirServer=fhir_server.base, fhirAuthorization=AUTH)
-    resp = fallback_client.post(SERVICE_URL, json=bare)
+    resp = client.post(url, json=bare)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert strip_ids(resp.get_json()) == expected
     seen = fhir_server.requests_seen()
     assert len(seen) == 8                                   # every template, each once
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in seen)
+    return expected
+
+
+def test_order_sign_falls_back_to_the_fhir_server_like_patient_view(fallback_client, fhir_server):
+    """The prescribing service fetches the chart it was not given, with the same templates and token,
+    and gives the card it gives with full prefetch."""
+    full = fixture_request(FHIR_PATIENTS[3])                    # no risk factors on record
+    pid = full["context"]["patientId"]
+    draft = {"resourceType": "MedicationRequest", "id": "draft-1", "status": "draft", "intent": "order",
+             "subject": {"reference": f"Patient/{pid}"},
+             "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                       "code": "198145", "display": "prednisone 10 MG Oral Tablet"}]},
+             "dosageInstruction": [{"text": "Take 1 tablet by mouth daily",
+                                    "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}}],
+             "dispenseRequest": {"expectedSupplyDuration": {"value": 90, "unit": "days",
+                                                            "system": "http://unitsofmeasure.org", "code": "d"}}}
+    full.update(hook="order-sign")
+    full["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": draft}]}
+    cards = assert_fallback_gives_the_same_cards(fallback_client, fhir_server, "/cds-services/bone-protection-order-sign",
+                                                 full)
+    assert cards and cards[0]["summary"].startswith("Prednisone 10 mg daily for 3 months")
 
 
 def test_full_prefetch_makes_no_fhir_call(fallback_client, fhir_server):
@@ -385,7 +411,7 @@ def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tm
         assert ok.status_code == 200 and ok_s < 1.0
         for resp, seconds in results:
             assert resp.status_code == 412 and seconds < 3.0
-        fhir = app.extensions["cds"]["service"].resolver.client
+        fhir = app.extensions["cds"]["services"].kit.resolver.client
         deadline = time.monotonic() + 1.5
         while fhir._slots._value < fhir.max_workers:          # every thread given back soon after the deadline
             assert time.monotonic() < deadline, (fhir._slots._value, fhir.max_workers)
@@ -438,7 +464,7 @@ def test_hostile_servers_streaming_without_end_stay_within_the_memory_budget(tmp
         app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=10.0,
                                   log_level="WARNING"))
         client = app.test_client()
-        fhir = app.extensions["cds"]["service"].resolver.client
+        fhir = app.extensions["cds"]["services"].kit.resolver.client
         peak = [0]
 
         def watch():

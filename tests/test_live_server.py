@@ -128,10 +128,10 @@ def test_metrics_add_up_across_workers(live_server):
     requests.post(live_server.base + SERVICE_URL, data="{", headers={"Content-Type": "application/json"}, timeout=5)
     text = requests.get(live_server.base + "/metrics", timeout=5).text
     import re
-    ok = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",status="200"\} ([\d.e+]+)', text, re.M))
-    bad = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",status="400"\} ([\d.e+]+)', text, re.M))
+    ok = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",service_id="secondary-osteoporosis",status="200"\} ([\d.e+]+)', text, re.M))
+    bad = sum(float(v) for v in re.findall(r'^cds_requests_total\{service="service",service_id="secondary-osteoporosis",status="400"\} ([\d.e+]+)', text, re.M))
     assert ok >= 6 and bad >= 1
-    assert 'cds_cards_total{indicator="info"}' in text or 'cds_cards_total{indicator="warning"}' in text
+    assert 'cds_cards_total{indicator="info",service_id="secondary-osteoporosis"}' in text or 'cds_cards_total{indicator="warning",service_id="secondary-osteoporosis"}' in text
     assert "cds_request_duration_seconds_bucket" in text
     assert "sle-positive" not in text
 

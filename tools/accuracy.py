@@ -18,13 +18,13 @@ sys.path.insert(0, str(ROOT))
 from cds_service.bundles import request_from_bundle  # noqa: E402
 from cds_service.catalog import load_catalog  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
-from cds_service.service import OsteoporosisService, explain  # noqa: E402
+from cds_service.services import SecondaryOsteoporosis, Toolkit, explain  # noqa: E402
 
 
-def evaluate_labelled(service: OsteoporosisService | None = None) -> dict:
+def evaluate_labelled(service: SecondaryOsteoporosis | None = None) -> dict:
     labels = json.loads((ROOT / "fixtures/labels.json").read_text())
     as_of = date.fromisoformat(labels["as_of"])
-    service = service or OsteoporosisService(load_catalog(), FhirClient())
+    service = service or SecondaryOsteoporosis(Toolkit(load_catalog(), FhirClient()))
     causes = sorted(service.catalog.causes)
     per = {c: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for c in causes}
     mismatches = []

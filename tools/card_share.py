@@ -23,13 +23,13 @@ sys.path.insert(0, str(ROOT))
 from cds_service.bundles import request_from_bundle  # noqa: E402
 from cds_service.catalog import load_catalog  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
-from cds_service.service import OsteoporosisService  # noqa: E402
+from cds_service.services import SecondaryOsteoporosis, Toolkit  # noqa: E402
 
 
 def share(corpus: Path, policy: str) -> dict:
     catalog = load_catalog()
     catalog.settings["firing_policy"] = policy
-    service = OsteoporosisService(catalog, FhirClient())
+    service = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
     counts: Counter = Counter()
     by_label: Counter = Counter()
     with (corpus / "labels.csv").open(newline="") as f:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from cds_service.bundles import request_from_bundle  # noqa: E402
 from cds_service.catalog import load_catalog  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
-from cds_service.service import OsteoporosisService  # noqa: E402
+from cds_service.services import SecondaryOsteoporosis, Toolkit  # noqa: E402
 from fixtures.generate import ICD, Patient  # noqa: E402
 
 AS_OF = date(2026, 6, 30)
@@ -92,7 +92,7 @@ def main() -> int:
     catalog = load_catalog()
     if args.policy:
         catalog.settings["firing_policy"] = args.policy
-    service = OsteoporosisService(catalog, FhirClient())
+    service = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
     for n, (title, patient) in enumerate(review_set(), 1):
         cards = service.invoke(request_from_bundle(patient.bundle()), AS_OF).response["cards"]
         print(f"### {n}. {title}")

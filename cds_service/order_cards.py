@@ -1,0 +1,155 @@
+"""Turns a ProtectionDecision into the one prescribing card (or none), with the wording in cards/orders.yaml."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from .cards import CardRenderer, md
+from .catalog import Catalog
+from .orders import ProtectionDecision
+
+
+class OrderCardRenderer:
+    def __init__(self, catalog: Catalog, shared: CardRenderer):
+        self.cat = catalog
+        self.cfg = catalog.orders["card"]
+        self.drafts = catalog.orders["drafts"]
+        self.shared = shared                     # source, links, ServiceRequest drafts, citation names
+        reasons = self.cfg["override_reasons"]
+        self.override_reasons = [{"system": reasons["system"], "code": r["code"], "display": r["display"]}
+                                 for r in reasons["codes"]]
+
+    def render(self, d: ProtectionDecision) -> list[dict]:
+        if not d.ordered or d.on_therapy:
+            return []
+        lead = d.lead
+        summary = lead.trigger["summary"].format(regimen=lead.regimen)
+        if len(summary) > 139:
+            summary = summary[:138] + "…"
+        act = d.dxa_due or (d.risk is not None and (d.risk.stratum is None or d.offer_bisphosphonate
+                                                    or bool(d.guards_failed)))
+        card = {
+            "uuid": self.shared.new_uuid(),
+            "summary": summary,
+            "indicator": self.cfg["indicator"]["act" if act else "inform"],
+            "detail": self.detail(d),
+            "source": {"label": self.shared.cfg["source"]["label"], "topic": dict(self.shared.cfg["source"]["topic"])},
+            "suggestions": self.suggestions(d),
+            "selectionBehavior": "any",
+            "overrideReasons": [dict(r) for r in self.override_reasons],
+        }
+        links = self._links(d)
+        if links:
+            card["links"] = links
+        return [card]
+
+    def detail(self, d: ProtectionDecision) -> str:
+        a, ctx, cfg = d.assessment, d.assessment.context, self.cfg
+        seen: list[str] = []
+        for o in d.ordered:
+            if o.regimen not in seen:
+                seen.append(o.regimen)
+        whys = []
+        for o in d.ordered:
+            if o.trigger["why"] not in whys:
+                whys.append(o.trigger["why"])
+        context = []
+        days = max(o.trigger["dxa_within_days"] for o in d.ordered)
+        if ctx.last_dxa and not d.dxa_due:
+            context.append(cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days))
+        elif ctx.pregnant is not None:
+            context.append(cfg["dxa_pregnant"])
+        else:
+            context.append(cfg["dxa_none"].format(days=days))
+        if ctx.latest_t_score:
+            value, site, day = ctx.latest_t_score
+            context.append(cfg["t_score"].format(value=value, site=site or "site not recorded", date=day.isoformat()))
+        if ctx.fractures:
+            context.append(cfg["fractures"].format(items="; ".join(e.text for e in ctx.fractures[:3])))
+        context.append(cfg["no_treatment"])
+        results = [f"{label} {value} ({day})" for label, value, day in self.shared._latest_results(a)]
+        if results:
+            context.append(cfg["results"].format(items="; ".join(results)))
+        kidney = None
+        if ctx.kidney_caution:
+            kcfg = self.shared.cfg["kidney"]
+            latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
+                if ctx.latest_egfr else kcfg["none"]
+            kidney = SimpleNamespace(latest=md(latest), caution=md(kcfg["caution"].format(
+                guidelines=self.shared._citation_names(self.cat.detection["kidney_caution"]["citations"]))))
+        risk = None
+        if d.risk is not None:
+            risk = SimpleNamespace(label=md(d.risk.label), reasons=[md(r) for r in d.risk.reasons])
+        text = self.cat.templates["order_detail"].render(
+            orders=[md(r) for r in seen], why=md(" ".join(whys)), exposure=[md(e) for e in d.exposure],
+            risk=risk, guards=[md(g) for g in d.guards_failed], kidney=kidney, context=[md(c) for c in context])
+        while "\n\n\n" in text:
+            text = text.replace("\n\n\n", "\n\n")
+        return text.strip()
+
+    def suggestions(self, d: ProtectionDecision) -> list[dict]:
+        a, ctx = d.assessment, d.assessment.context
+        patient = f"Patient/{a.patient_id}"
+        sug_cfg = self.shared.cfg["suggestions"]
+        out = []
+        if d.dxa_due:
+            gc = any(o.trigger.get("risk") == "glucocorticoid" for o in d.ordered)
+            item = self.shared.workup[d.lead.trigger["dxa_workup"] if not gc else "wk_vfa"]
+            label = sug_cfg["dxa_vfa_label" if gc else "dxa_label"]
+            acts = [self.shared._action(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
+                    for c in item["order"]]
+            out.append({"label": label, "uuid": self.shared.new_uuid(), "isRecommended": True, "actions": acts})
+        if "wk_25ohd" not in ctx.workup_done:
+            item = self.shared.workup["wk_25ohd"]
+            acts = [self.shared._action(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
+                    for c in item["order"]]
+            out.append({"label": sug_cfg["directed_label"].format(label=item["label"]), "uuid": self.shared.new_uuid(),
+                        "isRecommended": True, "actions": acts})
+        cad = self.drafts["calcium_vitamin_d"]
+        out.append({"label": cad["label"], "uuid": self.shared.new_uuid(), "isRecommended": True,
+                    "actions": [self._medication_action(cad, patient)]})
+        if d.offer_bisphosphonate:
+            aln = self.drafts["alendronate"]
+            out.append({"label": aln["label"], "uuid": self.shared.new_uuid(), "isRecommended": False,
+                        "actions": [self._medication_action(aln, patient, weekly=True)]})
+        return out
+
+    def _medication_action(self, draft: dict, patient: str, weekly: bool = False) -> dict:
+        """A draft MedicationRequest: the verified code when the catalog has one, else the drug in words."""
+        concept: dict = {"text": draft["text"]}
+        if draft.get("code"):
+            c = draft["code"]
+            concept["coding"] = [{"system": c["system"], "code": c["code"], "display": c["display"]}]
+        dosage: dict = {"text": draft["dosage"]}
+        if weekly and draft.get("dose_mg"):
+            dosage["timing"] = {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}}
+            dosage["route"] = {"text": "oral"}
+            dosage["doseAndRate"] = [{"doseQuantity": {"value": draft["dose_mg"], "unit": "mg",
+                                                       "system": "http://unitsofmeasure.org", "code": "mg"}}]
+        return {
+            "type": "create",
+            "description": f"Draft: {draft['label']}",
+            "resource": {
+                "resourceType": "MedicationRequest",
+                "status": "draft",
+                "intent": "proposal",
+                "medicationCodeableConcept": concept,
+                "subject": {"reference": patient},
+                "dosageInstruction": [dosage],
+                "reasonCode": [{"text": "Bone protection (secondary osteoporosis CDS)"}],
+            },
+        }
+
+    def _links(self, d: ProtectionDecision) -> list[dict]:
+        cites: list[str] = []
+        for o in d.ordered:
+            for c in o.trigger["citations"]:
+                if c not in cites:
+                    cites.append(c)
+        out = []
+        for cid in cites:
+            c = self.cat.citations.get(cid, {})
+            url = c.get("url")
+            if url and str(url).startswith("https://"):
+                out.append({"label": f"{c.get('org', cid)} {c.get('year', '')}: {c.get('title', '')}"[:200].strip(),
+                            "url": url, "type": "absolute"})
+        return out[: self.shared.cfg["links"]["max"]]

@@ -1,0 +1,43 @@
+"""The CDS services this server offers, one small module each, sharing one Toolkit.
+
+Adding a service: write a CdsService subclass (which hook, which context, which decision, which
+card) and list it in SERVICES.
+"""
+from __future__ import annotations
+
+from ..catalog import Catalog
+from ..errors import NotFound
+from ..fhir_client import FhirClient
+from .base import CdsService, Invocation, Toolkit, validate_request
+from .patient_view import SecondaryOsteoporosis, explain, explain_context
+from .prescribing import BoneProtectionAtOrderSelect, BoneProtectionAtOrderSign
+
+SERVICES: tuple[type[CdsService], ...] = (SecondaryOsteoporosis, BoneProtectionAtOrderSign, BoneProtectionAtOrderSelect)
+
+__all__ = ["CdsService", "Invocation", "ServiceRegistry", "Toolkit", "SERVICES", "SecondaryOsteoporosis",
+           "BoneProtectionAtOrderSign", "BoneProtectionAtOrderSelect", "explain", "explain_context",
+           "validate_request"]
+
+
+class ServiceRegistry:
+    """The services by id, in discovery order, over one shared Toolkit."""
+
+    def __init__(self, catalog: Catalog, fhir_client: FhirClient, fhir_timeout: float = 3.0, page_size: int = 200,
+                 fhir_allowlist: tuple[str, ...] = ()):
+        self.kit = Toolkit(catalog, fhir_client, fhir_timeout, page_size, fhir_allowlist)
+        self.services: dict[str, CdsService] = {cls.id: cls(self.kit) for cls in SERVICES}
+
+    def __iter__(self):
+        return iter(self.services.values())
+
+    def get(self, service_id: str) -> CdsService:
+        try:
+            return self.services[service_id]
+        except KeyError:
+            raise NotFound("No CDS service with that id.") from None
+
+    def for_hook(self, hook: str) -> CdsService | None:
+        return next((s for s in self if s.hook == hook), None)
+
+    def discovery(self) -> dict:
+        return {"services": [s.discovery() for s in self]}
