@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from synthetic import AS_OF, patient_request, resource_count  # noqa: E402
+from synthetic import AS_OF, order_sign_request, patient_request, resource_count  # noqa: E402
 
 from cds_service.catalog import load_catalog  # noqa: E402
 from cds_service.fhir_client import FhirClient  # noqa: E402
@@ -110,6 +110,31 @@ def bench_engine(quick: bool) -> list[dict]:
                      "ratio_first_view_orjson_p50": round(pct(first, 50) / pct(oj_first, 50), 2),
                      "cards": len(response["cards"])})
     return rows
+
+
+def bench_order_sign(quick: bool) -> dict:
+    """order-sign at ~400 resources (the same chart plus a draft prednisone order) against patient-view
+    on the same chart, interleaved in the same run."""
+    warm_models()
+    registry = ServiceRegistry(load_catalog(), FhirClient())
+    view, sign = registry.get("secondary-osteoporosis"), registry.get("bone-protection-order-sign")
+    reps = 40 if quick else 200
+    view_body, sign_body = orjson.dumps(patient_request(400)), orjson.dumps(order_sign_request(400))
+    for _ in range(5):
+        view.invoke(orjson.loads(view_body), AS_OF), sign.invoke(orjson.loads(sign_body), AS_OF)
+    gc.collect()
+    gc.freeze()
+    v, s, cards = [], [], 0
+    for _ in range(reps):
+        v.append(_time_round(view, view_body)[2])
+        _, _, t, response = _time_round(sign, sign_body)
+        s.append(t)
+        cards = len(response["cards"])
+    gc.unfreeze()
+    return {"resources": resource_count(orjson.loads(sign_body)), "reps": reps, "order_sign_cards": cards,
+            "order_sign_p50_ms": ms(pct(s, 50)), "order_sign_p95_ms": ms(pct(s, 95)),
+            "patient_view_p50_ms": ms(pct(v, 50)), "patient_view_p95_ms": ms(pct(v, 95)),
+            "ratio_order_sign_patient_view_p50": round(pct(s, 50) / pct(v, 50), 2)}
 
 
 # ---- the production server ------------------------------------------------------------------------
@@ -386,6 +411,10 @@ def main() -> int:
                   f"{r['first_view_p50_ms']:>7.2f} {r['first_view_p95_ms']:>7.2f} "
                   f"{r['ratio_first_view_json_p50']:>5.2f}x {r['ratio_first_view_orjson_p50']:>6.2f}x")
         print("  (ms; again = the same chart opened again, first = a patient never seen: every cited resource typed)")
+        o = results["order_sign"] = bench_order_sign(args.quick)
+        print(f"order-sign at {o['resources']} resources (draft prednisone, {o['order_sign_cards']} card): "
+              f"p50 {o['order_sign_p50_ms']:.2f} ms, p95 {o['order_sign_p95_ms']:.2f} ms; patient-view on the same chart "
+              f"p50 {o['patient_view_p50_ms']:.2f} ms: {o['ratio_order_sign_patient_view_p50']:.2f}x")
     if "http" in only:
         rows, single = bench_http(args.quick, workers)
         results["http"], results["http_single_call"] = rows, single

@@ -107,3 +107,23 @@ def resource_count(request: dict) -> int:
     for v in request["prefetch"].values():
         n += len(v.get("entry", [])) if v.get("resourceType") == "Bundle" else 1
     return n
+
+
+def order_sign_request(n_resources: int, seed: int = 1) -> dict:
+    """The same chart as `patient_request`, as an order-sign request drafting prednisone 10 mg daily for
+    90 days (the prescribing service's usual firing case)."""
+    req = patient_request(n_resources, seed)
+    pid = req["context"]["patientId"]
+    draft = {"resourceType": "MedicationRequest", "id": "bench-draft", "status": "draft", "intent": "order",
+             "subject": {"reference": f"Patient/{pid}"},
+             "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                       "code": "198145", "display": "prednisone 10 MG Oral Tablet"}]},
+             "dosageInstruction": [{"text": "Take 1 tablet by mouth daily",
+                                    "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
+                                    "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "{tbl}"}}]}],
+             "dispenseRequest": {"expectedSupplyDuration": {"value": 30, "unit": "days", "code": "d"},
+                                 "numberOfRepeatsAllowed": 2}}
+    req["hook"] = "order-sign"
+    req["context"] = {**req["context"], "userId": "Practitioner/bench",
+                      "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": draft}]}}
+    return req
