@@ -358,8 +358,8 @@ class Engine:
         out = []
         for m in rec.medications_by_cause.get(cause.id, ()):
             last = rec.as_of if m.ongoing else (m.end or m.start)      # an order still active is current, however old
-            if m.start is None or last < since or m.start > rec.as_of + timedelta(days=1):
-                continue
+            if m.start is None or last < since or (m.start > rec.as_of + timedelta(days=1) and not m.planned):
+                continue                     # a future start is read only for an order being signed now
             if not m.systemic or (m.status == "stopped" and not med.get("counts_stopped_orders")):
                 continue
             low = m.text.lower()

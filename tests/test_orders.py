@@ -136,6 +136,14 @@ def test_prednisone_10mg_for_90_days_fires_with_the_regimen_risk_and_one_click_s
     assert walk_empty(card) == []
 
 
+def test_a_course_that_starts_next_week_counts_from_its_start(server):
+    body = order_fixture("prednisone-10mg-90-days")
+    d = body["context"]["draftOrders"]["entry"][0]["resource"]
+    d["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"] = {"start": "2026-07-07"}
+    card = call(server, "", body).json()["cards"][0]
+    assert card["summary"] == "Prednisone 10 mg daily for 3 months: protect bone (ACR 2022)"
+
+
 def test_a_five_day_burst_gives_no_card(server):
     assert card_of(server, "prednisone-40mg-5-days") is None
 
