@@ -1,6 +1,7 @@
 """Turns an Assessment into the one CDS Hooks card (or none), using the wording in cards/card.yaml."""
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
@@ -9,7 +10,41 @@ from typing import Callable
 from .catalog import Catalog
 from .engine import LATEST_RESULTS, Assessment, Finding
 
-_MD_SPECIAL = "\\`*_{}[]<>()#+!|~"            # backslash first, so escapes are not escaped again
+_MD_SPECIAL = "\\`*_{}[]<>()#+!|~&"           # backslash first, so escapes are not escaped again
+# A word GFM renderers would turn into a link on their own (remark-gfm finds bare URLs, www. names and
+# e-mail addresses in the text after escapes are resolved, so escaping cannot stop it): shown as code.
+_LIST_START = re.compile(r"^(\d{1,9}|)([.)-])(?= |$)")
+_LINKISH = re.compile(r"(?i)(?:https?|ftp|mailto|xmpp):|www\.|@")
+
+
+def md(text: str) -> str:
+    """Chart text for a Markdown card, shown as recorded in CommonMark and GFM renderers (remark-gfm,
+    cmark-gfm, markdown-it): punctuation that could start a link, HTML, an entity or formatting is
+    escaped, and a word a renderer would link by itself (a URL, www. name or e-mail address) is set
+    as code, which no renderer links or reinterprets."""
+    words = " ".join(str(text).split())
+    if _LINKISH.search(words):
+        out = " ".join(_code_span(w) if _LINKISH.search(w) else _escape(w) for w in words.split(" "))
+    else:
+        out = _escape(words)
+    if out[:1] == "-" or out[:1].isdigit():
+        out = _LIST_START.sub(r"\1\\\2", out, count=1)    # "1. x", "- x" would start a (nested) list
+    return out
+
+
+def _escape(out: str) -> str:
+    for c in _MD_SPECIAL:
+        if c in out:                  # most chart text has none or one of these: test before replacing
+            out = out.replace(c, "\\" + c)
+    return out
+
+
+def _code_span(word: str) -> str:
+    """`word` verbatim: a fence longer than any backtick run in it, padded when it starts or ends with one."""
+    fence = "`" * (max((len(r) for r in re.findall("`+", word)), default=0) + 1)
+    pad = " " if word.startswith("`") or word.endswith("`") else ""
+    return f"{fence}{pad}{word}{pad}{fence}"
+
 
 TIER_LABELS = {
     "very_high": "very high dose",
@@ -18,15 +53,6 @@ TIER_LABELS = {
     "dose_not_recorded": ">= 90 days, dose not recorded",
     "budesonide_review": "oral budesonide >= 90 days: review",
 }
-
-
-def md(text: str) -> str:
-    """Escape chart text for Markdown so it cannot inject links, HTML or formatting."""
-    out = " ".join(str(text).split())
-    for c in _MD_SPECIAL:
-        if c in out:                  # most chart text has none or one of these: test before replacing
-            out = out.replace(c, "\\" + c)
-    return out
 
 
 class CardRenderer:
