@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cds_service import create_app
 from cds_service.config import Settings
 
-from .conftest import AS_OF, SERVICE_URL, fixture_request
+from .conftest import AS_OF, ROOT, SERVICE_URL, fixture_request
 
 ISS = "https://ehr.test"
 BASE = "https://cds.test"
@@ -263,3 +263,50 @@ def test_a_url_called_with_a_double_slash_is_its_own_aud(auth_client):
     assert call(auth_client, token(aud=BASE + path), path=path).status_code == 200
     assert call(auth_client, token(aud=BASE + SERVICE_URL), path=path).status_code == 200
     assert call(auth_client, token(aud=BASE + "/cds-services/other"), path=path).status_code == 401
+
+
+# ---- pinned keys: a local copy of an issuer's JWKS (issue 14, point 2) --------------------------
+SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
+
+
+def pinned_client(tmp_path, jwks_value, jku=(SANDBOX_JKU,)):
+    trusted = {ISS: {"jwks": jwks_value, "jku": list(jku)}}
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), auth="required",
+                              trusted_issuers=json.dumps(trusted), public_base_url=BASE, log_level="WARNING"))
+    return app.test_client()
+
+
+def test_pinned_keys_from_a_file_accept_the_jku_the_issuer_sends_and_never_fetch_it(tmp_path):
+    """The sandbox always sends its public jku; an offline deployment maps it to a local JWKS copy."""
+    path = tmp_path / "issuer-jwks.json"
+    path.write_text(json.dumps({"keys": [jwk(EC_KEY, "ec-1", "ES384")]}))
+    client = pinned_client(tmp_path, str(path))
+    assert call(client, token(headers={"jku": SANDBOX_JKU})).status_code == 200
+    assert call(client, token()).status_code == 200                          # no jku: the pinned keys
+    assert_401(call(client, token(headers={"jku": "https://evil.example/jwks.json"})))
+    assert_401(call(client, token(key=OTHER_EC, headers={"jku": SANDBOX_JKU})))     # not the pinned key
+    assert_401(call(client, token(kid="other", headers={"jku": SANDBOX_JKU})))
+
+
+def test_pinned_keys_inline_or_from_a_url_of_the_deployments_choosing(tmp_path, jwks):
+    inline = pinned_client(tmp_path / "a", {"keys": [jwk(EC_KEY, "ec-1", "ES384")]})
+    assert call(inline, token(headers={"jku": SANDBOX_JKU})).status_code == 200
+    mirrored = pinned_client(tmp_path / "b", "file://" + str(ROOT / ".." / "shared" / "cds-hooks-sandbox" /
+                                                            ".well-known" / "jwks.json"))
+    assert_401(call(mirrored, token(headers={"jku": SANDBOX_JKU})))          # the sandbox's key, not ours
+    local = pinned_client(tmp_path / "c", jwks.base + "/rotated.json")
+    assert call(local, token(headers={"jku": SANDBOX_JKU})).status_code == 200
+    assert jwks.fetches == ["/rotated.json"]                                  # the pinned URL, never the jku
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"jwks": "/no/such/file.json"}, "cannot read a JWKS"),
+    ({"jwks": {"keys": "nope"}}, "not a usable JWKS"),
+    ({"jku": [SANDBOX_JKU]}, "must be"),
+    ({"jwks": {"keys": []}, "jku": 7}, "jku must be"),
+    ({"jwks": {"keys": []}, "other": 1}, "must be"),
+])
+def test_a_pinned_issuer_that_cannot_be_used_refuses_to_start(tmp_path, value, message):
+    from cds_service.auth import parse_trusted_issuers
+    with pytest.raises(ValueError, match=message):
+        parse_trusted_issuers(json.dumps({ISS: value}))
