@@ -5,6 +5,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
@@ -117,8 +118,11 @@ def invoke(service_id: str):
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
     result = service.invoke(body, cds["settings"].evaluation_date())
     g.timings.update(result.timings)
+    snoozing = bool(cds.get("snooze")) and service.snoozable
     snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment) \
-        if cds.get("snooze") and service.snoozable else False
+        if snoozing else False
+    if not snoozing:
+        _remember_issued(result.response["cards"])            # (the snooze book records them with the patient)
     for card in result.response["cards"]:
         metrics.CARDS.labels(service.id, card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
@@ -138,8 +142,13 @@ def feedback(service_id: str):
     entries = normalize_feedback(_read_json())
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
+    store = _cds()["feedback"]
+    days = _cds()["settings"].feedback_days
+    since = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
     try:
-        stored = _cds()["feedback"].save(service_id, entries)
+        issued = store.call("issued_since", sorted({e["card"] for e in entries}), since)
+        known = [e for e in entries if e["card"] in issued]
+        stored = store.save(service_id, known) if known else 0
     except StoreUnavailable as exc:
         log.warning("feedback store unavailable", extra={"event": "store_unavailable", "error": str(exc),
                                                          "request_id": g.get("request_id")})
@@ -147,14 +156,37 @@ def feedback(service_id: str):
                                                "Retry later.", "transient"), 503)
         resp.headers["Retry-After"] = "5"
         return resp
+    unknown = len(entries) - len(known)
+    if unknown:
+        # anyone holding a trusted JWT could write rows for cards that never existed: refuse them
+        log.warning("feedback for cards this service did not issue", extra={
+            "event": "feedback_unknown_card", "entries": unknown, "request_id": g.get("request_id")})
+    if not known:
+        g.counts = {"feedback_entries": len(entries), "feedback_unknown": unknown}
+        return json_response(operation_outcome(f"No card with that uuid was issued by this service in the last "
+                                               f"{days} days; nothing was stored.", "not-found"), 404)
     snoozes = 0
     if _cds().get("snooze"):
         try:
-            snoozes = _cds()["snooze"].on_feedback(entries)
+            snoozes = _cds()["snooze"].on_feedback(known)
         except StoreUnavailable:                   # feedback is stored; the snooze is best effort
             log.warning("snooze not set: store unavailable", extra={"event": "snooze_store_error"})
-    g.counts = {"feedback_entries": len(entries), "feedback_new": stored, "snoozes_set": snoozes}
-    return json_response({"stored": stored, "received": len(entries)})
+    g.counts = {"feedback_entries": len(entries), "feedback_new": stored, "feedback_unknown": unknown,
+                "snoozes_set": snoozes}
+    return json_response({"stored": stored, "received": len(entries), **({"unknown": unknown} if unknown else {})})
+
+
+def _remember_issued(cards: list[dict]) -> None:
+    """Note every card handed out, so that feedback is taken only for cards this service issued. Best
+    effort within half a second: the card matters more than the note."""
+    if not cards:
+        return
+    now = datetime.now(timezone.utc).isoformat()
+    try:
+        for card in cards:
+            _cds()["feedback"].call("record_issued", card["uuid"], "", "[]", now, timeout=0.5)
+    except StoreUnavailable:
+        log.warning("issued card not recorded: store unavailable", extra={"event": "issued_store_error"})
 
 
 bench_bp = Blueprint("bench", __name__)

@@ -40,6 +40,7 @@ class Settings:
     public_base_url: str = ""              # e.g. https://cds.example.org (the JWT aud behind a proxy)
     snooze_secrets: str = ""               # comma-separated HMAC secrets, current first; empty: snooze off
     snooze_days: int = 182                 # how long an overridden or accepted card stays away
+    feedback_days: int = 30                # feedback is taken for cards issued within this many days
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -67,6 +68,8 @@ class Settings:
             date.fromisoformat(s.as_of)   # fail at start-up, not per request
         if s.snooze_days <= 0:
             raise ValueError("CDS_SNOOZE_DAYS must be a positive number of days")
+        if s.feedback_days <= 0:
+            raise ValueError("CDS_FEEDBACK_DAYS must be a positive number of days")
         return s
 
     @property
@@ -117,5 +120,7 @@ ENV_DOC = {
     "snooze_secrets": "Comma-separated secrets (current first, older ones still read) keying the card-to-patient link "
                       "for snooze; empty: snooze is off",
     "snooze_days": "Days an overridden or accepted card stays away for that patient (unless something new appears)",
+    "feedback_days": "Days after a card is issued during which feedback on it is accepted (feedback for a card this "
+                     "service did not issue, or issued earlier, is refused with 404)",
     "bench_endpoint": "Add POST /cds-services/_parse-only, the benchmark's parse-and-return-nothing floor",
 }

@@ -100,7 +100,8 @@ class FeedbackStore(Protocol):
     def count(self) -> int: ...
 
 
-# which patient each card was issued for (a keyed hash), and snoozes per patient: the same in both stores
+# every card issued (feedback is taken only for these), which patient it was issued for (a keyed hash, ""
+# when snooze is off), and snoozes per patient: the same in both stores
 SNOOZE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS issued_cards (
     card_uuid TEXT PRIMARY KEY,
@@ -183,6 +184,13 @@ class SQLiteFeedbackStore:
     def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
         self._connect().execute("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)",
                                 (card_uuid, patient_key, signature, issued_at))
+
+    def issued_since(self, card_uuids: list[str], since: str) -> set[str]:
+        """The cards among these that were issued at or after `since` (ISO 8601, UTC)."""
+        marks = ",".join("?" * len(card_uuids))
+        rows = self._connect().execute(f"SELECT card_uuid FROM issued_cards WHERE card_uuid IN ({marks})"
+                                       " AND issued_at >= ?", [*card_uuids, since]).fetchall()
+        return {r[0] for r in rows}
 
     def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
         row = self._connect().execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = ?",
@@ -324,6 +332,15 @@ class PostgresFeedbackStore:
     def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
         self._execute("INSERT INTO issued_cards VALUES (%s,%s,%s,%s) ON CONFLICT (card_uuid) DO NOTHING",
                       (card_uuid, patient_key, signature, issued_at))
+
+    def issued_since(self, card_uuids: list[str], since: str) -> set[str]:
+        """The cards among these that were issued at or after `since` (ISO 8601, UTC)."""
+        def select(conn):
+            with conn.cursor() as cur:
+                cur.execute("SELECT card_uuid FROM issued_cards WHERE card_uuid = ANY(%s) AND issued_at >= %s",
+                            (card_uuids, since))
+                return {r[0] for r in cur.fetchall()}
+        return self._run(select)
 
     def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
         row = self._execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = %s", (card_uuid,), True)

@@ -80,8 +80,8 @@ class SnoozeBook:
         done = 0
         for e in entries:
             card = self._store("issued_card", e["card"])
-            if card is None:
-                continue                    # not a card this service issued (or issued before snooze was on)
+            if card is None or not card[0]:
+                continue                    # not a card this service issued (or issued while snooze was off)
             patient_key, signature = card
             at = datetime.fromisoformat(e["outcomeTimestamp"].replace("Z", "+00:00"))
             if at.tzinfo is None:

@@ -11,7 +11,7 @@ import pytest
 from cds_service import create_app
 from cds_service.config import Settings
 
-from .conftest import AS_OF, SERVICE_URL, fixture_request, walk_empty
+from .conftest import AS_OF, SERVICE_URL, fixture_request, issue_cards, walk_empty
 
 TOKEN_RE = re.compile(r"^\{\{(context\.(patientId|userId|encounterId)|userPractitionerId|userPractitionerRoleId"
                       r"|userPatientId|userRelatedPersonId)\}\}$")
@@ -199,6 +199,31 @@ OVERRIDDEN = {"card": "9a8b7c6d-5e4f-4a3b-9c2d-1e0f2a3b4c5d", "outcome": "overri
               "overrideReason": {"reason": {"system": "https://cds.example.org/CodeSystem/override",
                                             "code": "already-evaluated"}, "userComment": "DXA done elsewhere"},
               "outcomeTimestamp": "2026-05-02T14:05:40Z"}
+
+
+@pytest.fixture(autouse=True)
+def _cards_issued(app):
+    """The cards the feedback examples name were issued by this service (feedback is taken for no other)."""
+    issue_cards(app, ACCEPTED["card"], OVERRIDDEN["card"], "c" * 8)
+
+
+def test_feedback_for_a_card_this_service_never_issued_is_refused_and_not_stored(app, client, json_log):
+    resp = client.post(FEEDBACK, json={"feedback": [{**ACCEPTED, "card": "not-a-real-card"}]})
+    is_outcome(resp, 404)
+    assert "nothing was stored" in resp.get_json()["issue"][0]["diagnostics"]
+    assert app.extensions["cds"]["feedback"].count() == 0
+    assert '"event":"feedback_unknown_card"' in json_log.getvalue()
+    mixed = client.post(FEEDBACK, json={"feedback": [ACCEPTED, {**OVERRIDDEN, "card": "forged"}]})
+    assert mixed.status_code == 200 and mixed.get_json() == {"stored": 1, "received": 2, "unknown": 1}
+    assert app.extensions["cds"]["feedback"].entries_for_card("forged") == []
+
+
+def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_window(app, client):
+    card = client.post(SERVICE_URL, json=fixture_request("patients/sle-positive.json")).get_json()["cards"][0]
+    entry = {**OVERRIDDEN, "card": card["uuid"]}
+    assert client.post(FEEDBACK, json={"feedback": [entry]}).get_json() == {"stored": 1, "received": 1}
+    issue_cards(app, "old-card", days_ago=31)                       # CDS_FEEDBACK_DAYS: 30
+    is_outcome(client.post(FEEDBACK, json={"feedback": [{**OVERRIDDEN, "card": "old-card"}]}), 404)
 
 
 def test_feedback_is_persisted_by_card_uuid(app, client):

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cds_service import create_app
 from cds_service.config import Settings
 
-from .conftest import AS_OF, ROOT, SERVICE_URL, fixture_request
+from .conftest import AS_OF, ROOT, SERVICE_URL, fixture_request, issue_cards
 
 ISS = "https://ehr.test"
 BASE = "https://cds.test"
@@ -120,6 +120,7 @@ def test_aud_as_an_array(auth_client):
 def test_discovery_and_feedback_use_their_own_url_as_aud(auth_client):
     assert call(auth_client, token(aud=BASE + "/cds-services"), path="/cds-services").status_code == 200
     fb = {"feedback": [{"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2026-06-30T10:00:00Z"}]}
+    issue_cards(auth_client.application, "c1")
     assert call(auth_client, token(aud=BASE + SERVICE_URL + "/feedback"), path=SERVICE_URL + "/feedback", body=fb).status_code == 200
 
 

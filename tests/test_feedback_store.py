@@ -13,7 +13,7 @@ from cds_service import create_app
 from cds_service.config import Settings
 from cds_service.feedback import open_store
 
-from .conftest import AS_OF, ROOT, SERVICE_URL
+from .conftest import AS_OF, ROOT, SERVICE_URL, issue_cards
 
 
 def entry(card: str, comment: str | None = None) -> dict:
@@ -101,6 +101,7 @@ def test_the_service_stores_feedback_in_postgresql(tmp_path, postgres):
     body = {"feedback": [{"card": "pg-card", "outcome": "accepted", "acceptedSuggestions": [{"id": "s1"}],
                           "outcomeTimestamp": "2026-06-30T10:00:00Z"}]}
     client = app.test_client()
+    issue_cards(app, "pg-card")
     assert client.post(SERVICE_URL + "/feedback", json=body).get_json() == {"stored": 1, "received": 1}
     assert client.post(SERVICE_URL + "/feedback", json=body).get_json() == {"stored": 0, "received": 1}
     assert open_store(url).entries_for_card("pg-card")[0]["acceptedSuggestions"] == ["s1"]

@@ -97,6 +97,11 @@ def test_acknowledged_feedback_survives_a_killed_server(tmp_path):
     server = LiveServer(tmp_path / "srv").start()
     try:
         entries = [dict(ACCEPTED, card=f"card-{i}") for i in range(20)]
+        from datetime import datetime, timezone
+        from cds_service.feedback import SQLiteFeedbackStore
+        issued = SQLiteFeedbackStore(tmp_path / "srv" / "feedback.sqlite3")      # the server's own store
+        for e in entries:                                                          # as if it had issued them
+            issued.record_issued(e["card"], "", "[]", datetime.now(timezone.utc).isoformat())
         for i in range(0, 20, 5):
             r = requests.post(server.base + SERVICE_URL + "/feedback", json={"feedback": entries[i:i + 5]}, timeout=5)
             assert r.status_code == 200

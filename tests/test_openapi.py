@@ -7,7 +7,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from .conftest import LABELS, ROOT, SERVICE_URL, fixture_request
+from .conftest import LABELS, ROOT, SERVICE_URL, fixture_request, issue_cards
 
 DOC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 
@@ -76,4 +76,5 @@ def test_feedback_request_examples_match_the_schema(client):
     body = {"feedback": [{"card": "c", "outcome": "accepted", "acceptedSuggestions": [{"id": "s"}],
                           "outcomeTimestamp": "2026-06-30T10:00:00Z"}]}
     validator("FeedbackRequest").validate(body)
+    issue_cards(client.application, "c")
     assert client.post(SERVICE_URL + "/feedback", json=body).status_code == 200

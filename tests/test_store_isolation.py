@@ -15,7 +15,7 @@ from cds_service import create_app
 from cds_service.bundles import request_from_bundle
 from cds_service.config import Settings
 
-from .conftest import AS_OF, ROOT, SERVICE_URL
+from .conftest import AS_OF, ROOT, SERVICE_URL, issue_cards
 
 sys.path.insert(0, str(ROOT))
 from fixtures.generate import ICD, Patient  # noqa: E402
@@ -85,6 +85,7 @@ def test_a_locked_sqlite_store(tmp_path):
     app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=f"sqlite:///{db}",
                               snooze_secrets="s1", log_level="WARNING"))
     client = app.test_client()
+    issue_cards(app, ENTRY["feedback"][0]["card"])
     assert client.get("/readyz").status_code == 200
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")                 # another process holds the write lock
@@ -104,6 +105,7 @@ def test_a_frozen_postgresql_store(tmp_path, postgres):
     app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url,
                               snooze_secrets="s1", log_level="WARNING"))
     client = app.test_client()
+    issue_cards(app, ENTRY["feedback"][0]["card"])
     assert client.post(FEEDBACK, json=ENTRY).status_code == 200
     store = app.extensions["cds"]["feedback"].store
     hole = BlackHole()
