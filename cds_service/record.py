@@ -849,6 +849,10 @@ class RecordBuilder:
         ref = self._keep(rec, res)
         if ref is None:
             return
+        if planned:
+            # an order being placed is checked on what is read from it: an EHR's draft with, say, a
+            # malformed `category` (the CDS Hooks sandbox sends an object) still gets its card
+            rec.raw[ref] = {k: v for k, v in res.items() if k in _DRAFT_ELEMENTS_READ}
         # de-duplicate: one exposure per (cause, ingredient)
         uniq: dict[tuple[str, str], Ingredient] = {}
         for i in ingredients:
@@ -1120,6 +1124,9 @@ _UNITS_RE = re.compile(r"\b(\d+(?:\.\d+)?|one|two|three|four|five|six|half|a hal
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "half": 0.5, "a half": 0.5}
 
 
+_DRAFT_ELEMENTS_READ = frozenset({"resourceType", "id", "status", "intent", "subject", "authoredOn", "doNotPerform",
+                                  "medicationCodeableConcept", "medicationReference", "contained",
+                                  "dosageInstruction", "dispenseRequest"})
 _FOR_DURATION_RE = re.compile(r"\bfor\s+(\d{1,3}(?:\.\d)?)\s*(days?|weeks?|months?)\b", re.I)
 _DURATION_UNIT_DAYS = {"day": 1, "week": 7, "month": 30}
 

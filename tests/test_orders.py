@@ -303,3 +303,15 @@ def test_every_drug_the_prescribing_card_orders_has_a_verified_code_or_none():
     for name, draft in cat.orders["drafts"].items():
         if "code" in draft:
             assert draft["code"]["verified"] is True and draft["code"]["source"], name
+
+
+def test_the_sandboxs_draft_with_a_malformed_category_still_gets_its_card(server):
+    """The CDS Hooks sandbox sends `category` as an object (FHIR: a list); a draft is checked on what is
+    read from it, so the order still gets its card (and a malformed dosage still does not)."""
+    body = order_fixture("prednisone-10mg-90-days")
+    d = body["context"]["draftOrders"]["entry"][0]["resource"]
+    d["category"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
+                                 "code": "community"}]}
+    assert call(server, "", body).json()["cards"][0]["summary"].startswith("Prednisone 10 mg daily for 3 months")
+    d["dosageInstruction"][0]["timing"] = "daily"                  # an element we read, malformed: no exposure
+    assert call(server, "", body).json()["cards"] == []
