@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 FHIR_SERVER_DIR = tests/fhir_server
 
-.PHONY: run test install install-test fhir-server bench clean
+.PHONY: run test install install-test fhir-server browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test fhir-server
+install-test: $(VENV)/.installed-test fhir-server browser
 	tests/ensure_postgres.sh
+
+# Debian's Chromium for the real-browser suite (tests/e2e): Playwright drives it, no browser is downloaded
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # Medplum's in-memory FHIR server for the fallback tests (exact versions from the lockfile)
 fhir-server: $(FHIR_SERVER_DIR)/node_modules/.installed
