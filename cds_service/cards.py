@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from .catalog import Catalog
-from .engine import LATEST_RESULTS, Assessment, Finding
+from .engine import LATEST_RESULTS, Assessment, Finding, quiet_indicator
 
 _MD_SPECIAL = "\\`*_{}[]<>()#+!|~&"           # backslash first, so escapes are not escaped again
 # A word GFM renderers would turn into a link on their own (remark-gfm finds bare URLs, www. names and
@@ -82,7 +82,8 @@ class CardRenderer:
         if not a.card_due:
             return []
         firing, listed = a.triggering, a.listed
-        quiet = self.cat.settings.get("firing_policy", "standard") == "quiet"
+        known = a.known_before_treatment              # on therapy: causes recorded before it began are listed
+        quiet = quiet_indicator(self.cat.settings)
         if quiet:
             strong = any(f.warning for f in firing)          # info by default; warning where the policy says
         else:
@@ -90,9 +91,13 @@ class CardRenderer:
         gap = a.context.treatment_gap
         treated = bool(a.context.treatments) and not (quiet and strong)
         indicator = "treatment_gap" if gap else "on_treatment" if treated else "strong_cause" if strong else "otherwise"
+        if known:
+            firing, listed = [f for f in firing if f not in known], known + listed
+        summary = self.gap_summary(a, firing) if gap else self.treated_summary(a, firing, known) \
+            if a.context.courses else self.summary(firing)
         card = {
             "uuid": self.new_uuid(),
-            "summary": self.gap_summary(a, firing) if gap else self.summary(firing),
+            "summary": summary,
             "indicator": self.cfg["indicator"][indicator],
             "detail": self.detail(a, firing, listed),
             "source": {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])},
@@ -134,6 +139,26 @@ class CardRenderer:
             if len(text) <= cfg["max_length"]:
                 return text
         return cfg["gap_template_short"].format(bone=bone)
+
+    def treated_summary(self, a: Assessment, new: list[Finding], known: list[Finding]) -> str:
+        """On osteoporosis therapy: the causes that appeared since it began; else the next decision point;
+        else the causes known before it."""
+        cfg = self.cfg["summary"]
+        course = a.context.courses[0]
+        fields = {"drug": course.drug, "since": course.since.isoformat()[:7]}
+        limit = cfg["max_length"]
+        if not new and a.context.next_decision:
+            text = cfg["treated_decision"].format(decision=a.context.next_decision, **fields)
+            if len(text) <= limit:
+                return text
+        template = cfg["treated_new"] if new else cfg["treated_known"]
+        names = [self._short(f) for f in (new or known)]
+        for shown in range(len(names), 0, -1):
+            parts = names[:shown] + ([cfg["more"].format(n=len(names) - shown)] if shown < len(names) else [])
+            text = template.format(causes=", ".join(parts), **fields)
+            if len(text) <= limit:
+                return text
+        return text[: limit - 1] + "…"
 
     def _short(self, f: Finding) -> str:
         name = f.cause.short_name
@@ -274,7 +299,9 @@ class CardRenderer:
             return out
 
         bone = bool(ctx.osteoporosis or ctx.low_t_score or ctx.fractures)
-        tiers = pol.get("core", []) + (pol.get("extended", []) if bone else [])
+        # on therapy with no new cause since it began: monitoring labs only, not the secondary-cause search again
+        settled = bool(ctx.courses) and not ctx.treatment_gap and not firing
+        tiers = pol.get("core", []) + (pol.get("extended", []) if bone and not settled else [])
         baseline = [act for wid in tiers if allowed(wid) for act in actions(wid, cfg["baseline_action"])]
         out = []
         if baseline:

@@ -699,6 +699,8 @@ def _sample_detail_context() -> dict:
 _FORMAT_FIELDS = {
     ("summary", "template"): {"causes"}, ("summary", "template_short"): {"causes"}, ("summary", "more"): {"n"},
     ("summary", "gap_template"): {"bone", "causes"}, ("summary", "gap_template_short"): {"bone"},
+    ("summary", "treated_new"): {"drug", "since", "causes"}, ("summary", "treated_decision"): {"drug", "since", "decision"},
+    ("summary", "treated_known"): {"drug", "since", "causes"},
     ("context", "bone_diagnosis"): {"items"}, ("context", "dxa_recent"): {"date", "days"},
     ("context", "dxa_none"): {"days"}, ("context", "treatment_current"): {"items"},
     ("context", "treatment_since"): {"drug", "since"}, ("context", "next_decision"): {"text"},

@@ -32,6 +32,7 @@ class Finding:
     coded: bool = False              # a diagnosis or procedure code is among the evidence
     fires_alone: bool = True         # under the catalog's firing policy, for this patient
     warning: bool = False            # the quiet policy's warning condition holds
+    first_seen: date | None = None   # the earliest date among its evidence (read for treated patients)
 
     @property
     def references(self) -> list[str]:
@@ -98,6 +99,16 @@ class Assessment:
     @property
     def listed(self) -> list[Finding]:
         return [f for f in self.findings if not f.fires_alone]
+
+    @property
+    def known_before_treatment(self) -> list[Finding]:
+        """For a patient on osteoporosis therapy (and no treatment gap): the firing causes already on record
+        before the current therapy began. The card leads with those that appeared since."""
+        ctx = self.context
+        if not ctx.courses or ctx.treatment_gap:
+            return []
+        since = min(c.since for c in ctx.courses)
+        return [f for f in self.triggering if f.first_seen is not None and f.first_seen < since]
 
     @property
     def card_due(self) -> bool:
@@ -172,6 +183,12 @@ def observation_windows(catalog: Catalog) -> dict[str, int | None]:
             for code in group:
                 read(code, s.get("recent_workup_days", 365))
     return windows
+
+
+def quiet_indicator(settings: dict) -> bool:
+    """`info` by default and `warning` only where the causes' policy.quiet.warning says (the quiet firing
+    policy implies it)."""
+    return settings.get("indicator_policy", "standard") == "quiet" or settings.get("firing_policy") == "quiet"
 
 
 class Engine:
@@ -257,6 +274,10 @@ class Engine:
             findings = [f for f in findings if not found.intersection(f.cause.not_with)]
             for f in findings:
                 self._apply_policy(f, record, context, found)
+            if context.courses and findings:
+                dates = _dates_by_reference(record)
+                for f in findings:
+                    f.first_seen = min((dates[r] for r in f.references if r in dates), default=None)
         findings.sort(key=lambda f: (not f.fires_alone, _STRENGTH_ORDER[f.cause.strength],
                                      f.tier != "very_high", f.cause.id))
         return Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
@@ -265,8 +286,20 @@ class Engine:
         """Whether the finding fires the card on its own, and (quiet policy) whether it makes it a warning."""
         f.fires_alone = f.cause.fires_alone
         q = f.cause.quiet
-        if self.cat.settings.get("firing_policy", "standard") != "quiet" or not q:
+        if not q:
             return
+        if self.cat.settings.get("firing_policy", "standard") == "quiet":
+            f.fires_alone = self._fires_alone_quietly(f, q, rec, ctx, found)
+        if quiet_indicator(self.cat.settings):
+            when = q.get("warning")
+            f.warning = f.fires_alone and (
+                when == "always"
+                or (when == "no_recent_dxa" and (ctx.last_dxa is None or ctx.treatment_gap or f.tier == "very_high"))
+                or (when == "bone_treatment_context" and bool(ctx.kidney_caution)
+                    and (ctx.treatment_gap or bool(ctx.treatments))))
+
+    def _fires_alone_quietly(self, f: Finding, q: dict, rec: PatientRecord, ctx: BoneContext, found: set[str]) -> bool:
+        """The quiet firing policy: whether this cause fires the card on its own for this patient."""
         rule = q.get("fires_alone", True)
         if rule == "from_age":
             min_age = self.cat.settings.get("quiet_min_age_years", 50)
@@ -279,13 +312,7 @@ class Engine:
             refs = set(f.references)
             rule = any(i.name in q["unless_ingredients"] for m in rec.medications_by_cause.get(f.cause.id, ())
                        if m.reference in refs for i in m.ingredients)
-        f.fires_alone = bool(rule)
-        when = q.get("warning")
-        f.warning = f.fires_alone and (
-            when == "always"
-            or (when == "no_recent_dxa" and (ctx.last_dxa is None or ctx.treatment_gap or f.tier == "very_high"))
-            or (when == "bone_treatment_context" and bool(ctx.kidney_caution)
-                and (ctx.treatment_gap or bool(ctx.treatments))))
+        return bool(rule)
 
     # ------------------------------------------------------------------------------------------
     def _detect(self, cause: Cause, rec: PatientRecord, ctx: BoneContext) -> Finding | None:
@@ -873,6 +900,21 @@ def _union_days(intervals: list[tuple[date, date]]) -> int:
     if cur_e is not None:
         total += (cur_e - cur_s).days + 1
     return total
+
+
+def _dates_by_reference(rec: PatientRecord) -> dict[str, date]:
+    """When each record the engine read begins: onset, start of use, date of a result."""
+    out: dict[str, date] = {}
+    for c in rec.conditions + rec.procedures:
+        if c.when:
+            out[c.reference] = c.when
+    for m in rec.medications:
+        if m.start:
+            out[m.reference] = m.start
+    for results in rec.observations.values():
+        for m in results:
+            out.setdefault(m.reference, m.when)
+    return out
 
 
 def _same_concept(entries) -> list[list[CodedEntry]]:

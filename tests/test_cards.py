@@ -62,13 +62,36 @@ def test_every_fixture_response_is_valid_cds_hooks(service, rel):
             assert link["type"] == "absolute" and link["url"].startswith("https://") and "appContext" not in link
 
 
-def test_indicator_follows_cause_strength(service):
-    strong = Patient("ind1")
-    strong.condition(ICD, "M06.9", "Rheumatoid arthritis")
-    moderate = Patient("ind2")
-    moderate.condition(ICD, "J44.9", "COPD")
-    assert response_for(service, strong.bundle())[0]["cards"][0]["indicator"] == "warning"
-    assert response_for(service, moderate.bundle())[0]["cards"][0]["indicator"] == "info"
+def test_the_card_is_info_unless_the_quiet_indicator_policy_names_a_warning(service):
+    """scope.indicator_policy: quiet (the default): a strong cause alone (RA) is `info`; long-term
+    glucocorticoids with no DXA in 2 years, the primary hyperparathyroidism pattern and an untreated
+    fragility fracture are `warning`."""
+    ra = Patient("ind1")
+    ra.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    copd = Patient("ind2")
+    copd.condition(ICD, "J44.9", "COPD")
+    assert response_for(service, ra.bundle())[0]["cards"][0]["indicator"] == "info"
+    assert response_for(service, copd.bundle())[0]["cards"][0]["indicator"] == "info"
+    for rel in ("patients/glucocorticoids-positive.json", "patients/hyperparathyroidism-positive.json"):
+        assert response_for(service, load_fixture(rel))[0]["cards"][0]["indicator"] == "warning", rel
+    gc_with_dxa = Patient("ind3")
+    gc_with_dxa.med_request("predniSONE 5 MG Oral Tablet", "312617", start=180, dose=2, dose_unit="{tbl}",
+                            text="Take 2 tablets by mouth daily")
+    gc_with_dxa.procedure("http://www.ama-assn.org/go/cpt", "77080", "DXA bone density study, axial skeleton", 200)
+    assert response_for(service, gc_with_dxa.bundle())[0]["cards"][0]["indicator"] == "info"
+
+
+def test_the_standard_indicator_policy_warns_for_any_strong_cause(catalog):
+    from cds_service.catalog import load_catalog
+    cat = load_catalog()
+    cat.settings["indicator_policy"] = "standard"
+    loud = SecondaryOsteoporosis(Toolkit(cat, FhirClient()))
+    ra = Patient("ind4")
+    ra.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    copd = Patient("ind5")
+    copd.condition(ICD, "J44.9", "COPD")
+    assert response_for(loud, ra.bundle())[0]["cards"][0]["indicator"] == "warning"
+    assert response_for(loud, copd.bundle())[0]["cards"][0]["indicator"] == "info"
 
 
 def test_detail_shows_evidence_with_date_value_and_guideline_never_ids(service):
@@ -262,6 +285,34 @@ def test_a_treated_patient_is_told_when_and_what_next(service):
     _, a = response_for(service, den.bundle())
     due = (AS_OF - timedelta(days=200 - 183)).isoformat()
     assert a.context.next_decision.startswith(f"next denosumab dose due {due}: a delayed or missed dose causes rebound")
+
+
+def test_on_therapy_the_causes_that_appeared_since_lead_and_older_ones_are_listed(service):
+    """Issue 11: a treated patient's card names only the causes that appeared since therapy began; RA known
+    before alendronate is listed, the drug-holiday review leads, and the secondary-cause search is not
+    ordered again (monitoring labs only)."""
+    p = Patient("tr3", age=74)
+    _healed_hip_fracture(p, 2500)
+    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=3000)
+    p.med_request("alendronic acid 70 MG Oral Tablet", None, start=365 * 6, text="70 mg by mouth once a week")
+    body, a = response_for(service, p.bundle())
+    card = body["cards"][0]
+    since = (AS_OF - timedelta(days=365 * 6)).isoformat()[:7]
+    assert [f.cause.id for f in a.known_before_treatment] == ["rheumatoid_arthritis"]
+    assert card["summary"] == (f"On alendronate since {since}: 6 years of oral bisphosphonate: review fracture risk "
+                               "for a drug holiday.")
+    assert "Possible causes of secondary osteoporosis" not in card["detail"]
+    assert "- Rheumatoid arthritis: Rheumatoid arthritis, unspecified" in card["detail"]      # listed, with its date
+    orders = [act["description"] for s in card["suggestions"] for act in s["actions"]]
+    assert "Order PTH, intact" not in orders and "Order CBC" in orders
+    # a cause that appeared after alendronate began leads the card, with its tests
+    p.med_request("predniSONE 5 MG Oral Tablet", "312617", start=200, dose=2, dose_unit="{tbl}",
+                  text="Take 2 tablets by mouth daily")
+    body, a = response_for(service, p.bundle())
+    card = body["cards"][0]
+    assert card["summary"] == f"On alendronate since {since}; new since then: long-term glucocorticoids. Consider workup."
+    assert "**Systemic glucocorticoid therapy**" in card["detail"]
+    assert "Rheumatoid arthritis: Rheumatoid arthritis, unspecified" in card["detail"]
 
 
 def test_kidney_caution_shows_the_latest_egfr_before_antiresorptives(service):

@@ -1,10 +1,11 @@
-"""How many patients get a card, and how many of those cards are warnings, under each firing policy.
+"""How many patients get a card, and how many of those cards are warnings, under each policy.
 
     .venv/bin/python tools/card_share.py ../shared/dev-corpus [--policy standard|quiet|both]
 
 Reads a labelled corpus folder (labels.csv with file and as_of columns, bundles beside it) and evaluates
-every bundle on its own as-of date. This is the figure a site reviews before switching
-`scope.firing_policy` in cards/catalog.yaml.
+every bundle on its own as-of date, for `scope.firing_policy` x `scope.indicator_policy` in
+cards/catalog.yaml: standard/standard (every strong cause warns), standard/quiet (the default) and
+quiet/quiet (the clinical review's stricter firing). The figure a site reviews before switching.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from cds_service.fhir_client import FhirClient  # noqa: E402
 from cds_service.services import SecondaryOsteoporosis, Toolkit  # noqa: E402
 
 
-def share(corpus: Path, policy: str) -> dict:
+def share(corpus: Path, firing: str, indicator: str) -> dict:
     catalog = load_catalog()
-    catalog.settings["firing_policy"] = policy
+    catalog.settings["firing_policy"] = firing
+    catalog.settings["indicator_policy"] = indicator
     service = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
     counts: Counter = Counter()
     by_label: Counter = Counter()
@@ -42,7 +44,7 @@ def share(corpus: Path, policy: str) -> dict:
                 counts["with_card"] += 1
                 counts[cards[0]["indicator"]] += 1
                 by_label[row.get("should_alert", "?")] += 1
-    return {"policy": policy, **counts, "cards_by_label": dict(by_label)}
+    return {"policy": f"{firing}/{indicator}", **counts, "cards_by_label": dict(by_label)}
 
 
 def main() -> int:
@@ -50,11 +52,15 @@ def main() -> int:
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--policy", choices=("standard", "quiet", "both"), default="both")
     args = ap.parse_args()
-    for policy in (("standard", "quiet") if args.policy == "both" else (args.policy,)):
-        r = share(args.corpus, policy)
+    combos = {"standard": [("standard", "standard"), ("standard", "quiet")], "quiet": [("quiet", "quiet")]}
+    chosen = combos["standard"] + combos["quiet"] if args.policy == "both" else combos[args.policy]
+    print("firing/indicator policy")
+    for firing, indicator in chosen:
+        r = share(args.corpus, firing, indicator)
+        policy = r["policy"]
         n, cards = r["patients"], r.get("with_card", 0)
         warn = r.get("warning", 0)
-        print(f"{policy:8s} patients {n}, with a card {cards} ({cards / n:.0%}), warning {warn} "
+        print(f"{policy:17s} patients {n}, with a card {cards} ({cards / n:.0%}), warning {warn} "
               f"({warn / cards if cards else 0:.0%} of cards), cards by label {r['cards_by_label']}")
     return 0
 
