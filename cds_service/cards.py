@@ -188,6 +188,10 @@ class CardRenderer:
         dxa = ctx_cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days) if ctx.last_dxa \
             else ctx_cfg["dxa_pregnant"] if ctx.pregnant and self.policy.get("no_dxa_when_pregnant") \
             else ctx_cfg["dxa_none"].format(days=days)
+        if ctx.latest_frax:
+            dxa += " " + ctx_cfg["frax_recent"].format(value=ctx.latest_frax[0], date=ctx.latest_frax[1].isoformat())
+        elif not ctx.courses and a.record.age is not None and a.record.age >= 40 and not ctx.pregnant:
+            dxa += " " + ctx_cfg["frax_none"].format(days=days)
         if ctx.courses:
             c = ctx.courses[0]
             treatment = ctx_cfg["treatment_current"].format(
@@ -321,8 +325,9 @@ class CardRenderer:
                             "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         if ctx.last_dxa is None and not (ctx.pregnant and pol.get("no_dxa_when_pregnant")):
             gc = any(f.cause.id == "glucocorticoids" for f in firing)
-            item = self.workup["wk_vfa" if gc else "wk_dxa"]
-            label = cfg["dxa_vfa_label" if gc else "dxa_label"]
+            iscd = not gc and self._vfa_by_age_and_t_score(a)
+            item = self.workup["wk_vfa" if gc or iscd else "wk_dxa"]
+            label = cfg["dxa_vfa_label" if gc else "dxa_vfa_iscd_label" if iscd else "dxa_label"]
             order = cfg["baseline_action"]
             acts = [self._action(order.format(label=self.order_labels[c]), c, patient_ref) for c in item["order"]]
             if found.intersection(pol.get("forearm_dxa_for", ())) and pol.get("forearm_dxa_order"):
@@ -330,6 +335,16 @@ class CardRenderer:
                 acts.append(self._action(order.format(label=self.order_labels[code]), code, patient_ref))
             out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
+
+    def _vfa_by_age_and_t_score(self, a: Assessment) -> bool:
+        """ISCD 2023: vertebral fracture assessment with the DXA for a T-score below -1.0 at age >= 70 (women)
+        or >= 80 (men) (workup_policy.vfa)."""
+        rule = self.policy.get("vfa")
+        t = a.context.latest_t_score
+        if not rule or t is None or t[0] >= rule["t_score_below"] or a.record.age is None:
+            return False
+        min_age = rule["min_age"].get(a.record.sex or "")
+        return min_age is not None and a.record.age >= min_age
 
     def _action(self, description: str, code: str, patient_ref: str) -> dict:
         c = self.codes[code]

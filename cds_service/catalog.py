@@ -456,6 +456,8 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
     for key in ("treatment_gap", "kidney_caution", "treatment_review"):
         for c in detection.get(key, {}).get("citations", []):
             _require(c in citations, f"detection.yaml {key}", f"unknown citation {c}")
+    for c in pol.get("citations", []) + pol.get("vfa", {}).get("citations", []):
+        _require(c in citations, where, f"unknown citation {c}")
     short_names = card_cfg.get("short_names", {})
     causes: dict[str, Cause] = {}
     for entry in raw["causes"]["causes"]:
@@ -704,7 +706,8 @@ _FORMAT_FIELDS = {
     ("context", "bone_diagnosis"): {"items"}, ("context", "dxa_recent"): {"date", "days"},
     ("context", "dxa_none"): {"days"}, ("context", "treatment_current"): {"items"},
     ("context", "treatment_since"): {"drug", "since"}, ("context", "next_decision"): {"text"},
-    ("context", "latest_t_score"): {"value", "site", "date"}, ("context", "latest_results"): {"items"},
+    ("context", "latest_t_score"): {"value", "site", "date"}, ("context", "frax_recent"): {"value", "date"},
+    ("context", "frax_none"): {"days"}, ("context", "latest_results"): {"items"},
     ("context", "no_results"): {"days"}, ("context", "workup_done"): {"days", "items"},
     ("context", "workup_none_done"): {"days"}, ("kidney", "latest"): {"value", "date"},
     ("kidney", "caution"): {"guidelines"}, ("suggestions", "baseline_label"): {"n"},

@@ -68,6 +68,7 @@ class BoneContext:
     next_decision: str | None = None                                 # drug holiday review, denosumab dose due
     workup_done: dict[str, Evidence] = field(default_factory=dict)
     latest_egfr: tuple[float, date, str] | None = None               # (value, date, reference)
+    latest_frax: tuple[float, date] | None = None                    # FRAX major osteoporotic, % (2 years)
     kidney_caution: list[Evidence] = field(default_factory=list)     # why antiresorptives need care
     pregnant: Evidence | None = None
 
@@ -167,7 +168,7 @@ def observation_windows(catalog: Catalog) -> dict[str, int | None]:
             read(code, None)
     s = catalog.settings
     det = catalog.detection
-    for k in ("t_score", "z_score", "bmd_area_density", "study"):
+    for k in ("t_score", "z_score", "bmd_area_density", "study", "frax"):
         for c in det["existing_dxa"].get(k, []):
             # the latest T-score is read however old (untreated osteoporosis); the rest for DXA recency
             read(c["code"], None if k == "t_score" else s.get("recent_dxa_days", 730))
@@ -212,6 +213,8 @@ class Engine:
         self.fracture_min_age = {c["code"]: c["min_age_at_onset"] for cs in det["index_conditions"].values()
                                  for c in cs if "min_age_at_onset" in c}
         self.t_score_loincs = {c["code"] for c in det["existing_dxa"].get("t_score", [])}
+        self.frax_loincs = [c["code"] for c in det["existing_dxa"].get("frax", []) if c.get("verified")
+                            and "major" in c.get("display", "").lower()]
         self.t_score_names = {c["code"]: c.get("display", "") for c in det["existing_dxa"].get("t_score", [])}
         self.kidney_codes = {c["code"] for c in catalog.section_codes("kidney_caution")}
         self.pregnancy_codes = {c["code"] for c in catalog.section_codes("pregnancy")}
@@ -813,6 +816,9 @@ class Engine:
                 candidates.append((p.when, Evidence(p.reference, f"DXA on {p.when.isoformat()}")))
         if candidates:
             ctx.last_dxa, ctx.dxa_evidence = max(candidates, key=lambda x: x[0])
+        frax = self._newest_result(rec, self.frax_loincs, dxa_since)
+        if frax is not None and frax.value is not None:
+            ctx.latest_frax = (frax.value, frax.when)
         t_since = rec.as_of - timedelta(days=s.get("treatment_lookback_days", 365))
         for m in rec.medications:
             names = [i.name for i in m.ingredients if i.cause_id == "osteoporosis_treatment"]

@@ -479,3 +479,24 @@ def ra_only() -> dict:
     p = Patient("ovr1", age=66)
     p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
     return p.bundle()
+
+
+def test_vertebral_fracture_assessment_follows_iscd_and_frax_is_asked_for(service):
+    """ISCD 2023: VFA with the DXA for a T-score below -1.0 from 70 (women); a woman of 64 with the same
+    T-score gets a plain DXA. From age 40 the card asks for FRAX unless one is on record within 2 years."""
+    def woman(pid, age, frax=None):
+        p = Patient(pid, age=age)
+        p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=900)
+        p.obs("38263-0", "DXA Femur [T-score] Bone density", -1.6, "{T-score}", 1100, category="imaging")
+        if frax is not None:
+            p.obs("90265-0", "Major osteoporotic fracture 10-year probability [Likelihood] Fracture Risk Assessment",
+                  frax, "%", 100)
+        return response_for(service, p.bundle())[0]["cards"][0]
+
+    old = woman("vfa1", 74)
+    assert "Order DXA with vertebral fracture assessment (age and T-score, ISCD)" in [s["label"] for s in old["suggestions"]]
+    assert "No FRAX in the last 730 days: calculate the 10-year fracture probability" in old["detail"]
+    young = woman("vfa2", 64, frax=12.4)
+    assert "Order DXA bone density scan" in [s["label"] for s in young["suggestions"]]
+    day = (AS_OF - timedelta(days=100)).isoformat()
+    assert f"FRAX 10-year major osteoporotic fracture probability 12% on {day}." in young["detail"]
