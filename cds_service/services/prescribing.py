@@ -54,8 +54,10 @@ class BoneProtectionAtOrderSign(CdsService):
 class BoneProtectionAtOrderSelect(BoneProtectionAtOrderSign):
     id = "bone-protection-order-select"
     hook = "order-select"
-    description = ("As the order is selected, before it is signed: " +
-                   BoneProtectionAtOrderSign.description[0].lower() + BoneProtectionAtOrderSign.description[1:])
+    description = ("As a systemic glucocorticoid course of 3 months or more (with what is already on record), an "
+                   "aromatase inhibitor or androgen deprivation is selected, before it is signed: the ACR 2022 "
+                   "fracture-risk stratum, a baseline DXA, calcium and vitamin D, and, where every safety check "
+                   "holds, an oral bisphosphonate to consider.")
 
     def check_context(self, context: dict) -> None:
         super().check_context(context)
