@@ -1,6 +1,7 @@
 """HTTP endpoints: discovery, the patient-view service, feedback, health; errors as OperationOutcome."""
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -178,15 +179,24 @@ def feedback(service_id: str):
 
 def _remember_issued(cards: list[dict]) -> None:
     """Note every card handed out, so that feedback is taken only for cards this service issued. Best
-    effort within half a second: the card matters more than the note."""
+    effort within half a second: the card matters more than the note. Every PRUNE_EVERY cards, notes
+    older than the feedback window are dropped (the table does not grow for ever)."""
     if not cards:
         return
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(timezone.utc)
+    store = _cds()["feedback"]
     try:
         for card in cards:
-            _cds()["feedback"].call("record_issued", card["uuid"], "", "[]", now, timeout=0.5)
+            store.call("record_issued", card["uuid"], "", "[]", now.isoformat(), timeout=0.5)
+        if next(_issued_count) % PRUNE_EVERY == 0:
+            days = _cds()["settings"].feedback_days + 1
+            store.call("forget_issued_before", (now - timedelta(days=days)).isoformat(), timeout=0.5)
     except StoreUnavailable:
         log.warning("issued card not recorded: store unavailable", extra={"event": "issued_store_error"})
+
+
+PRUNE_EVERY = 1000
+_issued_count = itertools.count(1)
 
 
 bench_bp = Blueprint("bench", __name__)

@@ -195,6 +195,10 @@ class SQLiteFeedbackStore:
                                        " AND issued_at >= ?", [*card_uuids, since]).fetchall()
         return {r[0] for r in rows}
 
+    def forget_issued_before(self, before: str) -> int:
+        """Drop the notes of cards issued before `before`: feedback on them is no longer taken."""
+        return self.notes.connection().execute("DELETE FROM issued_cards WHERE issued_at < ?", (before,)).rowcount
+
     def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
         row = self._connect().execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = ?",
                                       (card_uuid,)).fetchone()
@@ -348,6 +352,14 @@ class PostgresFeedbackStore:
                             (card_uuids, since))
                 return {r[0] for r in cur.fetchall()}
         return self._run(select)
+
+    def forget_issued_before(self, before: str) -> int:
+        """Drop the notes of cards issued before `before`: feedback on them is no longer taken."""
+        def delete(conn):
+            with conn.cursor() as cur:
+                cur.execute("DELETE FROM issued_cards WHERE issued_at < %s", (before,))
+                return cur.rowcount
+        return self._run(delete)
 
     def issued_card(self, card_uuid: str) -> tuple[str, str] | None:
         row = self._execute("SELECT patient_key, signature FROM issued_cards WHERE card_uuid = %s", (card_uuid,), True)

@@ -226,6 +226,16 @@ def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_win
     is_outcome(client.post(FEEDBACK, json={"feedback": [{**OVERRIDDEN, "card": "old-card"}]}), 404)
 
 
+def test_notes_of_cards_older_than_the_feedback_window_are_dropped(app, client, monkeypatch):
+    from cds_service import api
+    monkeypatch.setattr(api, "PRUNE_EVERY", 1)
+    issue_cards(app, "ancient", days_ago=40)
+    card = client.post(SERVICE_URL, json=fixture_request("patients/sle-positive.json")).get_json()["cards"][0]
+    store = app.extensions["cds"]["feedback"]
+    assert store.issued_since(["ancient", card["uuid"], ACCEPTED["card"]], "2000-01-01T00:00:00+00:00") == \
+        {card["uuid"], ACCEPTED["card"]}
+
+
 def test_feedback_is_persisted_by_card_uuid(app, client):
     resp = client.post(FEEDBACK, json={"feedback": [ACCEPTED, OVERRIDDEN, {**ACCEPTED, "card": "c" * 8}]})
     assert resp.status_code == 200 and resp.get_json() == {"stored": 3, "received": 3}
