@@ -62,16 +62,19 @@ def test_every_fixture_response_is_valid_cds_hooks(service, rel):
             assert link["type"] == "absolute" and link["url"].startswith("https://") and "appContext" not in link
 
 
+def _indicators(service) -> tuple[str, str]:
+    """The indicator of an RA-only (strong cause) and a COPD-only (moderate cause) card."""
+    ra, copd = Patient("ind-ra"), Patient("ind-copd")
+    ra.condition(ICD, "M06.9", "Rheumatoid arthritis")
+    copd.condition(ICD, "J44.9", "COPD")
+    return tuple(response_for(service, p.bundle())[0]["cards"][0]["indicator"] for p in (ra, copd))
+
+
 def test_the_card_is_info_unless_the_quiet_indicator_policy_names_a_warning(service):
     """scope.indicator_policy: quiet (the default): a strong cause alone (RA) is `info`; long-term
-    glucocorticoids with no DXA in 2 years, the primary hyperparathyroidism pattern and an untreated
-    fragility fracture are `warning`."""
-    ra = Patient("ind1")
-    ra.condition(ICD, "M06.9", "Rheumatoid arthritis")
-    copd = Patient("ind2")
-    copd.condition(ICD, "J44.9", "COPD")
-    assert response_for(service, ra.bundle())[0]["cards"][0]["indicator"] == "info"
-    assert response_for(service, copd.bundle())[0]["cards"][0]["indicator"] == "info"
+    glucocorticoids with no DXA in 2 years and the primary hyperparathyroidism pattern are `warning`,
+    glucocorticoids with a recent DXA are not."""
+    assert _indicators(service) == ("info", "info")
     for rel in ("patients/glucocorticoids-positive.json", "patients/hyperparathyroidism-positive.json"):
         assert response_for(service, load_fixture(rel))[0]["cards"][0]["indicator"] == "warning", rel
     gc_with_dxa = Patient("ind3")
@@ -81,17 +84,11 @@ def test_the_card_is_info_unless_the_quiet_indicator_policy_names_a_warning(serv
     assert response_for(service, gc_with_dxa.bundle())[0]["cards"][0]["indicator"] == "info"
 
 
-def test_the_standard_indicator_policy_warns_for_any_strong_cause(catalog):
+def test_the_standard_indicator_policy_warns_for_any_strong_cause():
     from cds_service.catalog import load_catalog
     cat = load_catalog()
     cat.settings["indicator_policy"] = "standard"
-    loud = SecondaryOsteoporosis(Toolkit(cat, FhirClient()))
-    ra = Patient("ind4")
-    ra.condition(ICD, "M06.9", "Rheumatoid arthritis")
-    copd = Patient("ind5")
-    copd.condition(ICD, "J44.9", "COPD")
-    assert response_for(loud, ra.bundle())[0]["cards"][0]["indicator"] == "warning"
-    assert response_for(loud, copd.bundle())[0]["cards"][0]["indicator"] == "info"
+    assert _indicators(SecondaryOsteoporosis(Toolkit(cat, FhirClient()))) == ("warning", "info")
 
 
 def test_detail_shows_evidence_with_date_value_and_guideline_never_ids(service):
