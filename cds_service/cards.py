@@ -220,7 +220,7 @@ class CardRenderer:
             kidney = SimpleNamespace(
                 latest=md(latest), evidence=[md(e.text) for e in ctx.kidney_caution[:3]],
                 caution=md(kcfg["caution"].format(
-                    guidelines=self._citation_names(self.cat.detection["kidney_caution"]["citations"]))))
+                    guidelines=self.citation_names(self.cat.detection["kidney_caution"]["citations"]))))
         wdays = s.get("recent_workup_days", 365)
         done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
         workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
@@ -228,7 +228,7 @@ class CardRenderer:
         # template variables as attributes: Jinja looks attributes up first, dict keys only after a miss
         listed_view = [SimpleNamespace(label=self._label_md[f.cause.id], evidence=[md(e.text) for e in f.evidence])
                        for f in listed]
-        results = [f"{label} {value} ({day})" for label, value, day in self._latest_results(a)]
+        results = [f"{label} {value} ({day})" for label, value, day in self.latest_results(a)]
         results_line = ctx_cfg["latest_results"].format(items="; ".join(results)) if results \
             else ctx_cfg["no_results"].format(days=s.get("latest_results_days", 730))
         text = self.cat.templates["detail"].render(
@@ -238,7 +238,7 @@ class CardRenderer:
             text = text.replace("\n\n\n", "\n\n")
         return text.strip()
 
-    def _latest_results(self, a: Assessment) -> list[tuple[str, str, str]]:
+    def latest_results(self, a: Assessment) -> list[tuple[str, str, str]]:
         """The numbers a clinician checks before bone treatment: eGFR, calcium, 25-OH D, ALP (newest, 2 years)."""
         rec = a.record
         since = rec.as_of - timedelta(days=self.cat.settings.get("latest_results_days", 730))
@@ -260,7 +260,7 @@ class CardRenderer:
             out = self._guidelines_cache[key] = ", ".join(md(self._citation_name(c)) for c in citations)
         return out
 
-    def _citation_names(self, citations: list[str]) -> str:
+    def citation_names(self, citations: list[str]) -> str:
         return ", ".join(self._citation_name(c) for c in citations)
 
     def _citation_name(self, cid: str) -> str:
@@ -293,12 +293,12 @@ class CardRenderer:
             for code in self.workup[wid]["order"]:
                 if code not in ordered:
                     ordered.add(code)
-                    out.append(self._action(template.format(label=self.order_labels[code]), code, patient_ref))
+                    out.append(self.service_request(template.format(label=self.order_labels[code]), code, patient_ref))
             if wid in pol.get("with_calcium", ()) and "wk_cmp" not in ctx.workup_done and pol.get("calcium_order"):
                 pass                               # the CMP on this card carries the calcium
             elif wid in pol.get("with_calcium", ()) and pol.get("calcium_order") and pol["calcium_order"] not in ordered:
                 ordered.add(pol["calcium_order"])
-                out.append(self._action(template.format(label=self.order_labels[pol["calcium_order"]]),
+                out.append(self.service_request(template.format(label=self.order_labels[pol["calcium_order"]]),
                                         pol["calcium_order"], patient_ref))
             return out
 
@@ -329,10 +329,10 @@ class CardRenderer:
             item = self.workup["wk_vfa" if gc or iscd else "wk_dxa"]
             label = cfg["dxa_vfa_label" if gc else "dxa_vfa_iscd_label" if iscd else "dxa_label"]
             order = cfg["baseline_action"]
-            acts = [self._action(order.format(label=self.order_labels[c]), c, patient_ref) for c in item["order"]]
+            acts = [self.service_request(order.format(label=self.order_labels[c]), c, patient_ref) for c in item["order"]]
             if found.intersection(pol.get("forearm_dxa_for", ())) and pol.get("forearm_dxa_order"):
                 code = pol["forearm_dxa_order"]
-                acts.append(self._action(order.format(label=self.order_labels[code]), code, patient_ref))
+                acts.append(self.service_request(order.format(label=self.order_labels[code]), code, patient_ref))
             out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
 
@@ -346,7 +346,7 @@ class CardRenderer:
         min_age = rule["min_age"].get(a.record.sex or "")
         return min_age is not None and a.record.age >= min_age
 
-    def _action(self, description: str, code: str, patient_ref: str) -> dict:
+    def service_request(self, description: str, code: str, patient_ref: str) -> dict:
         c = self.codes[code]
         return {
             "type": "create",

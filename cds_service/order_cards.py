@@ -66,7 +66,7 @@ class OrderCardRenderer:
         if ctx.fractures:
             context.append(cfg["fractures"].format(items="; ".join(e.text for e in ctx.fractures[:3])))
         context.append(cfg["no_treatment"])
-        results = [f"{label} {value} ({day})" for label, value, day in self.shared._latest_results(a)]
+        results = [f"{label} {value} ({day})" for label, value, day in self.shared.latest_results(a)]
         if results:
             context.append(cfg["results"].format(items="; ".join(results)))
         kidney = None
@@ -75,7 +75,7 @@ class OrderCardRenderer:
             latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
                 if ctx.latest_egfr else kcfg["none"]
             kidney = SimpleNamespace(latest=md(latest), caution=md(kcfg["caution"].format(
-                guidelines=self.shared._citation_names(self.cat.detection["kidney_caution"]["citations"]))))
+                guidelines=self.shared.citation_names(self.cat.detection["kidney_caution"]["citations"]))))
         risk = None
         if d.risk is not None:
             risk = SimpleNamespace(label=md(d.risk.label), reasons=[md(r) for r in d.risk.reasons])
@@ -95,12 +95,12 @@ class OrderCardRenderer:
             gc = any(o.trigger.get("risk") == "glucocorticoid" for o in d.ordered)
             item = self.shared.workup[d.lead.trigger["dxa_workup"] if not gc else "wk_vfa"]
             label = sug_cfg["dxa_vfa_label" if gc else "dxa_label"]
-            acts = [self.shared._action(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
+            acts = [self.shared.service_request(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
                     for c in item["order"]]
             out.append({"label": label, "uuid": self.shared.new_uuid(), "isRecommended": True, "actions": acts})
         if "wk_25ohd" not in ctx.workup_done:
             item = self.shared.workup["wk_25ohd"]
-            acts = [self.shared._action(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
+            acts = [self.shared.service_request(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
                     for c in item["order"]]
             out.append({"label": sug_cfg["directed_label"].format(label=item["label"]), "uuid": self.shared.new_uuid(),
                         "isRecommended": True, "actions": acts})
