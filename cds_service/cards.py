@@ -245,7 +245,7 @@ class CardRenderer:
         out = []
         for label, group, fmt in LATEST_RESULTS:
             codes = self.cat.loinc_groups.get(group, [])
-            m = next((m for m in rec.results(codes, since) if m.when <= rec.as_of and m.value is not None), None)
+            m = rec.newest(codes, since, valued=True)
             if m is not None:
                 out.append((label, fmt.format(m.value), m.when.isoformat()))
         return out

@@ -741,10 +741,6 @@ class Engine:
         return age is not None and age >= min(limits)
 
     @staticmethod
-    def _newest_result(rec: PatientRecord, codes: list[str], since: date) -> Measurement | None:
-        return next((m for m in rec.results(codes, since) if m.when <= rec.as_of), None)
-
-    @staticmethod
     def _add_course(ctx: BoneContext, drug: str, m: MedicationExposure, rec: PatientRecord) -> None:
         last = min(m.end or m.start, rec.as_of) if not m.single_dose else m.start
         for c in ctx.courses:
@@ -799,7 +795,7 @@ class Engine:
                 ctx.kidney_caution.append(Evidence(p.reference, _coded_text(p)))
                 break
         egfr_since = rec.as_of - timedelta(days=kc.get("egfr_lookback_days", 730))
-        egfr = _newest_with_value([m for m in rec.results(self.egfr_loincs, egfr_since) if m.when <= rec.as_of])
+        egfr = rec.newest(self.egfr_loincs, egfr_since, valued=True)
         if egfr is not None:
             ctx.latest_egfr = (egfr.value, egfr.when, egfr.reference)
             if "egfr_below" in kc and egfr.value < kc["egfr_below"]:
@@ -816,8 +812,8 @@ class Engine:
                 candidates.append((p.when, Evidence(p.reference, f"DXA on {p.when.isoformat()}")))
         if candidates:
             ctx.last_dxa, ctx.dxa_evidence = max(candidates, key=lambda x: x[0])
-        frax = self._newest_result(rec, self.frax_loincs, dxa_since)
-        if frax is not None and frax.value is not None:
+        frax = rec.newest(self.frax_loincs, dxa_since, valued=True)
+        if frax is not None:
             ctx.latest_frax = (frax.value, frax.when)
         t_since = rec.as_of - timedelta(days=s.get("treatment_lookback_days", 365))
         for m in rec.medications:
@@ -838,7 +834,7 @@ class Engine:
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
         for item_id, groups in self.key_components.items():
             label = self.workup_labels[item_id]
-            newest = [self._newest_result(rec, codes, w_since) for codes in [self.panel_codes[item_id]] + groups]
+            newest = [rec.newest(codes, w_since) for codes in [self.panel_codes[item_id]] + groups]
             if newest[0] is None and all(newest[1:]):
                 newest[0] = max(newest[1:], key=attrgetter("when"))
             if newest[0] is not None:

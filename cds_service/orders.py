@@ -198,8 +198,7 @@ class ProtectionAdvisor:
         return failed
 
     def _latest(self, rec: PatientRecord, group: str, since):
-        codes = self.cat.loinc_groups.get(group, [])
-        return next((m for m in rec.results(codes, since) if m.when <= rec.as_of and m.value is not None), None)
+        return rec.newest(self.cat.loinc_groups.get(group, []), since, valued=True)
 
 
 def current_problems(prefetch: dict, statuses: dict) -> list[str]:

@@ -348,7 +348,6 @@ class PatientRecord:
     superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
     skipped_implausible: int = 0     # results read with a value no real measurement could have
     malformed_dates: int = 0         # resources kept with a malformed date left out (the date is not read)
-    planned: list[MedicationExposure] = field(default_factory=list)   # draft orders (also in `medications`)
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -417,6 +416,17 @@ class PatientRecord:
             return None
         b = self.birth_date
         return day.year - b.year - ((day.month, day.day) < (b.month, b.day))
+
+    @property
+    def planned(self) -> list[MedicationExposure]:
+        """The draft orders being placed (order-select, order-sign), as read into `medications`."""
+        return [m for m in self.medications if m.planned]
+
+    def newest(self, loincs: Iterable[str], since: date | None = None, valued: bool = False) -> Measurement | None:
+        """The newest result of these codes on or before `as_of` (and since `since`); with `valued`, the
+        newest that has a usable value."""
+        return next((m for m in self.results(loincs, since)
+                     if m.when <= self.as_of and (not valued or m.value is not None)), None)
 
     def results(self, loincs: Iterable[str], since: date | None = None) -> list[Measurement]:
         out: list[Measurement] = []
@@ -521,7 +531,7 @@ class RecordBuilder:
         `failed_keys` (the caller fetches it from the FHIR server instead).
 
         `drafts`: MedicationRequests being ordered (order-select, order-sign), read as planned
-        exposures from their start (today when they name none) and listed in `rec.planned`."""
+        exposures from their start (today when they name none): `rec.planned`."""
         rec = PatientRecord(patient_id=patient_id, as_of=as_of, known_valid=self.known_valid,
                             read_from=self._cutoffs(as_of))
         batches: dict[str, list[dict]] = {rt: [] for rt in self._readers}
@@ -558,12 +568,9 @@ class RecordBuilder:
                 read(rec, batches[rt], medications)
         for res in drafts:
             try:
-                exposure = self._medication(rec, res, medications, planned=True)
+                self._medication(rec, res, medications, planned=True)
             except _MALFORMED:
                 rec.skipped_invalid += 1
-                continue
-            if exposure is not None:
-                rec.planned.append(exposure)
         if rec.closed_concepts:
             _reconcile(rec)
         rec.resources_seen = others + sum(map(len, batches.values()))
@@ -799,9 +806,8 @@ class RecordBuilder:
         return None, ""        # unknown unit: never guess
 
     # ---- Medications ----------------------------------------------------------------------------
-    def _medication(self, rec: PatientRecord, res: dict, medications: dict[str, dict],
-                    planned: bool = False) -> MedicationExposure | None:
-        """Read one medication record as an exposure (None when it names no cause or does not count).
+    def _medication(self, rec: PatientRecord, res: dict, medications: dict[str, dict], planned: bool = False) -> None:
+        """Read one medication record as an exposure, when it names a cause and counts.
         `planned`: a draft order being signed, read as the course it would start."""
         rt = res["resourceType"]
         concept = res.get("medicationCodeableConcept")
@@ -877,14 +883,12 @@ class RecordBuilder:
             if note == "frequency not recorded, once daily assumed":
                 per_day, note = 1.0, "single dose"
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
-        exposure = MedicationExposure(
+        rec.medications.append(MedicationExposure(
             reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, as_needed=as_needed,
-            single_dose=single, planned=planned)
-        rec.medications.append(exposure)
-        return exposure
+            single_dose=single, planned=planned))
 
     def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
         """What a medication names: by code, else by name in its text."""
@@ -919,9 +923,7 @@ class RecordBuilder:
                     end = max(filter(None, [end, parse_date(vp.get("end"))]), default=None)
             supply = _duration_days(dr["expectedSupplyDuration"]) if isinstance(dr.get("expectedSupplyDuration"), dict) else None
             if supply and start:
-                repeats = dr.get("numberOfRepeatsAllowed")
-                repeats = repeats if isinstance(repeats, int) and 0 <= repeats < 100 else 0
-                end = max(filter(None, [end, start + timedelta(days=supply * (1 + repeats) - 1)]), default=None)
+                end = max(filter(None, [end, start + timedelta(days=supply * (1 + _repeats(dr)) - 1)]), default=None)
             ongoing = status in ("active", "on-hold", "unknown", None)
         elif rt == "MedicationStatement":
             ep = res.get("effectivePeriod") if isinstance(res.get("effectivePeriod"), dict) else {}
@@ -975,7 +977,7 @@ class RecordBuilder:
                     mg = value / 1000
                 elif unit in ("ml", "milliliter") and _concentration_mg_per_ml(med_text):
                     mg = value * _concentration_mg_per_ml(med_text)
-                elif strength is not None and (unit == "" or re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit)):
+                elif strength is not None and (unit == "" or _TABLET_UNIT.search(unit)):
                     mg = value * strength
             f = self._frequency(d)
             if f is not None:
@@ -1005,8 +1007,6 @@ class RecordBuilder:
         (tablets, or mg) over the daily use, times one plus its refills; else "for N days/weeks/months"
         in the dosage text; else one day (a course whose length the order does not say)."""
         dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
-        repeats = dr.get("numberOfRepeatsAllowed")
-        repeats = repeats if isinstance(repeats, int) and not isinstance(repeats, bool) and 0 <= repeats < 100 else 0
         qty = dr.get("quantity") if isinstance(dr.get("quantity"), dict) else {}
         value = _number(qty.get("value"), None)
         if value and value > 0 and per_day:
@@ -1014,13 +1014,13 @@ class RecordBuilder:
             strength = _strength_mg(med_text)
             per_dose_units = None
             if unit in ("mg", "milligram", "milligrams"):
-                value, per_dose_units = value, mg_per_dose
-            elif unit == "" or re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit):
+                per_dose_units = mg_per_dose
+            elif unit == "" or _TABLET_UNIT.search(unit):
                 per_dose_units = _dose_units(dosages) or (mg_per_dose / strength if mg_per_dose and strength else None)
             if per_dose_units:
                 days = value / (per_dose_units * per_day)
                 if 1 <= days <= 3650:
-                    return round(days) * (1 + repeats)
+                    return round(days) * (1 + _repeats(dr))
         m = _FOR_DURATION_RE.search(dosage_text or "")
         if m:
             n = float(m.group(1))
@@ -1124,11 +1124,19 @@ _UNITS_RE = re.compile(r"\b(\d+(?:\.\d+)?|one|two|three|four|five|six|half|a hal
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "half": 0.5, "a half": 0.5}
 
 
+# a dose or quantity unit that counts tablets, capsules or the like (UCUM annotations and EHR words)
+_TABLET_UNIT = re.compile(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill")
 _DRAFT_ELEMENTS_READ = frozenset({"resourceType", "id", "status", "intent", "subject", "authoredOn", "doNotPerform",
                                   "medicationCodeableConcept", "medicationReference", "contained",
                                   "dosageInstruction", "dispenseRequest"})
 _FOR_DURATION_RE = re.compile(r"\bfor\s+(\d{1,3}(?:\.\d)?)\s*(days?|weeks?|months?)\b", re.I)
 _DURATION_UNIT_DAYS = {"day": 1, "week": 7, "month": 30}
+
+
+def _repeats(dispense: dict) -> int:
+    """dispenseRequest.numberOfRepeatsAllowed when it is a plausible count, else 0."""
+    n = dispense.get("numberOfRepeatsAllowed")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 100 else 0
 
 
 def _dose_units(dosages: list[dict]) -> float | None:
@@ -1139,7 +1147,7 @@ def _dose_units(dosages: list[dict]) -> float | None:
             if isinstance(q, dict):
                 unit = str(q.get("code") or q.get("unit") or "").lower()
                 value = _number(q.get("value"), None)
-                if value and re.search(r"tab|cap|\{tbl\}|\{cap\}|^1$|each|pill", unit):
+                if value and _TABLET_UNIT.search(unit):
                     return value
     return None
 
