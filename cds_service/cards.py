@@ -100,7 +100,7 @@ class CardRenderer:
             "summary": summary,
             "indicator": self.cfg["indicator"][indicator],
             "detail": self.detail(a, firing, listed),
-            "source": {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])},
+            "source": self.source(),
         }
         suggestions = self.suggestions(a, firing)
         if suggestions:
@@ -212,15 +212,7 @@ class CardRenderer:
                                   evidence=[md(e.text) for e in shown[:4]],
                                   options=md(self.cfg["treatment_gap"]["options"]),
                                   guidelines=self._guidelines_md(self.cat.detection["treatment_gap"]["citations"]))
-        kidney = None
-        if ctx.kidney_caution:
-            kcfg = self.cfg["kidney"]
-            latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
-                if ctx.latest_egfr else kcfg["none"]
-            kidney = SimpleNamespace(
-                latest=md(latest), evidence=[md(e.text) for e in ctx.kidney_caution[:3]],
-                caution=md(kcfg["caution"].format(
-                    guidelines=self.citation_names(self.cat.detection["kidney_caution"]["citations"]))))
+        kidney = self.kidney_view(ctx)
         wdays = s.get("recent_workup_days", 365)
         done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
         workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
@@ -237,6 +229,21 @@ class CardRenderer:
         while "\n\n\n" in text:                  # template blocks that rendered empty
             text = text.replace("\n\n\n", "\n\n")
         return text.strip()
+
+    def source(self) -> dict:
+        return {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])}
+
+    def kidney_view(self, ctx) -> SimpleNamespace | None:
+        """The kidney block (latest eGFR, the caution before antiresorptives, why), or None."""
+        if not ctx.kidney_caution:
+            return None
+        kcfg = self.cfg["kidney"]
+        latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
+            if ctx.latest_egfr else kcfg["none"]
+        return SimpleNamespace(
+            latest=md(latest), evidence=[md(e.text) for e in ctx.kidney_caution[:3]],
+            caution=md(kcfg["caution"].format(
+                guidelines=self.citation_names(self.cat.detection["kidney_caution"]["citations"]))))
 
     def latest_results(self, a: Assessment) -> list[tuple[str, str, str]]:
         """The numbers a clinician checks before bone treatment: eGFR, calcium, 25-OH D, ALP (newest, 2 years)."""
@@ -328,11 +335,9 @@ class CardRenderer:
             iscd = not gc and self._vfa_by_age_and_t_score(a)
             item = self.workup["wk_vfa" if gc or iscd else "wk_dxa"]
             label = cfg["dxa_vfa_label" if gc else "dxa_vfa_iscd_label" if iscd else "dxa_label"]
-            order = cfg["baseline_action"]
-            acts = [self.service_request(order.format(label=self.order_labels[c]), c, patient_ref) for c in item["order"]]
+            acts = self.orders(item["order"], patient_ref)
             if found.intersection(pol.get("forearm_dxa_for", ())) and pol.get("forearm_dxa_order"):
-                code = pol["forearm_dxa_order"]
-                acts.append(self.service_request(order.format(label=self.order_labels[code]), code, patient_ref))
+                acts += self.orders([pol["forearm_dxa_order"]], patient_ref)
             out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
 
@@ -345,6 +350,11 @@ class CardRenderer:
             return False
         min_age = rule["min_age"].get(a.record.sex or "")
         return min_age is not None and a.record.age >= min_age
+
+    def orders(self, codes: list[str], patient_ref: str) -> list[dict]:
+        """"Order <short label>" ServiceRequest drafts for these workup codes."""
+        template = self.cfg["suggestions"]["baseline_action"]
+        return [self.service_request(template.format(label=self.order_labels[c]), c, patient_ref) for c in codes]
 
     def service_request(self, description: str, code: str, patient_ref: str) -> dict:
         c = self.codes[code]
@@ -364,12 +374,17 @@ class CardRenderer:
 
     # ---- links ------------------------------------------------------------------------------
     def links(self, firing: list[Finding]) -> list[dict]:
+        """The guidelines the firing causes cite, the most cited first."""
         counts: dict[str, int] = {}
         for f in firing:
             for c in f.citations:
                 counts[c] = counts.get(c, 0) + 1
+        return self.citation_links(sorted(counts, key=lambda cid: -counts[cid]))
+
+    def citation_links(self, citation_ids: list[str]) -> list[dict]:
+        """Absolute links to these guidelines, in this order, those with an https URL, up to links.max."""
         out = []
-        for cid, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
+        for cid in citation_ids:
             c = self.cat.citations.get(cid, {})
             url = c.get("url")
             if not url or not str(url).startswith("https://"):

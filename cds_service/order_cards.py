@@ -32,28 +32,22 @@ class OrderCardRenderer:
             "summary": summary,
             "indicator": self.cfg["indicator"]["act" if act else "inform"],
             "detail": self.detail(d),
-            "source": {"label": self.shared.cfg["source"]["label"], "topic": dict(self.shared.cfg["source"]["topic"])},
+            "source": self.shared.source(),
             "suggestions": self.suggestions(d),
             "selectionBehavior": "any",
             "overrideReasons": [dict(r) for r in self.override_reasons],
         }
-        links = self._links(d)
+        links = self.shared.citation_links(list(dict.fromkeys(c for o in d.ordered for c in o.trigger["citations"])))
         if links:
             card["links"] = links
         return [card]
 
     def detail(self, d: ProtectionDecision) -> str:
         a, ctx, cfg = d.assessment, d.assessment.context, self.cfg
-        seen: list[str] = []
-        for o in d.ordered:
-            if o.regimen not in seen:
-                seen.append(o.regimen)
-        whys = []
-        for o in d.ordered:
-            if o.trigger["why"] not in whys:
-                whys.append(o.trigger["why"])
+        regimens = list(dict.fromkeys(o.regimen for o in d.ordered))
+        whys = list(dict.fromkeys(o.trigger["why"] for o in d.ordered))
         context = []
-        days = max(o.trigger["dxa_within_days"] for o in d.ordered)
+        days = d.dxa_window_days
         if ctx.last_dxa and not d.dxa_due:
             context.append(cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days))
         elif ctx.pregnant is not None:
@@ -69,19 +63,13 @@ class OrderCardRenderer:
         results = [f"{label} {value} ({day})" for label, value, day in self.shared.latest_results(a)]
         if results:
             context.append(cfg["results"].format(items="; ".join(results)))
-        kidney = None
-        if ctx.kidney_caution:
-            kcfg = self.shared.cfg["kidney"]
-            latest = kcfg["latest"].format(value=ctx.latest_egfr[0], date=ctx.latest_egfr[1].isoformat()) \
-                if ctx.latest_egfr else kcfg["none"]
-            kidney = SimpleNamespace(latest=md(latest), caution=md(kcfg["caution"].format(
-                guidelines=self.shared.citation_names(self.cat.detection["kidney_caution"]["citations"]))))
         risk = None
         if d.risk is not None:
             risk = SimpleNamespace(label=md(d.risk.label), reasons=[md(r) for r in d.risk.reasons])
         text = self.cat.templates["order_detail"].render(
-            orders=[md(r) for r in seen], why=md(" ".join(whys)), exposure=[md(e) for e in d.exposure],
-            risk=risk, guards=[md(g) for g in d.guards_failed], kidney=kidney, context=[md(c) for c in context])
+            orders=[md(r) for r in regimens], why=md(" ".join(whys)), exposure=[md(e) for e in d.exposure],
+            risk=risk, guards=[md(g) for g in d.guards_failed], kidney=self.shared.kidney_view(ctx),
+            context=[md(c) for c in context])
         while "\n\n\n" in text:
             text = text.replace("\n\n\n", "\n\n")
         return text.strip()
@@ -92,18 +80,15 @@ class OrderCardRenderer:
         sug_cfg = self.shared.cfg["suggestions"]
         out = []
         if d.dxa_due:
-            gc = any(o.trigger.get("risk") == "glucocorticoid" for o in d.ordered)
-            item = self.shared.workup[d.lead.trigger["dxa_workup"] if not gc else "wk_vfa"]
-            label = sug_cfg["dxa_vfa_label" if gc else "dxa_label"]
-            acts = [self.shared.service_request(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
-                    for c in item["order"]]
-            out.append({"label": label, "uuid": self.shared.new_uuid(), "isRecommended": True, "actions": acts})
+            # the leading drug's DXA: with vertebral fracture assessment for glucocorticoids (orders.yaml dxa_workup)
+            gc = d.lead.trigger.get("risk") == "glucocorticoid"
+            item = self.shared.workup[d.lead.trigger["dxa_workup"]]
+            out.append({"label": sug_cfg["dxa_vfa_label" if gc else "dxa_label"], "uuid": self.shared.new_uuid(),
+                        "isRecommended": True, "actions": self.shared.orders(item["order"], patient)})
         if "wk_25ohd" not in ctx.workup_done:
             item = self.shared.workup["wk_25ohd"]
-            acts = [self.shared.service_request(sug_cfg["baseline_action"].format(label=self.shared.order_labels[c]), c, patient)
-                    for c in item["order"]]
             out.append({"label": sug_cfg["directed_label"].format(label=item["label"]), "uuid": self.shared.new_uuid(),
-                        "isRecommended": True, "actions": acts})
+                        "isRecommended": True, "actions": self.shared.orders(item["order"], patient)})
         cad = self.drafts["calcium_vitamin_d"]
         out.append({"label": cad["label"], "uuid": self.shared.new_uuid(), "isRecommended": True,
                     "actions": [self._medication_action(cad, patient)]})
@@ -138,18 +123,3 @@ class OrderCardRenderer:
                 "reasonCode": [{"text": "Bone protection (secondary osteoporosis CDS)"}],
             },
         }
-
-    def _links(self, d: ProtectionDecision) -> list[dict]:
-        cites: list[str] = []
-        for o in d.ordered:
-            for c in o.trigger["citations"]:
-                if c not in cites:
-                    cites.append(c)
-        out = []
-        for cid in cites:
-            c = self.cat.citations.get(cid, {})
-            url = c.get("url")
-            if url and str(url).startswith("https://"):
-                out.append({"label": f"{c.get('org', cid)} {c.get('year', '')}: {c.get('title', '')}"[:200].strip(),
-                            "url": url, "type": "absolute"})
-        return out[: self.shared.cfg["links"]["max"]]

@@ -52,6 +52,11 @@ class ProtectionDecision:
     def lead(self) -> OrderedDrug:
         return self.ordered[0]
 
+    @property
+    def dxa_window_days(self) -> int:
+        """A DXA this recent needs no repeat for any of the drugs ordered."""
+        return max(o.trigger["dxa_within_days"] for o in self.ordered)
+
 
 def regimen_text(m: MedicationExposure, name: str) -> str:
     """"Prednisone 10 mg daily for 3 months", "Leuprolide 22.5 mg injection" (words, no ids)."""
@@ -100,15 +105,14 @@ class ProtectionAdvisor:
                 continue
             counted = set(finding.references)
             for m in drafts:
-                if m.reference in counted and any(i.cause_id == t["cause"] for i in m.ingredients):
-                    name = next(i.name for i in m.ingredients if i.cause_id == t["cause"])
+                name = next((i.name for i in m.ingredients if i.cause_id == t["cause"]), None)
+                if name is not None and m.reference in counted:
                     ordered.append(OrderedDrug(t, m, regimen_text(m, name)))
         on_therapy = bool(ctx.treatments)
         decision = ProtectionDecision(a, ordered, on_therapy, dxa_due=False, risk=None)
         if not ordered or on_therapy:
             return decision
-        window = max(t["dxa_within_days"] for t in {id(o.trigger): o.trigger for o in ordered}.values())
-        recent = ctx.last_dxa is not None and ctx.last_dxa >= a.as_of - timedelta(days=window)
+        recent = ctx.last_dxa is not None and ctx.last_dxa >= a.as_of - timedelta(days=decision.dxa_window_days)
         decision.dxa_due = not recent and ctx.pregnant is None
         gc = by_cause.get("glucocorticoids") if any(o.trigger.get("risk") == "glucocorticoid" for o in ordered) else None
         if gc is not None:
