@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from .catalog import Catalog
 from .engine import Assessment, Finding
-from .record import MedicationExposure, PatientRecord
+from .record import MedicationExposure, PatientRecord, concept_label, concept_text, status_code
 
 _FREQUENCY_WORDS = ((4, "four times daily"), (3, "three times daily"), (2, "twice daily"), (1, "daily"),
                     (0.5, "every other day"), (1 / 7, "weekly"), (1 / 30, "monthly"), (1 / 91, "every 3 months"),
@@ -93,9 +93,9 @@ class ProtectionAdvisor:
         words = self.guards["oesophagus_words"]
         self.oesophagus = re.compile("|".join(rf"(?<![a-z]){re.escape(w.lower())}" for w in words)) if words else None
 
-    def decide(self, a: Assessment, drafts: list[MedicationExposure], problems: list[str]) -> ProtectionDecision:
-        """`problems`: the text of every current problem-list entry (the oesophagus guard reads words
-        the catalog has no cause for)."""
+    def decide(self, a: Assessment, drafts: list[MedicationExposure], prefetch: dict) -> ProtectionDecision:
+        """`prefetch`: the request's prefetch data, whose problem list the oesophagus guard reads for words
+        the catalog has no cause for (only when a bisphosphonate is in question)."""
         ctx = a.context
         by_cause = {f.cause.id: f for f in a.findings}
         ordered: list[OrderedDrug] = []
@@ -122,7 +122,7 @@ class ProtectionAdvisor:
         else:
             offer = False
         if offer:
-            decision.guards_failed = self._guards(a, problems)
+            decision.guards_failed = self._guards(a, prefetch)
             decision.offer_bisphosphonate = not decision.guards_failed
         return decision
 
@@ -167,7 +167,7 @@ class ProtectionAdvisor:
         return Risk(None, "not yet known", [cfg["undetermined"].format(frax=frax)] + notes)
 
     # ---- bisphosphonate safety guards ----------------------------------------------------------
-    def _guards(self, a: Assessment, problems: list[str]) -> list[str]:
+    def _guards(self, a: Assessment, prefetch: dict) -> list[str]:
         g, texts = self.guards, self.guards["texts"]
         rec, ctx = a.record, a.context
         since = rec.as_of - timedelta(days=g["within_days"])
@@ -192,7 +192,8 @@ class ProtectionAdvisor:
             failed.append(texts["vitamin_d_low"].format(value=vit_d.value, date=vit_d.when.isoformat(),
                                                         limit=g["vitamin_d_at_least"]))
         if self.oesophagus is not None:
-            hit = next((p for p in problems if self.oesophagus.search(p.lower())), None)
+            hit = next((label for words, label in current_problems(prefetch, self.cat.statuses)
+                        if self.oesophagus.search(words.lower())), None)
             if hit is not None:
                 failed.append(texts["oesophagus"].format(text=hit))
         if g.get("gastric_surgery_cause") and any(f.cause.id == g["gastric_surgery_cause"] for f in a.findings):
@@ -205,9 +206,9 @@ class ProtectionAdvisor:
         return rec.newest(self.cat.loinc_groups.get(group, []), since, valued=True)
 
 
-def current_problems(prefetch: dict, statuses: dict) -> list[str]:
-    """The words of every current Condition in the prefetch: not resolved, inactive, refuted or
-    entered in error."""
+def current_problems(prefetch: dict, statuses: dict) -> list[tuple[str, str]]:
+    """(every name it carries, the name to show) of each current Condition in the prefetch: not resolved,
+    inactive, refuted or entered in error."""
     clinical = set(statuses.get("condition_clinical", []))
     excluded = set(statuses.get("condition_verification_excluded", []))
     out = []
@@ -218,20 +219,11 @@ def current_problems(prefetch: dict, statuses: dict) -> list[str]:
             res = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(res, dict) or res.get("resourceType") != "Condition":
                 continue
-            if _status(res.get("clinicalStatus")) not in clinical | {None}:
+            if status_code(res.get("clinicalStatus")) not in clinical | {None}:
                 continue
-            if _status(res.get("verificationStatus")) in excluded:
+            if status_code(res.get("verificationStatus")) in excluded:
                 continue
-            code = res.get("code") if isinstance(res.get("code"), dict) else {}
-            words = [code.get("text")] + [c.get("display") for c in code.get("coding") or () if isinstance(c, dict)]
-            text = " / ".join(w for w in words if isinstance(w, str) and w.strip())
-            if text:
-                out.append(text)
+            words = concept_text(res.get("code"))
+            if words.strip():
+                out.append((words, concept_label(res.get("code"))))
     return out
-
-
-def _status(concept) -> str | None:
-    if not isinstance(concept, dict):
-        return None
-    return next((c.get("code") for c in concept.get("coding") or () if isinstance(c, dict)
-                 and isinstance(c.get("code"), str)), None)

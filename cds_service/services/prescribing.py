@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..engine import Assessment
 from ..errors import BadRequest
 from ..order_cards import OrderCardRenderer
-from ..orders import ProtectionAdvisor, ProtectionDecision, current_problems
+from ..orders import ProtectionAdvisor, ProtectionDecision
 from ..prefetch import PrefetchResult
 from ..record import PatientRecord, reference_of
 from .base import CdsService, Toolkit
@@ -44,8 +44,7 @@ class BoneProtectionAtOrderSign(CdsService):
     def decide(self, request: dict, prefetch: PrefetchResult,
                record: PatientRecord) -> tuple[Assessment, ProtectionDecision]:
         assessment = self.kit.engine.assess(record)
-        problems = current_problems(prefetch.data, self.catalog.statuses)
-        return assessment, self.advisor.decide(assessment, record.planned, problems)
+        return assessment, self.advisor.decide(assessment, record.planned, prefetch.data)
 
     def render(self, decision: ProtectionDecision) -> list[dict]:
         return self.cards.render(decision)
