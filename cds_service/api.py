@@ -124,6 +124,8 @@ def invoke(service_id: str):
         if snoozing else False
     if not snoozing:
         _remember_issued(result.response["cards"])            # (the snooze book records them with the patient)
+    if result.response["cards"]:
+        _forget_old_notes()
     for card in result.response["cards"]:
         metrics.CARDS.labels(service.id, card["indicator"]).inc()
     g.counts = {"resources": result.assessment.record.resources_seen,
@@ -179,20 +181,25 @@ def feedback(service_id: str):
 
 def _remember_issued(cards: list[dict]) -> None:
     """Note every card handed out, so that feedback is taken only for cards this service issued. Best
-    effort within half a second: the card matters more than the note. Every PRUNE_EVERY cards, notes
-    older than the feedback window are dropped (the table does not grow for ever)."""
-    if not cards:
-        return
-    now = datetime.now(timezone.utc)
-    store = _cds()["feedback"]
+    effort within half a second: the card matters more than the note."""
+    now = datetime.now(timezone.utc).isoformat()
     try:
         for card in cards:
-            store.call("record_issued", card["uuid"], "", "[]", now.isoformat(), timeout=0.5)
-        if next(_issued_count) % PRUNE_EVERY == 0:
-            days = _cds()["settings"].feedback_days + 1
-            store.call("forget_issued_before", (now - timedelta(days=days)).isoformat(), timeout=0.5)
+            _cds()["feedback"].call("record_issued", card["uuid"], "", "[]", now, timeout=0.5)
     except StoreUnavailable:
         log.warning("issued card not recorded: store unavailable", extra={"event": "issued_store_error"})
+
+
+def _forget_old_notes() -> None:
+    """Every PRUNE_EVERY cards issued (with or without snooze), drop the notes of cards older than the feedback
+    window: feedback on them is refused anyway, and the table does not grow for ever."""
+    if next(_issued_count) % PRUNE_EVERY:
+        return
+    before = datetime.now(timezone.utc) - timedelta(days=_cds()["settings"].feedback_days + 1)
+    try:
+        _cds()["feedback"].call("forget_issued_before", before.isoformat(), timeout=0.5)
+    except StoreUnavailable:
+        log.warning("old card notes not dropped: store unavailable", extra={"event": "issued_store_error"})
 
 
 PRUNE_EVERY = 1000

@@ -226,14 +226,22 @@ def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_win
     is_outcome(client.post(FEEDBACK, json={"feedback": [{**OVERRIDDEN, "card": "old-card"}]}), 404)
 
 
-def test_notes_of_cards_older_than_the_feedback_window_are_dropped(app, client, monkeypatch):
-    from cds_service import api
+@pytest.mark.parametrize("snooze", ["", "secret-1"])
+def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, monkeypatch, snooze):
+    """With snooze off or on (the snooze book then records the cards itself)."""
+    from cds_service import api, create_app
+    from cds_service.config import Settings
     monkeypatch.setattr(api, "PRUNE_EVERY", 1)
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), snooze_secrets=snooze,
+                              log_level="WARNING"))
     issue_cards(app, "ancient", days_ago=40)
-    card = client.post(SERVICE_URL, json=fixture_request("patients/sle-positive.json")).get_json()["cards"][0]
+    issue_cards(app, "recent", days_ago=5)
+    body = fixture_request("patients/sle-positive.json")
+    body["fhirServer"] = "https://ehr.example.org/fhir"
+    card = app.test_client().post(SERVICE_URL, json=body).get_json()["cards"][0]
     store = app.extensions["cds"]["feedback"]
-    assert store.issued_since(["ancient", card["uuid"], ACCEPTED["card"]], "2000-01-01T00:00:00+00:00") == \
-        {card["uuid"], ACCEPTED["card"]}
+    assert store.issued_since(["ancient", "recent", card["uuid"]], "2000-01-01T00:00:00+00:00") == \
+        {card["uuid"], "recent"}
 
 
 def test_feedback_is_persisted_by_card_uuid(app, client):
