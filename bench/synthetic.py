@@ -110,11 +110,15 @@ def resource_count(request: dict) -> int:
 
 
 def order_sign_request(n_resources: int, seed: int = 1) -> dict:
-    """The same chart as `patient_request`, as an order-sign request drafting prednisone 10 mg daily for
-    90 days (the prescribing service's usual firing case)."""
-    req = patient_request(n_resources, seed)
-    pid = req["context"]["patientId"]
-    draft = {"resourceType": "MedicationRequest", "id": "bench-draft", "status": "draft", "intent": "order",
+    """The same chart as `patient_request`, as an order-sign request (see `as_order_sign`)."""
+    return as_order_sign(patient_request(n_resources, seed))
+
+
+def as_order_sign(request: dict) -> dict:
+    """A patient-view request turned into an order-sign request drafting prednisone 10 mg daily for 90 days
+    (30-day supply, 2 refills): the prescribing service's usual firing case."""
+    pid = request["context"]["patientId"]
+    draft = {"resourceType": "MedicationRequest", "id": "draft-prednisone", "status": "draft", "intent": "order",
              "subject": {"reference": f"Patient/{pid}"},
              "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
                                                        "code": "198145", "display": "prednisone 10 MG Oral Tablet"}]},
@@ -123,7 +127,7 @@ def order_sign_request(n_resources: int, seed: int = 1) -> dict:
                                     "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "{tbl}"}}]}],
              "dispenseRequest": {"expectedSupplyDuration": {"value": 30, "unit": "days", "code": "d"},
                                  "numberOfRepeatsAllowed": 2}}
-    req["hook"] = "order-sign"
-    req["context"] = {**req["context"], "userId": "Practitioner/bench",
-                      "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": draft}]}}
-    return req
+    return {**request, "hook": "order-sign",
+            "context": {**request["context"], "userId": request["context"].get("userId", "Practitioner/bench"),
+                        "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                        "entry": [{"resource": draft}]}}}

@@ -265,12 +265,17 @@ def test_a_low_t_score_is_osteoporosis_and_a_childhood_fracture_is_not_fragility
     assert body["cards"] == [] and a.context.bone_diagnoses == []
 
 
-def test_a_treated_patient_is_told_when_and_what_next(service):
-    p = Patient("tr1", age=74)
+def _treated_for_six_years_with_ra(pid: str) -> Patient:
+    """A healed hip fracture, RA since 8 years, alendronate weekly for the last 6 years."""
+    p = Patient(pid, age=74)
     _healed_hip_fracture(p, 2500)
     p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=3000)
     p.med_request("alendronic acid 70 MG Oral Tablet", None, start=365 * 6, text="70 mg by mouth once a week")
-    body, a = response_for(service, p.bundle())
+    return p
+
+
+def test_a_treated_patient_is_told_when_and_what_next(service):
+    body, a = response_for(service, _treated_for_six_years_with_ra("tr1").bundle())
     card = body["cards"][0]
     assert not a.context.treatment_gap and card["indicator"] == "info"         # treated: the card informs
     since = (AS_OF - timedelta(days=365 * 6)).isoformat()[:7]
@@ -288,10 +293,7 @@ def test_on_therapy_the_causes_that_appeared_since_lead_and_older_ones_are_liste
     """Issue 11: a treated patient's card names only the causes that appeared since therapy began; RA known
     before alendronate is listed, the drug-holiday review leads, and the secondary-cause search is not
     ordered again (monitoring labs only)."""
-    p = Patient("tr3", age=74)
-    _healed_hip_fracture(p, 2500)
-    p.condition(ICD, "M06.9", "Rheumatoid arthritis, unspecified", onset=3000)
-    p.med_request("alendronic acid 70 MG Oral Tablet", None, start=365 * 6, text="70 mg by mouth once a week")
+    p = _treated_for_six_years_with_ra("tr3")
     body, a = response_for(service, p.bundle())
     card = body["cards"][0]
     since = (AS_OF - timedelta(days=365 * 6)).isoformat()[:7]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
@@ -14,7 +15,7 @@ import pytest
 from cds_service import create_app
 from cds_service.config import Settings
 
-from .conftest import AS_OF, FHIR_PATIENTS, SERVICE_URL, fixture_request
+from .conftest import AS_OF, FHIR_PATIENTS, ROOT, SERVICE_URL, fixture_request
 
 TOKEN = "fallback-test-token-7c1e"
 AUTH = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
@@ -71,18 +72,9 @@ def assert_fallback_gives_the_same_cards(client, fhir_server, url: str, full: di
 def test_order_sign_falls_back_to_the_fhir_server_like_patient_view(fallback_client, fhir_server):
     """The prescribing service fetches the chart it was not given, with the same templates and token,
     and gives the card it gives with full prefetch."""
-    full = fixture_request(FHIR_PATIENTS[3])                    # no risk factors on record
-    pid = full["context"]["patientId"]
-    draft = {"resourceType": "MedicationRequest", "id": "draft-1", "status": "draft", "intent": "order",
-             "subject": {"reference": f"Patient/{pid}"},
-             "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                                                       "code": "198145", "display": "prednisone 10 MG Oral Tablet"}]},
-             "dosageInstruction": [{"text": "Take 1 tablet by mouth daily",
-                                    "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}}],
-             "dispenseRequest": {"expectedSupplyDuration": {"value": 90, "unit": "days",
-                                                            "system": "http://unitsofmeasure.org", "code": "d"}}}
-    full.update(hook="order-sign")
-    full["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": draft}]}
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic import as_order_sign
+    full = as_order_sign(fixture_request(FHIR_PATIENTS[3]))      # no risk factors on record
     cards = assert_fallback_gives_the_same_cards(fallback_client, fhir_server, "/cds-services/bone-protection-order-sign",
                                                  full)
     assert cards and cards[0]["summary"].startswith("Prednisone 10 mg daily for 3 months")

@@ -160,11 +160,8 @@ def _feedback_posted(s: Session):
 
 # ---- patient-view ----------------------------------------------------------------------------------
 def test_the_service_added_through_the_ui_renders_the_positive_card_in_full(session):
-    s = session("glucocorticoids-positive")
-    s.add_services()
-    card = s.wait_for_card("Possible secondary osteoporosis")
+    s, card, sent = _positive_card(session)
     s.shot("card")
-    sent = s.last_card_from("secondary-osteoporosis")
     text = s.save_text(card)
     assert sent["summary"] in text
     summary = card.get_by_text(sent["summary"]).first
@@ -194,11 +191,16 @@ def test_a_patient_with_no_cause_gets_no_card(session):
     assert s.responses and all(r["body"]["cards"] == [] for r in s.responses)
 
 
-def test_accepting_a_suggestion_stores_accepted_feedback(session, stack):
+def _positive_card(session) -> tuple[Session, object, dict]:
+    """The glucocorticoids-positive patient's card: the tab, the rendered card and the card as sent."""
     s = session("glucocorticoids-positive")
     s.add_services()
     card = s.wait_for_card("Possible secondary osteoporosis")
-    sent = s.last_card_from("secondary-osteoporosis")
+    return s, card, s.last_card_from("secondary-osteoporosis")
+
+
+def test_accepting_a_suggestion_stores_accepted_feedback(session, stack):
+    s, card, sent = _positive_card(session)
     first = sent["suggestions"][0]
     with _feedback_posted(s) as posted:
         card.get_by_role("button", name=first["label"]).click()
@@ -209,10 +211,7 @@ def test_accepting_a_suggestion_stores_accepted_feedback(session, stack):
 
 
 def test_dismissing_with_a_reason_stores_the_reason(session, stack):
-    s = session("glucocorticoids-positive")
-    s.add_services()
-    card = s.wait_for_card("Possible secondary osteoporosis")
-    sent = s.last_card_from("secondary-osteoporosis")
+    s, card, sent = _positive_card(session)
     reason = sent["overrideReasons"][0]
     card.get_by_label("select dismiss reason").click()
     with _feedback_posted(s) as posted:
