@@ -55,14 +55,9 @@ class CdsService:
     def __init__(self, kit: Toolkit):
         self.kit = kit
 
-    # the shared parts, by their domain names
     @property
     def catalog(self) -> Catalog:
         return self.kit.catalog
-
-    @property
-    def resolver(self) -> PrefetchResolver:
-        return self.kit.resolver
 
     def discovery(self) -> dict:
         return {
