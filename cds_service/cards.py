@@ -115,30 +115,18 @@ class CardRenderer:
     # ---- summary ----------------------------------------------------------------------------
     def summary(self, firing: list[Finding]) -> str:
         cfg = self.cfg["summary"]
-        names = [self._short(f) for f in firing]
-        limit = cfg["max_length"]
         for template in (cfg["template"], cfg["template_short"]):
-            for shown in range(len(names), 0, -1):
-                parts = names[:shown]
-                if shown < len(names):
-                    parts = parts + [cfg["more"].format(n=len(names) - shown)]
-                text = template.format(causes=", ".join(parts))
-                if len(text) <= limit:
-                    return text
-        return cfg["template_short"].format(causes=names[0])[: limit - 1] + "…"
+            text, fits = self._fit(template, firing)
+            if fits:
+                return text
+        return cfg["template_short"].format(causes=self._short(firing[0]))[: cfg["max_length"] - 1] + "…"
 
     def gap_summary(self, a: Assessment, firing: list[Finding]) -> str:
         """The treatment gap leads; the causes follow as far as the length allows."""
         cfg = self.cfg["summary"]
-        ctx = a.context
-        bone = cfg["gap_bone"][ctx.bone_kind]
-        names = [self._short(f) for f in firing]
-        for shown in range(len(names), 0, -1):
-            parts = names[:shown] + ([cfg["more"].format(n=len(names) - shown)] if shown < len(names) else [])
-            text = cfg["gap_template"].format(bone=bone, causes=", ".join(parts))
-            if len(text) <= cfg["max_length"]:
-                return text
-        return cfg["gap_template_short"].format(bone=bone)
+        bone = cfg["gap_bone"][a.context.bone_kind]
+        text, fits = self._fit(cfg["gap_template"], firing, bone=bone)
+        return text if fits else cfg["gap_template_short"].format(bone=bone)
 
     def treated_summary(self, a: Assessment, new: list[Finding], known: list[Finding]) -> str:
         """On osteoporosis therapy: the causes that appeared since it began; else the next decision point;
@@ -151,14 +139,21 @@ class CardRenderer:
             text = cfg["treated_decision"].format(decision=a.context.next_decision, **fields)
             if len(text) <= limit:
                 return text
-        template = cfg["treated_new"] if new else cfg["treated_known"]
-        names = [self._short(f) for f in (new or known)]
+        text, fits = self._fit(cfg["treated_new"] if new else cfg["treated_known"], new or known, **fields)
+        return text if fits else text[: limit - 1] + "…"
+
+    def _fit(self, template: str, findings: list[Finding], **fields) -> tuple[str | None, bool]:
+        """The template with as many cause names as fit the summary length ("+n more" for the rest): the
+        text, and whether it fits (else the shortest attempt; None with no causes)."""
+        cfg = self.cfg["summary"]
+        names = [self._short(f) for f in findings]
+        text = None
         for shown in range(len(names), 0, -1):
             parts = names[:shown] + ([cfg["more"].format(n=len(names) - shown)] if shown < len(names) else [])
             text = template.format(causes=", ".join(parts), **fields)
-            if len(text) <= limit:
-                return text
-        return text[: limit - 1] + "…"
+            if len(text) <= cfg["max_length"]:
+                return text, True
+        return text, False
 
     def _short(self, f: Finding) -> str:
         name = f.cause.short_name
