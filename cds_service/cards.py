@@ -71,8 +71,6 @@ class CardRenderer:
                 codes[c["code"]] = c
         self.codes = codes
         # catalog wording, escaped once: only chart text needs escaping per request
-        self._label_md = {cid: md(c.label) for cid, c in catalog.causes.items()}
-        self._next_step_md = {cid: md((c.card.get("actions") or [""])[0]) for cid, c in catalog.causes.items()}
         self._guidelines_cache: dict[tuple[str, ...], str] = {}
         self.override_reasons = [
             {"system": self.cfg["override_reasons"]["system"], "code": r["code"], "display": r["display"]}
@@ -83,21 +81,23 @@ class CardRenderer:
             return []
         firing, listed = a.triggering, a.listed
         known = a.known_before_treatment              # on therapy: causes recorded before it began are listed
+        care = a.care
         quiet = quiet_indicator(self.cat.settings)
         if quiet:
             strong = any(f.warning for f in firing)          # info by default; warning where the policy says
         else:
             strong = any(f.cause.strength == "strong" for f in firing)
-        gap = a.context.treatment_gap
-        treated = bool(a.context.treatments) and not (quiet and strong)
-        indicator = "treatment_gap" if gap else "on_treatment" if treated else "strong_cause" if strong else "otherwise"
+        ctx = a.context
+        gap = ctx.treatment_gap
+        alarm = bool(care.conflicts) or any(alert.warning for alert in care.alerts)
+        treated = bool(ctx.treatments) and not (quiet and strong)
+        indicator = "treatment_gap" if gap or alarm else "on_treatment" if treated else \
+            "strong_cause" if strong else "otherwise"
         if known:
             firing, listed = [f for f in firing if f not in known], known + listed
-        summary = self.gap_summary(a, firing) if gap else self.treated_summary(a, firing, known) \
-            if a.context.courses else self.summary(firing)
         card = {
             "uuid": self.new_uuid(),
-            "summary": summary,
+            "summary": self.lead_summary(a, firing, known),
             "indicator": self.cfg["indicator"][indicator],
             "detail": self.detail(a, firing, listed),
             "source": self.source(),
@@ -107,12 +107,35 @@ class CardRenderer:
             card["suggestions"] = suggestions
             card["selectionBehavior"] = "any"
         card["overrideReasons"] = [dict(r) for r in self.override_reasons]
-        links = self.links(firing)
+        links = self.links(firing, care)
         if links:
             card["links"] = links
         return [card]
 
     # ---- summary ----------------------------------------------------------------------------
+    def lead_summary(self, a: Assessment, firing: list[Finding], known: list[Finding]) -> str:
+        """What leads: a drug-safety conflict on a drug the patient is on, a therapy alert, the treatment gap, the
+        therapy, a screening prompt, then the causes."""
+        care, ctx = a.care, a.context
+        limit = self.cfg["summary"]["max_length"]
+        if care.conflicts:
+            c = care.conflicts[0]
+            return _clip(self.cat.therapy["safety"]["wording"]["summary"].format(drug=c.drug, conflict=c.text), limit)
+        if care.alerts:
+            return _clip(care.alerts[0].summary, limit)
+        if ctx.treatment_gap:
+            return self.gap_summary(a, firing)
+        if ctx.courses:
+            return self.treated_summary(a, firing, known)
+        if not firing and care.also:
+            return _clip(care.also[0].text, limit)
+        if not firing and care.normal_bmd_note:
+            return _clip(self.cfg["summary"]["normal_bmd"].format(
+                t_score=ctx.latest_t_score[0], site=ctx.normal_bmd_fractures[0].site), limit)
+        if not firing and care.screening:
+            return self.screening_summary(a)
+        return self.summary(firing)
+
     def summary(self, firing: list[Finding]) -> str:
         cfg = self.cfg["summary"]
         for template in (cfg["template"], cfg["template_short"]):
@@ -122,18 +145,24 @@ class CardRenderer:
         return cfg["template_short"].format(causes=self._short(firing[0]))[: cfg["max_length"] - 1] + "…"
 
     def gap_summary(self, a: Assessment, firing: list[Finding]) -> str:
-        """The treatment gap leads; the causes follow as far as the length allows."""
+        """The treatment gap leads; the causes follow as far as the length allows. Where the treatment line rules out
+        a bone drug for now (a young adult, pregnancy or lactation, CKD G4-G5), the summary says so."""
         cfg = self.cfg["summary"]
         bone = cfg["gap_bone"][a.context.bone_kind]
-        text, fits = self._fit(cfg["gap_template"], firing, bone=bone)
-        return text if fits else cfg["gap_template_short"].format(bone=bone)
+        if a.care.line is not None and a.care.line.summary:
+            return _clip(a.care.line.summary.format(bone=bone), cfg["max_length"])
+        refer = a.care.line is not None and a.care.line.no_drug_drafts
+        template, short = ("gap_refer_template", "gap_refer_template_short") if refer else \
+            ("gap_template", "gap_template_short")
+        text, fits = self._fit(cfg[template], firing, bone=bone)
+        return text if fits else cfg[short].format(bone=bone)
 
     def treated_summary(self, a: Assessment, new: list[Finding], known: list[Finding]) -> str:
         """On osteoporosis therapy: the causes that appeared since it began; else the next decision point;
         else the causes known before it."""
         cfg = self.cfg["summary"]
         course = a.context.courses[0]
-        fields = {"drug": course.drug, "since": course.since.isoformat()[:7]}
+        fields = {"drug": course.drug, "since": course.start.isoformat()[:7]}
         limit = cfg["max_length"]
         if not new and a.context.next_decision:
             text = cfg["treated_decision"].format(decision=a.context.next_decision, **fields)
@@ -141,6 +170,11 @@ class CardRenderer:
                 return text
         text, fits = self._fit(cfg["treated_new"] if new else cfg["treated_known"], new or known, **fields)
         return text if fits else text[: limit - 1] + "…"
+
+    def screening_summary(self, a: Assessment) -> str:
+        cfg = self.cfg["summary"]
+        text, fits = self._fit(cfg["screening"], a.listed, age=a.record.age)
+        return text if fits else cfg["screening_short"].format(age=a.record.age)
 
     def _fit(self, template: str, findings: list[Finding], **fields) -> tuple[str | None, bool]:
         """The template with as many cause names as fit the summary length ("+n more" for the rest): the
@@ -156,7 +190,7 @@ class CardRenderer:
         return text, False
 
     def _short(self, f: Finding) -> str:
-        name = f.cause.short_name
+        name = (f.variant or {}).get("short_name") or f.cause.short_name
         if f.tier == "very_high":
             name += " (very high dose)"
         return name
@@ -165,32 +199,40 @@ class CardRenderer:
     def detail(self, a: Assessment, firing: list[Finding], listed: list[Finding]) -> str:
         ctx_cfg = self.cfg["context"]
         ctx = a.context
+        care = a.care
         s = self.cat.settings
 
-        def cause_view(f: Finding) -> dict:
-            # words and dates only: resource ids stay in --explain
+        def cause_view(f: Finding) -> SimpleNamespace:
+            # words and dates only: resource ids and codes stay in --explain
             evidence = [md(e.text) for e in f.evidence]
             evidence += [f"Supporting: {md(e.text)}" for e in f.supporting]
-            return SimpleNamespace(label=self._label_md[f.cause.id], tier=self._tier_md(f.tier),
-                                   strength=f.cause.strength, evidence=evidence,
-                                   next_step=self._next_step_md[f.cause.id], guidelines=self._guidelines_md(f.citations))
+            risk = None
+            if f.cause.id == "glucocorticoids" and care.gc_risk is not None:
+                line = f" {care.gc_line.text}" if care.gc_line else ""
+                reasons = f" ({'; '.join(care.gc_risk.reasons)})" if care.gc_risk.reasons else ""
+                risk = md(f"ACR 2022 fracture risk: {care.gc_risk.label}{reasons}.{line}")
+            return SimpleNamespace(label=md(self.label(f)), tier=self._tier_md(f.tier),
+                                   strength=f.cause.strength, evidence=evidence, risk=risk,
+                                   next_step=md(self.next_step(f, a)), sources=self.sources_md(f.citations))
 
-        if ctx.bone_diagnoses:
-            bone = ctx_cfg["bone_diagnosis"].format(items="; ".join(md(e.text) for e in ctx.bone_diagnoses[:3]))
-        else:
-            bone = ctx_cfg["no_bone_diagnosis"]
+        bone_items = [e.text for e in ctx.bone_diagnoses[:3]]
+        bone = ctx_cfg["bone_diagnosis"].format(items="; ".join(md(x) for x in bone_items)) if bone_items \
+            else ctx_cfg["no_bone_diagnosis"]
+        if care.normal_bmd_note:
+            bone += " " + md(care.normal_bmd_note)
         days = s.get("recent_dxa_days", 730)
+        dxa_blocked = self._no_dxa(a)
         dxa = ctx_cfg["dxa_recent"].format(date=ctx.last_dxa.isoformat(), days=days) if ctx.last_dxa \
             else ctx_cfg["dxa_pregnant"] if ctx.pregnant and self.policy.get("no_dxa_when_pregnant") \
+            else ctx_cfg["dxa_not_offered"] if dxa_blocked \
             else ctx_cfg["dxa_none"].format(days=days)
         if ctx.latest_frax:
             dxa += " " + ctx_cfg["frax_recent"].format(value=ctx.latest_frax[0], date=ctx.latest_frax[1].isoformat())
         elif not ctx.courses and a.record.age is not None and a.record.age >= 40 and not ctx.pregnant:
             dxa += " " + ctx_cfg["frax_none"].format(days=days)
         if ctx.courses:
-            c = ctx.courses[0]
             treatment = ctx_cfg["treatment_current"].format(
-                items=ctx_cfg["treatment_since"].format(drug=md(c.drug), since=c.since.isoformat()[:7]))
+                items="; ".join(md(e.text) for e in ctx.treatments[:3]))
             if ctx.next_decision:
                 treatment += " " + ctx_cfg["next_decision"].format(text=md(ctx.next_decision))
         elif ctx.treatments:
@@ -200,30 +242,80 @@ class CardRenderer:
         if ctx.latest_t_score:
             value, site, day = ctx.latest_t_score
             bone += " " + ctx_cfg["latest_t_score"].format(value=value, site=md(site), date=day.isoformat())
+        if ctx.young_adult and ctx.latest_z_score:
+            value, site, day = ctx.latest_z_score
+            bone += " " + ctx_cfg["latest_z_score"].format(value=value, site=md(site), date=day.isoformat())
+        alerts = [SimpleNamespace(heading=md(alert.summary), detail=md(alert.detail),
+                                  sources=self.sources_md(alert.citations)) for alert in care.alerts]
         gap = None
         if ctx.treatment_gap:
-            shown = ctx.fractures + ctx.osteoporosis + ([ctx.low_t_score] if ctx.low_t_score else [])
+            shown = [e.text for e in ctx.gap_fractures + ctx.osteoporosis] + ([ctx.low_bmd.text] if ctx.low_bmd else [])
+            line = care.line
+            risk = care.risk
             gap = SimpleNamespace(bone=md(self.cfg["summary"]["gap_bone"][ctx.bone_kind]),
-                                  evidence=[md(e.text) for e in shown[:4]],
-                                  options=md(self.cfg["treatment_gap"]["options"]),
-                                  guidelines=self._guidelines_md(self.cat.detection["treatment_gap"]["citations"]))
+                                  evidence=[md(x) for x in shown[:4]],
+                                  risk=md(f"{risk.label}" + (f" ({'; '.join(risk.reasons)})" if risk.reasons else ""))
+                                  if risk and not ctx.young_adult else None,
+                                  risk_source=self.citation_names([risk.citation]) if risk else "",
+                                  options=md(line.text) if line else "",
+                                  guidelines=self._guidelines_md(line.citations if line else []),
+                                  also=[md(f"{x.text} ({self.citation_names(x.citations)})") for x in care.also])
+        elif care.also:
+            alerts += [SimpleNamespace(heading=md(x.text), detail=md(self.next_step_for(x, a)),
+                                       sources=self.sources_md(x.citations)) for x in care.also]
+        conflicts = [SimpleNamespace(text=md(f"{c.drug}: {c.text}"), sources=md(self.citation_names(c.citations)))
+                     for c in care.conflicts]
+        screening = None
+        if care.screening and not firing:
+            sc = self.cat.therapy["advice"]["screening"]
+            names = ", ".join(self._short(f) for f in a.listed)
+            screening = md(" ".join(self.cfg["screening"]["text"].format(
+                causes=names[:1].upper() + names[1:], sex="woman" if a.record.sex == "female" else "man",
+                age=a.record.age, from_age=sc["ages"].get(a.record.sex or "", 65),
+                guidelines=self.citation_names(sc["citations"])).split()))
         kidney = self.kidney_view(ctx)
         wdays = s.get("recent_workup_days", 365)
         done = [self.workup[w]["label"] for w in self.baseline_ids if w in ctx.workup_done]
         workup = ctx_cfg["workup_done"].format(days=wdays, items="; ".join(md(x) for x in done)) if done \
             else ctx_cfg["workup_none_done"].format(days=wdays)
         # template variables as attributes: Jinja looks attributes up first, dict keys only after a miss
-        listed_view = [SimpleNamespace(label=self._label_md[f.cause.id], evidence=[md(e.text) for e in f.evidence])
+        listed_view = [SimpleNamespace(label=md(self.label(f)), evidence=[md(e.text) for e in f.evidence])
                        for f in listed]
         results = [f"{label} {value} ({day})" for label, value, day in self.latest_results(a)]
         results_line = ctx_cfg["latest_results"].format(items="; ".join(results)) if results \
             else ctx_cfg["no_results"].format(days=s.get("latest_results_days", 730))
         text = self.cat.templates["detail"].render(
-            gap=gap, kidney=kidney, causes=[cause_view(f) for f in firing], listed=listed_view,
+            alerts=alerts, conflicts=conflicts, gap=gap, kidney=kidney, causes=[cause_view(f) for f in firing],
+            screening=screening, listed=listed_view,
             context=SimpleNamespace(bone_status=bone, dxa=dxa, treatment=treatment, workup=workup, results=results_line))
         while "\n\n\n" in text:                  # template blocks that rendered empty
             text = text.replace("\n\n\n", "\n\n")
         return text.strip()
+
+    def label(self, f: Finding) -> str:
+        """The cause's name, or its variant's (lithium-associated hyperparathyroidism), marked when only suspected."""
+        name = (f.variant or {}).get("label") or f.cause.label
+        return f"{name} (suspected)" if f.suspected else name
+
+    @staticmethod
+    def next_step_for(line, a: Assessment) -> str:
+        """The workup that goes with an `also` line (surgical referral: the tests the surgeon will want)."""
+        return "Calcium, PTH, 25-OH vitamin D, creatinine/eGFR and 24-h urine calcium; DXA including the 1/3 radius."
+
+    def next_step(self, f: Finding, a: Assessment) -> str:
+        actions = (f.variant or {}).get("actions") or f.cause.card.get("actions") or [""]
+        return actions[0]
+
+    def sources_md(self, citations: list[str]) -> str:
+        """"Guideline: ACR 2022" and, apart, "quality measure: CMS249" (a measure is never called a guideline)."""
+        guides = [c for c in citations if self.cat.citations.get(c, {}).get("kind", "guideline") != "quality_measure"]
+        measures = [c for c in citations if c not in guides]
+        parts = []
+        if guides:
+            parts.append(f"Guideline: {self._guidelines_md(guides)}")
+        if measures:
+            parts.append(f"{'quality' if parts else 'Quality'} measure: {self._guidelines_md(measures)}")
+        return "; ".join(parts)
 
     def source(self) -> dict:
         return {"label": self.cfg["source"]["label"], "topic": dict(self.cfg["source"]["topic"])}
@@ -267,18 +359,22 @@ class CardRenderer:
 
     def _citation_name(self, cid: str) -> str:
         c = self.cat.citations.get(cid, {})
-        return f"{c.get('org', cid)} {c.get('year', '')}".strip() if c else cid
+        if not c:
+            return cid
+        return c.get("short") or f"{c.get('org', cid)} {c.get('year', '')}".strip()
 
     # ---- suggestions ------------------------------------------------------------------------
     def suggestions(self, a: Assessment, firing: list[Finding]) -> list[dict]:
-        """Core labs on every card, extended labs only with low bone density or a fragility fracture on
-        record, then each cause's tests and DXA: every test once, none resulted recently, none the
-        patient's sex, age or findings rule out (workup_policy in detection.yaml)."""
-        cfg = self.cfg["suggestions"]
+        """One suggestion per test (one click each): core labs on every card, extended labs only with low bone
+        density or a fragility fracture on record, then each cause's tests, then the DXA; every test once, none
+        resulted recently, none the patient's sex, age or findings rule out (workup_policy in detection.yaml).
+        `isRecommended` only where a guideline recommends the test for this patient: the baseline workup with low
+        bone density, a fracture or a bone-therapy question on record (AACE 2020, BHOF 2022); a cause's own tests when
+        the cause fires; the DXA when one is due."""
         pol = self.policy
         ctx = a.context
         patient_ref = f"Patient/{a.patient_id}"
-        found = {f.cause.id for f in a.findings}
+        found = {f.cause.id for f in a.findings if not f.suspected}
         ordered: set[str] = set()
 
         def allowed(wid: str) -> bool:
@@ -290,42 +386,36 @@ class CardRenderer:
                 return False
             return not found.intersection(pol.get("not_with_findings", {}).get(wid, ()))
 
-        def actions(wid: str, template: str) -> list[dict]:
-            out = []
-            for code in self.workup[wid]["order"]:
-                if code not in ordered:
-                    ordered.add(code)
-                    out.append(self.service_request(template.format(label=self.order_labels[code]), code, patient_ref))
-            if wid in pol.get("with_calcium", ()) and "wk_cmp" not in ctx.workup_done and pol.get("calcium_order"):
-                pass                               # the CMP on this card carries the calcium
-            elif wid in pol.get("with_calcium", ()) and pol.get("calcium_order") and pol["calcium_order"] not in ordered:
-                ordered.add(pol["calcium_order"])
-                out.append(self.service_request(template.format(label=self.order_labels[pol["calcium_order"]]),
-                                        pol["calcium_order"], patient_ref))
-            return out
+        def suggestion(wid: str, recommended: bool) -> dict | None:
+            codes = [c for c in self.workup[wid]["order"] if c not in ordered]
+            if wid in pol.get("with_calcium", ()) and pol.get("calcium_order") and pol["calcium_order"] not in ordered \
+                    and not ("wk_cmp" in ordered_items and "wk_cmp" not in ctx.workup_done):
+                codes.append(pol["calcium_order"])
+            if not codes:
+                return None
+            ordered.update(codes)
+            ordered_items.add(wid)
+            name = self.order_labels[codes[0]] if len(self.workup[wid]["order"]) == 1 else self.workup[wid]["label"]
+            label = self.cfg["suggestions"]["directed_label"].format(label=name)
+            return {"label": label, "uuid": self.new_uuid(), "isRecommended": recommended,
+                    "actions": self.orders(codes, patient_ref)}
 
-        bone = bool(ctx.osteoporosis or ctx.low_t_score or ctx.fractures)
+        ordered_items: set[str] = set()
+        bone = bool(ctx.osteoporosis or ctx.low_bmd or ctx.fractures)
         # on therapy with no new cause since it began: monitoring labs only, not the secondary-cause search again
-        settled = bool(ctx.courses) and not ctx.treatment_gap and not firing
+        settled = (bool(ctx.courses) or bool(a.care.alerts)) and not ctx.treatment_gap and not firing
         tiers = pol.get("core", []) + (pol.get("extended", []) if bone and not settled else [])
-        baseline = [act for wid in tiers if allowed(wid) for act in actions(wid, cfg["baseline_action"])]
-        out = []
-        if baseline:
-            out.append({"label": cfg["baseline_label"].format(n=len(baseline)), "uuid": self.new_uuid(),
-                        "isRecommended": True, "actions": baseline})
-        directed: list[str] = []
+        baseline_recommended = bone or ctx.treatment_gap or bool(a.care.alerts or a.care.conflicts or ctx.courses)
+        out = [s for wid in tiers if allowed(wid) for s in [suggestion(wid, baseline_recommended)] if s]
+        firing_ids = {f.cause.id for f in firing}
+        directed: dict[str, bool] = {}
         for f in firing + a.listed:
             for wid in f.cause.workup:
-                if wid not in directed and wid not in self.imaging_ids:
-                    directed.append(wid)
-        for wid in directed:
-            if not allowed(wid):
-                continue
-            acts = actions(wid, cfg["directed_label"])
-            if acts:
-                out.append({"label": cfg["directed_label"].format(label=self.workup[wid]["label"]),
-                            "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
-        if ctx.last_dxa is None and not (ctx.pregnant and pol.get("no_dxa_when_pregnant")):
+                if wid not in self.imaging_ids:
+                    directed[wid] = directed.get(wid, False) or f.cause.id in firing_ids
+        out += [s for wid, rec in directed.items() if allowed(wid) for s in [suggestion(wid, rec)] if s]
+        if ctx.last_dxa is None and not self._no_dxa(a):
+            cfg = self.cfg["suggestions"]
             gc = any(f.cause.id == "glucocorticoids" for f in firing)
             iscd = not gc and self._vfa_by_age_and_t_score(a)
             item = self.workup["wk_vfa" if gc or iscd else "wk_dxa"]
@@ -335,6 +425,15 @@ class CardRenderer:
                 acts += self.orders([pol["forearm_dxa_order"]], patient_ref)
             out.append({"label": label, "uuid": self.new_uuid(), "isRecommended": True, "actions": acts})
         return out
+
+    def _no_dxa(self, a: Assessment) -> bool:
+        """No DXA while pregnant (radiation; bone density not interpretable), nor in active myeloma (bone disease is
+        imaged by skeletal survey or low-dose CT, not DXA): workup_policy."""
+        pol = self.policy
+        if a.context.pregnant and pol.get("no_dxa_when_pregnant"):
+            return True
+        found = {f.cause.id for f in a.findings if not f.suspected}
+        return bool(found.intersection(pol.get("no_dxa_with_findings", ())))
 
     def _vfa_by_age_and_t_score(self, a: Assessment) -> bool:
         """ISCD 2023: vertebral fracture assessment with the DXA for a T-score below -1.0 at age >= 70 (women)
@@ -368,13 +467,17 @@ class CardRenderer:
         }
 
     # ---- links ------------------------------------------------------------------------------
-    def links(self, firing: list[Finding]) -> list[dict]:
-        """The guidelines the firing causes cite, the most cited first."""
+    def links(self, firing: list[Finding], care=None) -> list[dict]:
+        """The guidelines behind what leads the card (alerts, conflicts, the treatment line), then those the firing
+        causes cite, the most cited first."""
+        lead: list[str] = []
+        if care is not None:
+            lead = [c for x in care.alerts for c in x.citations] + [c for x in care.conflicts for c in x.citations]
         counts: dict[str, int] = {}
         for f in firing:
             for c in f.citations:
                 counts[c] = counts.get(c, 0) + 1
-        return self.citation_links(sorted(counts, key=lambda cid: -counts[cid]))
+        return self.citation_links(list(dict.fromkeys(lead + sorted(counts, key=lambda cid: -counts[cid]))))
 
     def citation_links(self, citation_ids: list[str]) -> list[dict]:
         """Absolute links to these guidelines, in this order, those with an https URL, up to links.max."""
@@ -392,3 +495,11 @@ class CardRenderer:
 
 
 
+
+
+def _clip(text: str, limit: int) -> str:
+    """A summary within the CDS Hooks limit (< 140 characters), cut at a word with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"

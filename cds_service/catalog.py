@@ -18,6 +18,8 @@ import jinja2
 import jsonschema
 import yaml
 
+from .codesets import SECTIONS, CodeSet, icd_key
+
 # libyaml's C loader when present (several times faster start-up); same safe semantics
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -70,7 +72,8 @@ KNOWN_SYSTEMS = {RXNORM, ICD10CM, SNOMED, LOINC, ATC, CPT, ICD10PCS,
 STRENGTHS = ("strong", "moderate", "weak")
 # where a code beyond the reference comes from: a Synthea module (cards/sources/synthea-codes.tsv)
 # or a published VSAC expansion stored in value_sets.yaml
-CODE_SOURCES = ("synthea:", "vsac:")
+# or the ICD-10-CM tabular list itself (icd10cm:YEAR: the CMS April release, checked by the catalog test)
+CODE_SOURCES = ("synthea:", "vsac:", "icd10cm:")
 MED_RULES = {"glucocorticoid_exposure", "sustained_use", "any_use", "current_use_with_lab", "high_dose", "recent_use"}
 LOINC_KEYS = ("loinc", "calcium_loinc", "albumin_loinc", "pth_loinc", "weight_loinc", "height_loinc",
               "creatinine_loinc")
@@ -129,9 +132,6 @@ def normalize_system(system: str | None) -> str:
     return out
 
 
-def icd_key(code: str) -> str:
-    """ICD codes compare without dots and case ('e05.90' and 'E0590' are the same code)."""
-    return code.replace(".", "").strip().upper()
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ class Cause:
     short_name: str
     not_with: tuple[str, ...] = ()          # more specific causes that, when found, replace this one
     quiet: dict = field(default_factory=dict)   # the cause's rule under the quiet firing policy
+    variants: list[dict] = field(default_factory=list)    # named for what explains it (lithium-associated, ...)
 
     @property
     def medication_rule(self) -> dict | None:
@@ -196,6 +197,16 @@ class Catalog:
     cues_after_regex: re.Pattern | None = None
     templates: dict[str, jinja2.Template] = field(default_factory=dict)
     frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
+    therapy: dict = field(default_factory=dict)           # therapy.yaml: courses, drug safety, advice
+    code_sets: dict[str, CodeSet] = field(default_factory=dict)        # detection sections (pregnancy, ...)
+    fracture_sites: dict[str, CodeSet] = field(default_factory=dict)   # site -> its fracture codes
+    fracture_text_regex: re.Pattern | None = None                      # every site's text synonyms
+    fracture_text_sites: dict[str, str] = field(default_factory=dict)  # synonym -> site
+    fracture_procedure_regex: re.Pattern | None = None
+    fracture_procedure_sites: dict[str, str] = field(default_factory=dict)
+    section_text_regex: dict[str, re.Pattern] = field(default_factory=dict)   # section -> its text synonyms
+    treatment_classes: dict[str, dict] = field(default_factory=dict)   # drug name -> therapy.yaml class
+    osteoporotic_fracture_codes: CodeSet | None = None   # codes that say "osteoporotic fracture" (M80, Z87.310)
 
     # ---- lookups used by the engine -------------------------------------------------
     @property
@@ -216,7 +227,15 @@ class Catalog:
         return hits
 
     def ingredients_for_coding(self, system: str, code: str) -> list[Ingredient]:
-        return self.med_codes.get((normalize_system(system), (code or "").strip()), [])
+        """The ingredients a drug code stands for, under every cause that names the same ingredient (a leuprolide
+        product listed by the androgen-deprivation value set is leuprolide for ovarian suppression too)."""
+        found = self.med_codes.get((normalize_system(system), (code or "").strip()), [])
+        if not found:
+            return []
+        out = list(found)
+        for ing in found:
+            out += [other for other in self.med_names.get(ing.name, ()) if other not in out]
+        return out
 
     def index_codes(self, group: str) -> list[dict]:
         """A bone-context group of detection.yaml (osteoporosis, fragility_fracture_history, ...): its own
@@ -354,7 +373,8 @@ def _check_code(entry: Any, where: str) -> None:
              f"code {entry['code']}: source must be 'reference' or start with one of {CODE_SOURCES}")
 
 
-FILES = ("causes", "observations", "medications", "detection", "value_sets", "citations", "card", "orders")
+FILES = ("causes", "observations", "medications", "detection", "value_sets", "citations", "card", "orders",
+         "therapy")
 
 
 def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
@@ -430,11 +450,18 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
             _require(oc in codes, where, f"order code {oc} is not one of the item's codes")
             _require(codes[oc]["verified"], where, f"order code {oc} is not verified: never order an unverified code")
 
-    for key in ("kidney_caution", "pregnancy"):
+    for key in SECTIONS:
         for c in detection.get(key, {}).get("codes", []):
             _check_code(c, f"detection.yaml {key}")
-    for oid in detection.get("kidney_caution", {}).get("value_sets", []):
-        _require(oid in value_sets, "detection.yaml kidney_caution", f"unknown value set {oid}")
+        for oid in detection.get(key, {}).get("value_sets", []):
+            _require(oid in value_sets, f"detection.yaml {key}", f"unknown value set {oid}")
+        for c in detection.get(key, {}).get("citations", []):
+            _require(c in citations, f"detection.yaml {key}", f"unknown citation {c}")
+    for site, spec in detection.get("fractures", {}).get("sites", {}).items():
+        for c in spec.get("codes", []):
+            _check_code(c, f"detection.yaml fractures.sites.{site}")
+    for c in detection.get("fractures", {}).get("citations", []):
+        _require(c in citations, "detection.yaml fractures", f"unknown citation {c}")
     for group, oids in (detection.get("index_condition_value_sets") or {}).items():
         _require(group in detection["index_conditions"], "detection.yaml index_condition_value_sets",
                  f"unknown group {group}")
@@ -453,7 +480,7 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
             codes = {c["code"]: c for c in workup_items[item]["codes"]}
             _require(pol[key] in codes and codes[pol[key]]["verified"], where,
                      f"{key} must be a verified code of {item}")
-    for key in ("treatment_gap", "kidney_caution", "treatment_review"):
+    for key in ("treatment_gap", "kidney_caution"):
         for c in detection.get(key, {}).get("citations", []):
             _require(c in citations, f"detection.yaml {key}", f"unknown citation {c}")
     for c in pol.get("citations", []) + pol.get("vfa", {}).get("citations", []):
@@ -518,8 +545,19 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
             fires_alone=policy["fires_alone"], policy_reason=policy.get("reason", ""),
             citations=entry["citations"], detect=detect, workup=entry.get("workup", []),
             card=entry["card"], short_name=short_names[cid], not_with=tuple(not_with), quiet=quiet,
+            variants=entry.get("variants", []),
         )
+        for v in entry.get("variants", []):
+            for c in v.get("citations", []):
+                _require(c in citations, where, f"variant {v['id']}: unknown citation {c}")
 
+    for cause in causes.values():
+        for v in cause.variants:
+            for other in v["when"].get("with_causes", []):
+                _require(other in causes, f"causes.yaml cause {cause.id}", f"variant {v['id']}: unknown cause {other}")
+            for med in v["when"].get("with_context_medications", []):
+                _require(med in detection.get("context_medications", {}), f"causes.yaml cause {cause.id}",
+                         f"variant {v['id']}: unknown context medication {med}")
     for wid, found in (detection.get("workup_policy") or {}).get("not_with_findings", {}).items():
         for cid in found:
             _require(cid in causes, "detection.yaml workup_policy", f"not_with_findings.{wid}: unknown cause {cid}")
@@ -535,8 +573,10 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
         statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
         observation_rules=obs_rules, units=units, medication_settings=raw["medications"],
         detection=detection, card=card_cfg, value_sets=value_sets, loinc_groups=groups, orders=raw["orders"],
+        therapy=raw["therapy"],
     )
     _check_orders(catalog)
+    _check_therapy(catalog)
     _build_indexes(catalog)
     return catalog
 
@@ -607,10 +647,17 @@ def _build_indexes(cat: Catalog) -> None:
         for term in [ing["name"], *ing.get("other_names", []), *ing.get("brands", [])]:
             for part in re.split(r"\s*/\s*", term.lower()):
                 names.setdefault(part, []).append(ingredient)
+    treatment_names = [ing["name"] for ing in cat.detection["osteoporosis_treatment"]["ingredients"]]
     for c in cat.detection["osteoporosis_treatment"]["other_codes"]:
         if normalize_system(c["system"]) == RXNORM:
-            cat.med_codes.setdefault((RXNORM, c["code"]), []).append(
-                Ingredient("osteoporosis_treatment", c.get("display", c["code"]).lower()))
+            # a product code stands for the treatment whose name parts its display carries ("bazedoxifene ...")
+            display = c.get("display", c["code"]).lower()
+            name = next((n for n in treatment_names if any(_has_word(part, display) for part in re.split(r"\s*/\s*", n)
+                                                           if len(part) > 6)), display)
+            cat.med_codes.setdefault((RXNORM, c["code"]), []).append(Ingredient("osteoporosis_treatment", name))
+    for group, spec in (cat.detection.get("context_medications") or {}).items():
+        for term in spec["names"]:
+            names.setdefault(term.lower(), []).append(Ingredient(f"context:{group}", term.lower()))
     cat.med_names = names
     # longest names first so 'valproic acid' wins over a shorter overlapping term
     terms = sorted(names, key=len, reverse=True)
@@ -629,6 +676,30 @@ def _build_indexes(cat: Catalog) -> None:
     for groups in cat.detection.get("workup_policy", {}).get("key_components", {}).values():
         for group in groups:
             cat.context_loincs.update(group)
+
+    det = cat.detection
+    for section in SECTIONS:
+        cat.code_sets[section] = CodeSet.of(section, cat.section_codes(section), normalize_system)
+        if det.get(section, {}).get("condition_text"):
+            cat.section_text_regex[section] = words_regex(det[section]["condition_text"])
+    cat.osteoporotic_fracture_codes = CodeSet.of(     # (site codes, with an age from which they count, are not)
+        "osteoporotic_fracture", [c for c in cat.index_codes("fragility_fracture_history")
+                                  if "min_age_at_onset" not in c] + [
+            c for c in det["index_conditions"]["osteoporosis"] if c.get("match") == "prefix" and c["code"].startswith("M80")],
+        normalize_system)
+    fr = det.get("fractures", {})
+    for site, spec in fr.get("sites", {}).items():
+        cat.fracture_sites[site] = CodeSet.of(site, spec.get("codes", []), normalize_system)
+        for w in spec.get("condition_text", []):
+            cat.fracture_text_sites[normalize_text(w)] = site
+        for w in spec.get("procedure_text", []):
+            cat.fracture_procedure_sites[normalize_text(w)] = site
+    for w in fr.get("osteoporotic_words", []):
+        cat.fracture_text_sites.setdefault(normalize_text(w), "unspecified")
+    if cat.fracture_text_sites:
+        cat.fracture_text_regex = words_regex(cat.fracture_text_sites)
+    if cat.fracture_procedure_sites:
+        cat.fracture_procedure_regex = words_regex(cat.fracture_procedure_sites)
 
     words = cat.medication_settings["non_systemic"]["words"]
     # words match at the start of a word: "cutaneous" must not match "subcutaneously"
@@ -656,6 +727,46 @@ def _build_indexes(cat: Catalog) -> None:
     _check_format_templates(cat.card)
 
 
+# the conditions therapy.yaml rules may name (cds_service/safety.py and advice.py decide them)
+SAFETY_WHEN = {"pregnant", "lactating", "reproductive_potential", "egfr_below", "calcium_low", "alp_low",
+               "oesophageal_disorder", "gastric_surgery", "recent_cardiovascular_event"}
+ADVICE_WHEN = {"pregnancy_or_lactation", "kidney_g4_g5", "young_adult", "very_high_risk", "always",
+               "phpt_surgical_criteria"}
+
+
+def _check_therapy(cat: Catalog) -> None:
+    """therapy.yaml: every drug a class names is an osteoporosis treatment, every class, citation and rule kind exists."""
+    th = cat.therapy
+    drugs = {ing["name"] for ing in cat.detection["osteoporosis_treatment"]["ingredients"]}
+    classes = {c["id"] for c in th["therapy"]["classes"]}
+    cites = list(th["therapy"].get("citations", [])) + list(th["therapy"].get("failure_citations", []))
+    for c in th["therapy"]["classes"]:
+        where = f"therapy.yaml therapy.classes {c['id']}"
+        for d in c["drugs"]:
+            _require(d in drugs, where, f"{d!r} is not an osteoporosis_treatment ingredient in detection.yaml")
+            _require(d not in cat.treatment_classes or cat.treatment_classes[d]["id"] == c["id"], where,
+                     f"{d!r} is in two classes")
+            cat.treatment_classes[d] = c
+        cites += c.get("citations", [])
+    for r in th["safety"]["rules"]:
+        where = f"therapy.yaml safety.rules {r['id']}"
+        _require(r["when"] in SAFETY_WHEN, where, f"when must be one of {sorted(SAFETY_WHEN)}")
+        for c in r["classes"]:
+            _require(c in classes, where, f"unknown class {c}")
+        for d in list(r.get("drugs", [])) + list(r.get("limits", {})):
+            _require(d in drugs, where, f"unknown drug {d!r}")
+        cites += r.get("citations", [])
+    for r in th["advice"]["lines"] + th["advice"].get("also", []):
+        where = f"therapy.yaml advice {r['id']}"
+        _require(r["when"] in ADVICE_WHEN, where, f"when must be one of {sorted(ADVICE_WHEN)}")
+        _require(bool(r.get("text") or (r.get("text_female") and r.get("text_male"))), where,
+                 "needs text (or text_female and text_male)")
+        cites += r.get("citations", [])
+    cites += th["safety"].get("citations", []) + [th["advice"]["risk"]["citation"]]
+    for c in cites:
+        _require(c in cat.citations, "therapy.yaml", f"unknown citation {c}")
+
+
 def _check_orders(cat: Catalog) -> None:
     """orders.yaml: every cause, citation, workup item and code it names exists (or is verified)."""
     o = cat.orders
@@ -669,9 +780,6 @@ def _check_orders(cat: Catalog) -> None:
     risk, guards = o["glucocorticoid_risk"], o["bisphosphonate_guards"]
     for c in [risk["citation"]] + guards["citations"] + [d["citation"] for d in o["drafts"].values()]:
         _require(c in cat.citations, "orders.yaml", f"unknown citation {c}")
-    if guards.get("gastric_surgery_cause"):
-        _require(guards["gastric_surgery_cause"] in cat.causes, "orders.yaml bisphosphonate_guards",
-                 f"unknown cause {guards['gastric_surgery_cause']}")
     for name, d in o["drafts"].items():
         if "code" in d:
             _check_code(d["code"], f"orders.yaml drafts.{name}")
@@ -690,9 +798,10 @@ def _check_orders(cat: Catalog) -> None:
 def _sample_detail_context() -> dict:
     """A complete sample of what CardRenderer passes the detail template (every branch taken)."""
     from types import SimpleNamespace as NS
-    cause = NS(label="x", tier="x", strength="strong", evidence=["x"], next_step="x", guidelines="x")
-    return {"gap": NS(bone="x", evidence=["x"], options="x", guidelines="x"),
-            "kidney": NS(latest="x", caution="x", evidence=["x"]),
+    cause = NS(label="x", tier="x", strength="strong", evidence=["x"], next_step="x", sources="x", risk="x")
+    return {"alerts": [NS(heading="x", detail="x", sources="x")], "conflicts": [NS(text="x", sources="x")],
+            "gap": NS(bone="x", evidence=["x"], options="x", guidelines="x", risk="x", risk_source="x", also=["x"]),
+            "kidney": NS(latest="x", caution="x", evidence=["x"]), "screening": "x",
             "causes": [cause], "listed": [NS(label="x", evidence=["x"])],
             "context": NS(bone_status="x", dxa="x", treatment="x", workup="x", results="x")}
 
@@ -701,12 +810,17 @@ def _sample_detail_context() -> dict:
 _FORMAT_FIELDS = {
     ("summary", "template"): {"causes"}, ("summary", "template_short"): {"causes"}, ("summary", "more"): {"n"},
     ("summary", "gap_template"): {"bone", "causes"}, ("summary", "gap_template_short"): {"bone"},
+    ("summary", "gap_refer_template"): {"bone", "causes"}, ("summary", "gap_refer_template_short"): {"bone"},
+    ("summary", "screening"): {"age", "causes"}, ("summary", "screening_short"): {"age"},
+    ("summary", "normal_bmd"): {"site", "t_score"},
+    ("screening", "text"): {"causes", "sex", "age", "from_age", "guidelines"},
     ("summary", "treated_new"): {"drug", "since", "causes"}, ("summary", "treated_decision"): {"drug", "since", "decision"},
     ("summary", "treated_known"): {"drug", "since", "causes"},
     ("context", "bone_diagnosis"): {"items"}, ("context", "dxa_recent"): {"date", "days"},
     ("context", "dxa_none"): {"days"}, ("context", "treatment_current"): {"items"},
     ("context", "treatment_since"): {"drug", "since"}, ("context", "next_decision"): {"text"},
     ("context", "latest_t_score"): {"value", "site", "date"}, ("context", "frax_recent"): {"value", "date"},
+    ("context", "latest_z_score"): {"value", "site", "date"},
     ("context", "frax_none"): {"days"}, ("context", "latest_results"): {"items"},
     ("context", "no_results"): {"days"}, ("context", "workup_done"): {"days", "items"},
     ("context", "workup_none_done"): {"days"}, ("kidney", "latest"): {"value", "date"},

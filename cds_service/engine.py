@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from operator import attrgetter
 
-from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system
+from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
 from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
+from .therapy import OVERDUE, Course, TherapyHistory, TherapyReader
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Finding:
     fires_alone: bool = True         # under the catalog's firing policy, for this patient
     warning: bool = False            # the quiet policy's warning condition holds
     first_seen: date | None = None   # the earliest date among its evidence (read for treated patients)
+    suspected: bool = False          # only provisional / rule-out entries: listed, never firing on its own
+    variant: dict | None = None      # the cause's variant that fits this patient (causes.yaml `variants`)
 
     @property
     def references(self) -> list[str]:
@@ -45,43 +48,72 @@ class Finding:
 
 
 @dataclass
-class TreatmentCourse:
-    """One osteoporosis medicine as a course: since when, the last dose or day covered, still running."""
-    drug: str
-    since: date
-    last: date
-    ongoing: bool
+class Fracture:
+    """A fragility fracture on record: where, when, and whether its site makes it osteoporosis by itself."""
     reference: str
+    text: str
+    site: str                        # hip, vertebra, forearm, humerus, pelvis, unspecified
+    major: bool                      # hip or vertebra: osteoporosis whatever the T-score (AACE 2020, BHOF 2022)
+    when: date | None
+    osteoporotic: bool = False       # the code itself says osteoporotic (M80, Z87.310): a fragility fracture at any site
 
 
 @dataclass
 class BoneContext:
     bone_diagnoses: list[Evidence] = field(default_factory=list)
     osteoporosis: list[Evidence] = field(default_factory=list)       # diagnosis codes
-    fractures: list[Evidence] = field(default_factory=list)          # fragility fractures, healed ones included
+    fractures: list[Fracture] = field(default_factory=list)          # fragility fractures, healed ones included
+    normal_bmd_fractures: list[Fracture] = field(default_factory=list)   # non-hip/vertebral with a normal T-score
     low_t_score: Evidence | None = None                              # latest DXA's lowest T-score, when <= the cut-off
     latest_t_score: tuple[float, str, date] | None = None            # (value, site, date) of the latest DXA's lowest
+    latest_z_score: tuple[float, str, date] | None = None
+    low_z_score: Evidence | None = None                              # young adults: Z-score at or below the cut-off
+    young_adult: bool = False                                        # premenopausal woman or man under 50 (ISCD)
     last_dxa: date | None = None
     dxa_evidence: Evidence | None = None
-    treatments: list[Evidence] = field(default_factory=list)
-    courses: list[TreatmentCourse] = field(default_factory=list)
+    therapy: TherapyHistory = field(default_factory=TherapyHistory)
+    treated: list[Course] = field(default_factory=list)              # courses that make the patient "on therapy"
+    treatments: list[Evidence] = field(default_factory=list)         # their records, in words
     next_decision: str | None = None                                 # drug holiday review, denosumab dose due
     workup_done: dict[str, Evidence] = field(default_factory=dict)
     latest_egfr: tuple[float, date, str] | None = None               # (value, date, reference)
     latest_frax: tuple[float, date] | None = None                    # FRAX major osteoporotic, % (2 years)
     kidney_caution: list[Evidence] = field(default_factory=list)     # why antiresorptives need care
     pregnant: Evidence | None = None
+    lactating: Evidence | None = None
+    end_of_life: Evidence | None = None                              # hospice, terminal or comfort care
+    deceased: bool = False
+    sections: dict[str, list[Evidence]] = field(default_factory=dict)   # other context sets on record (menopause, ...)
+    alerts_replace_gap: bool = False                                 # an overdue denosumab or an unfollowed anabolic
+
+    @property
+    def courses(self) -> list[Course]:
+        """The courses the patient is on (treated), newest start first."""
+        return sorted(self.treated, key=lambda c: c.start, reverse=True)
+
+    @property
+    def gap_fractures(self) -> list[Fracture]:
+        return [f for f in self.fractures if f not in self.normal_bmd_fractures]
+
+    @property
+    def low_bmd(self) -> Evidence | None:
+        """Low bone density as this patient is read: a T-score from 50 or after menopause, a Z-score before."""
+        return self.low_z_score if self.young_adult else self.low_t_score
 
     @property
     def bone_kind(self) -> str:
-        """What is on record: "osteoporosis", "fracture" or "both" (a diagnosis or low T-score, and a fracture)."""
-        low_bmd = bool(self.osteoporosis or self.low_t_score)
-        return "both" if low_bmd and self.fractures else "fracture" if self.fractures else "osteoporosis"
+        """What is on record: "osteoporosis", "fracture", "both" or (a young adult by Z-score) "low_for_age"."""
+        low_bmd = bool(self.osteoporosis or self.low_bmd)
+        if self.young_adult and not self.osteoporosis and self.low_z_score and not self.gap_fractures:
+            return "low_for_age"
+        return "both" if low_bmd and self.gap_fractures else "fracture" if self.gap_fractures else "osteoporosis"
 
     @property
     def treatment_gap(self) -> bool:
-        """Osteoporosis or a fragility fracture on record and no current osteoporosis medicine."""
-        return bool(self.osteoporosis or self.fractures or self.low_t_score) and not self.treatments
+        """Osteoporosis or a fragility fracture on record and no osteoporosis medicine (an overdue denosumab dose or
+        an anabolic course with no follow-on is its own, more specific alert)."""
+        return bool(self.osteoporosis or self.gap_fractures or self.low_bmd) and not self.treated \
+            and not self.alerts_replace_gap
 
 
 @dataclass
@@ -101,6 +133,8 @@ class Assessment:
     def listed(self) -> list[Finding]:
         return [f for f in self.findings if not f.fires_alone]
 
+    care: "CarePlan | None" = None
+
     @property
     def known_before_treatment(self) -> list[Finding]:
         """For a patient on osteoporosis therapy (and no treatment gap): the firing causes already on record
@@ -108,14 +142,25 @@ class Assessment:
         ctx = self.context
         if not ctx.courses or ctx.treatment_gap:
             return []
-        since = min(c.since for c in ctx.courses)
+        since = min(c.start for c in ctx.courses)
         return [f for f in self.triggering if f.first_seen is not None and f.first_seen < since]
 
     @property
+    def silenced(self) -> str | None:
+        """Why no card may go to this patient at all: "deceased", "end_of_life" (hospice, comfort care), or None."""
+        ctx = self.context
+        return "deceased" if ctx.deceased else "end_of_life" if ctx.end_of_life else None
+
+    @property
     def card_due(self) -> bool:
-        """A cause that fires on its own, or untreated osteoporosis (also with no cause recorded:
-        unexplained osteoporosis is the classic indication for the secondary-cause workup)."""
-        return self.in_scope and (bool(self.triggering) or self.context.treatment_gap)
+        """A cause that fires on its own, untreated osteoporosis (also with no cause recorded: unexplained
+        osteoporosis is the classic indication for the secondary-cause workup), a therapy alert or a drug-safety
+        conflict, or many contributors in an older patient with no DXA; never for a deceased patient or in hospice."""
+        if not self.in_scope or self.silenced:
+            return False
+        care = self.care
+        return bool(self.triggering) or self.context.treatment_gap or bool(
+            care and (care.alerts or care.conflicts or care.screening or care.normal_bmd_note or care.also))
 
     def cited_references(self) -> set[str]:
         """Resources that drive a finding or the card's wording: findings' evidence, bone
@@ -123,14 +168,69 @@ class Assessment:
         keep a test from being offered again, and are not validated.)"""
         refs = {ref for f in self.findings for e in f.evidence + f.supporting for ref in (e.reference, *e.others)}
         ctx = self.context
-        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + ctx.kidney_caution}
-        if ctx.low_t_score:
-            refs.add(ctx.low_t_score.reference)
-        if ctx.pregnant:
-            refs.add(ctx.pregnant.reference)
-        if ctx.dxa_evidence:
-            refs.add(ctx.dxa_evidence.reference)
+        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + ctx.kidney_caution + ctx.fractures}
+        for e in (ctx.low_t_score, ctx.low_z_score, ctx.pregnant, ctx.lactating, ctx.dxa_evidence):
+            if e is not None:
+                refs.add(e.reference)
+        for c in ctx.treated:
+            refs.update(c.references)
+        if self.care:
+            refs |= {ref for alert in self.care.alerts for ref in alert.references}
+            refs |= {ref for c in self.care.conflicts for ref in c.references}
         return refs
+
+
+@dataclass
+class TherapyAlert:
+    """Something about the patient's osteoporosis therapy that needs action now (therapy.yaml wording)."""
+    kind: str                        # denosumab_overdue, anabolic_no_follow_on, treatment_failure
+    summary: str
+    detail: str
+    citations: list[str]
+    references: list[str]
+    warning: bool = True
+
+
+@dataclass
+class Conflict:
+    """A drug-safety rule that holds for a bone drug (on record, or a draft)."""
+    rule: str                        # therapy.yaml safety rule id
+    drug: str
+    text: str
+    citations: list[str]
+    references: list[str]
+
+
+@dataclass
+class Risk:
+    level: str                       # very_high, high (AACE 2020); or an ACR 2022 glucocorticoid stratum
+    label: str
+    reasons: list[str]
+    citation: str
+
+
+@dataclass
+class AdviceLine:
+    id: str
+    text: str
+    citations: list[str]
+    no_drug_drafts: bool = False
+    short: str = ""                  # the reason in a few words
+    summary: str = ""                # the gap card's summary when this line holds ({bone})
+
+
+@dataclass
+class CarePlan:
+    """What the record means for treatment: risk, the treatment line, alerts about therapy, drug-safety conflicts."""
+    risk: Risk | None = None                     # AACE 2020 (with low bone density or a fracture)
+    gc_risk: Risk | None = None                  # ACR 2022, when long-term glucocorticoids are found
+    gc_line: AdviceLine | None = None
+    line: AdviceLine | None = None               # the treatment line for this patient
+    also: list[AdviceLine] = field(default_factory=list)
+    alerts: list[TherapyAlert] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)      # for drugs the patient is on
+    screening: bool = False                      # many contributors, an older patient, no DXA: DXA and FRAX
+    normal_bmd_note: str | None = None           # a non-hip/vertebral fracture with a normal T-score
 
 
 _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
@@ -205,19 +305,10 @@ class Engine:
             codes = catalog.index_codes(group)
             self.bone_groups[group] = ({c["code"] for c in codes if c.get("match") != "prefix"},
                                        {icd_key(c["code"]) for c in codes if c.get("match") == "prefix"})
-        # M80: osteoporosis with current pathological (fragility) fracture
-        self.fracture_prefixes = {icd_key(c["code"]) for c in det["index_conditions"]["osteoporosis"]
-                                  if c.get("match") == "prefix" and c["code"].startswith("M80")}
-        self.bone_groups["fragility_fracture_history"][1].update(self.fracture_prefixes)
-        # site fractures (hip, forearm, vertebra) are fragility fractures only from an age (earlier: trauma)
-        self.fracture_min_age = {c["code"]: c["min_age_at_onset"] for cs in det["index_conditions"].values()
-                                 for c in cs if "min_age_at_onset" in c}
         self.t_score_loincs = {c["code"] for c in det["existing_dxa"].get("t_score", [])}
         self.frax_loincs = [c["code"] for c in det["existing_dxa"].get("frax", []) if c.get("verified")
                             and "major" in c.get("display", "").lower()]
         self.t_score_names = {c["code"]: c.get("display", "") for c in det["existing_dxa"].get("t_score", [])}
-        self.kidney_codes = {c["code"] for c in catalog.section_codes("kidney_caution")}
-        self.pregnancy_codes = {c["code"] for c in catalog.section_codes("pregnancy")}
         self.egfr_loincs = catalog.loinc_groups.get("egfr", [])
         self.dxa_loincs = {c["code"] for k in ("t_score", "z_score", "bmd_area_density", "study")
                            for c in det["existing_dxa"].get(k, [])}
@@ -244,6 +335,16 @@ class Engine:
                            for rid, r in catalog.observation_rules.items() if r["kind"] == "dexamethasone_suppression"}
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
+        self.z_score_loincs = {c["code"] for c in det["existing_dxa"].get("z_score", [])}
+        self.z_score_names = {c["code"]: c.get("display", "") for c in det["existing_dxa"].get("z_score", [])}
+        fr = det.get("fractures", {})
+        self.fracture_spec = fr.get("sites", {})
+        self.fracture_min_onset_age = fr.get("min_age_at_onset", 50)
+        self.high_energy_days = fr.get("high_energy_within_days", 3)
+        self.osteoporotic_words = words_regex(fr.get("osteoporotic_words", []))
+        self.therapy = TherapyReader(catalog)
+        from .care import CarePlanner                # the planner reads Assessments: imported here, not at the top
+        self.planner = CarePlanner(catalog, self)
 
     # ------------------------------------------------------------------------------------------
     def assess(self, record: PatientRecord) -> Assessment:
@@ -277,17 +378,23 @@ class Engine:
             findings = [f for f in findings if not found.intersection(f.cause.not_with)]
             for f in findings:
                 self._apply_policy(f, record, context, found)
+                f.variant = self._variant(f, record, context, found)
             if context.courses and findings:
                 dates = _dates_by_reference(record)
                 for f in findings:
                     f.first_seen = min((dates[r] for r in f.references if r in dates), default=None)
         findings.sort(key=lambda f: (not f.fires_alone, _STRENGTH_ORDER[f.cause.strength],
                                      f.tier != "very_high", f.cause.id))
-        return Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
+        assessment = Assessment(record.patient_id, record.as_of, in_scope, findings, context, record)
+        if in_scope:
+            assessment.care = self.planner.plan(assessment)
+        return assessment
 
     def _apply_policy(self, f: Finding, rec: PatientRecord, ctx: BoneContext, found: set[str]) -> None:
         """Whether the finding fires the card on its own, and (quiet policy) whether it makes it a warning."""
-        f.fires_alone = f.cause.fires_alone
+        f.fires_alone = f.cause.fires_alone and not f.suspected
+        if f.suspected:
+            return
         q = f.cause.quiet
         if not q:
             return
@@ -300,6 +407,31 @@ class Engine:
                 or (when == "no_recent_dxa" and (ctx.last_dxa is None or ctx.treatment_gap or f.tier == "very_high"))
                 or (when == "bone_treatment_context" and bool(ctx.kidney_caution)
                     and (ctx.treatment_gap or bool(ctx.treatments))))
+
+    def _variant(self, f: Finding, rec: PatientRecord, ctx: BoneContext, found: set[str]) -> dict | None:
+        """The cause's variant that fits this patient (causes.yaml `variants`, first whose `when` holds)."""
+        for v in f.cause.variants:
+            w = v["when"]
+            if w.get("with_causes") and not found.intersection(w["with_causes"]):
+                continue
+            if w.get("with_context_medications") and not any(
+                    m.ongoing or (m.end and m.end >= rec.as_of - timedelta(days=90))
+                    for name in w["with_context_medications"] for m in rec.medications_by_cause.get(f"context:{name}", ())):
+                continue
+            if w.get("kidney_g4_g5") and not (any(e.reference != (ctx.latest_egfr or (0, 0, None))[2]
+                                                  for e in ctx.kidney_caution)
+                                              or (ctx.latest_egfr and ctx.latest_egfr[0] < 30)):
+                continue
+            if "coded" in w and f.coded != w["coded"]:
+                continue
+            if w.get("sex") and rec.sex != w["sex"]:
+                continue
+            if w.get("lab_results_at_most") and (f.coded or f.cause.medication_rule and any(
+                    e.reference.startswith("Medication") for e in f.evidence)
+                                                 or len(f.evidence) > w["lab_results_at_most"]):
+                continue
+            return v
+        return None
 
     def _fires_alone_quietly(self, f: Finding, q: dict, rec: PatientRecord, ctx: BoneContext, found: set[str]) -> bool:
         """The quiet firing policy: whether this cause fires the card on its own for this patient."""
@@ -336,17 +468,21 @@ class Engine:
             entries = [e for e in entries if e.resource_type != "Procedure" or (e.when is not None and e.when >= since)]
         if entries and detect.get("codes_refuted_by"):
             entries = self._not_refuted(entries, detect["codes_refuted_by"], rec)
+        suspected: list[Evidence] = []
         for group in _same_concept(entries):
             roles = {role for e in group for cid, role in e.matches if cid == cause.id}
             ev = Evidence(group[0].reference, _coded_text(group[0], len(group), group[-1].when),
                           tuple(e.reference for e in group[1:]))
-            (evidence if "trigger" in roles else supporting).append(ev)
+            if group[0].suspected:
+                (suspected if "trigger" in roles else supporting).append(ev)
+            else:
+                (evidence if "trigger" in roles else supporting).append(ev)
         coded = bool(evidence)
         if evidence:
             citations.append(cause.citations[0])
         med = cause.medication_rule
         if med:
-            med_ev, med_tier, med_cites = self._medication_rule(cause, med, rec)
+            med_ev, med_tier, med_cites = self._medication_rule(cause, med, rec, ctx)
             if med_ev:
                 evidence += med_ev
                 tier = tier or med_tier
@@ -360,15 +496,18 @@ class Engine:
                     citations += self.cat.observation_rules[rid].get("citations", [])[:1]
         if evidence and cause.id == "smoking":
             evidence = self._smoking_override(evidence, rec)
+        only_suspected = not evidence and bool(suspected)
+        if only_suspected:
+            evidence, citations = suspected, cause.citations[:1]    # listed as suspected, never firing on its own
         if not evidence:
             return None
         req = detect.get("requires") or {}
         if req.get("fragility_fracture_within_days"):
             since = rec.as_of - timedelta(days=req["fragility_fracture_within_days"])
-            if not any(self._is_fracture(c) and c.when and c.when >= since for c in rec.conditions):
+            if not any(f.when and f.when >= since for f in ctx.fractures):
                 return None
         return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting,
-                       coded=coded)
+                       coded=coded, suspected=only_suspected)
 
     def _not_refuted(self, entries, rule_id: str, rec: PatientRecord) -> list[CodedEntry]:
         """Coded entries that later results do not refute: a CKD code recorded before a run of normal
@@ -378,9 +517,6 @@ class Engine:
         if not run:
             return list(entries)
         return [e for e in entries if e.when is not None and e.when >= run[0].when]
-
-    def _is_fracture(self, entry: CodedEntry) -> bool:
-        return any(s == ICD10CM and icd_prefix_match(code, self.fracture_prefixes) for s, code in entry.codes)
 
     # ---- medications -------------------------------------------------------------------------
     def _exposures(self, cause: Cause, med: dict, rec: PatientRecord) -> list[MedicationExposure]:
@@ -414,10 +550,20 @@ class Engine:
         cause = self.cat.causes[cause_id]
         return bool(self._current(self._exposures(cause, cause.medication_rule or {}, rec), rec))
 
-    def _medication_rule(self, cause: Cause, med: dict, rec: PatientRecord) -> tuple[list[Evidence], str | None, list[str]]:
+    def _medication_rule(self, cause: Cause, med: dict, rec: PatientRecord,
+                         ctx: BoneContext | None = None) -> tuple[list[Evidence], str | None, list[str]]:
+        pat = med.get("patient") or {}
+        if pat.get("sex") and rec.sex != pat["sex"]:
+            return [], None, []
         exps = self._exposures(cause, med, rec)
         if not exps:
             return [], None, []
+        ind = med.get("indication")
+        if ind and not (ctx is not None and any(ctx.sections.get(s) for s in ind["sections"])):
+            # no indication on record: only a course long enough to be that therapy counts
+            days = _union_days([(m.start, m.end or m.start) for m in exps])
+            if days < ind.get("or_min_days", 36500):
+                return [], None, []
         rule = med["rule"]
         lookback = rec.as_of - timedelta(days=med.get("lookback_days", 365))
         if rule == "glucocorticoid_exposure":
@@ -440,14 +586,16 @@ class Engine:
         if rule == "high_dose":
             high = [m for m in exps if m.mg_per_dose and m.mg_per_dose >= med["min_single_dose_mg"]]
             return [Evidence(m.reference, m.describe() + f", {m.mg_per_dose:g} mg per dose") for m in high], None, cause.citations[:1]
-        # sustained_use
+        # sustained_use: days counted from the first day of the window (never more days than the window has)
+        lookback = rec.as_of - timedelta(days=med.get("lookback_days", 365) - 1)
         per_record = med.get("days_per_record")
         intervals = []
         for m in exps:
             end = m.end or m.start
             if per_record and end == m.start:
                 end = m.start + timedelta(days=per_record - 1)
-            intervals.append((max(m.start, lookback), min(end, rec.as_of)))    # planned refills are not use yet
+            # refills planned on record are not use yet; a draft being signed counts its planned course
+            intervals.append((max(m.start, lookback), end if m.planned else min(end, rec.as_of)))
         days = _union_days(intervals)
         if days < med.get("min_days", 0):
             return [], None, []
@@ -721,86 +869,105 @@ class Engine:
         return evidence
 
     # ---- bone-health context -----------------------------------------------------------------
-    def _t_scores(self, rec: PatientRecord, ctx: BoneContext) -> None:
-        """The latest DXA's lowest T-score (of every site measured that day), however old."""
-        results = [m for m in rec.results(self.t_score_loincs) if m.when <= rec.as_of and m.value is not None]
+    def _scores(self, rec: PatientRecord, loincs: set[str], names: dict[str, str]) -> tuple | None:
+        """(lowest value, site, date, reference) of the latest DXA's scores (every site measured that day), however old."""
+        results = [m for m in rec.results(loincs) if m.when <= rec.as_of and m.value is not None]
         if not results:
-            return
+            return None
         day = results[0].when
         lowest = min((m for m in results if m.when == day), key=_VALUE)
-        site = self.t_score_names.get(lowest.code, "").replace("[T-score]", "").replace("Bone density", "").strip()
-        ctx.latest_t_score = (lowest.value, site, day)
-        if lowest.value <= self.cat.detection.get("treatment_gap", {}).get("t_score_at_most", -2.5):
-            ctx.low_t_score = Evidence(lowest.reference, f"T-score {lowest.value:.1f} ({site}) on {day.isoformat()}")
+        site = names.get(lowest.code, "").replace("[T-score]", "").replace("[Z-score]", "") \
+            .replace("Bone density", "").strip()
+        return lowest.value, site, day, lowest.reference
 
-    def _fragility_age(self, c: CodedEntry, rec: PatientRecord) -> bool:
-        limits = [self.fracture_min_age[code] for _, code in c.codes if code in self.fracture_min_age]
-        if not limits:
-            return True
-        age = rec.age_on(c.when) if c.when else None
-        return age is not None and age >= min(limits)
-
-    @staticmethod
-    def _add_course(ctx: BoneContext, drug: str, m: MedicationExposure, rec: PatientRecord) -> None:
-        last = min(m.end or m.start, rec.as_of) if not m.single_dose else m.start
-        for c in ctx.courses:
-            if c.drug == drug:
-                c.since, c.last = min(c.since, m.start), max(c.last, last)
-                c.ongoing = c.ongoing or (m.ongoing and not m.single_dose)
-                return
-        ctx.courses.append(TreatmentCourse(drug, m.start, last, m.ongoing and not m.single_dose, m.reference))
-
-    def _next_decision(self, ctx: BoneContext, rec: PatientRecord) -> str | None:
-        review = self.cat.detection.get("treatment_review") or {}
-        for course in ctx.courses:
-            den = review.get("denosumab") or {}
-            if course.drug in den.get("drugs", ()):
-                due = course.last + timedelta(days=den["dose_every_days"])
-                return den["text"].format(date=due.isoformat())
-            for rule in review.get("drug_holiday", ()):
-                years = (rec.as_of - course.since).days / 365.25
-                if course.drug in rule["drugs"] and years >= rule["after_years"]:
-                    return rule["text"].format(years=round(years, 1))
-        return None
+    def _fracture(self, c: CodedEntry, rec: PatientRecord, reproductive: bool = False) -> Fracture | None:
+        """A fragility fracture: a fracture site from the age the catalog says (earlier ones are trauma), or a code that
+        says osteoporotic at any age; never one the record calls high-energy (its text, or a transport accident that day)."""
+        if c.fracture_site is None:
+            return None
+        osteoporotic = self.cat.osteoporotic_fracture_codes.any_of(c.codes) or (
+            c.as_text and self.osteoporotic_words.search(c.text.lower()) is not None)
+        if not osteoporotic:
+            age = rec.age_on(c.when) if c.when else None
+            if age is None or (age < self.fracture_min_onset_age and not reproductive):
+                return None
+            if c.high_energy or (c.when and any(abs((c.when - d).days) <= self.high_energy_days
+                                                for d in rec.transport_accident_dates)):
+                return None
+        spec = self.fracture_spec.get(c.fracture_site, {})
+        return Fracture(c.reference, _coded_text(c), c.fracture_site, bool(spec.get("major")), c.when, osteoporotic)
 
     def _context(self, rec: PatientRecord) -> BoneContext:
         ctx = BoneContext()
         s = self.cat.settings
-        preg_since = rec.as_of - timedelta(days=self.cat.detection.get("pregnancy", {}).get("within_days", 300))
-        for c in rec.conditions:
-            groups = [g for g, (exact, prefixes) in self.bone_groups.items()
-                      if any(code in exact or (system == ICD10CM and icd_prefix_match(code, prefixes))
-                             for system, code in c.codes)]
-            if groups and not self._fragility_age(c, rec):
-                groups = []                     # a fracture in childhood or youth: trauma, not bone fragility
-            if groups:
-                ev = Evidence(c.reference, _coded_text(c))
-                ctx.bone_diagnoses.append(ev)
-                if "fragility_fracture_history" in groups:
-                    ctx.fractures.append(ev)
-                elif "osteoporosis" in groups and not c.historic:
-                    ctx.osteoporosis.append(ev)
-            if c.historic:
+        det = self.cat.detection
+        ctx.deceased = rec.deceased
+        # a fracture before 50 is trauma, except in pregnancy or lactation (pregnancy- and lactation-associated
+        # osteoporosis presents as vertebral fractures in young women)
+        reproductive = any(s in ("pregnancy", "lactation") and not c.historic and not c.suspected
+                           for c in rec.conditions for s in c.sections)
+        for c in rec.conditions + rec.procedures:
+            fracture = self._fracture(c, rec, reproductive)
+            if fracture is not None:
+                ctx.fractures.append(fracture)
+                ctx.bone_diagnoses.append(Evidence(c.reference, fracture.text))
+            if c.resource_type == "Condition":
+                groups = [g for g, (exact, prefixes) in self.bone_groups.items()
+                          if any(code in exact or (system == ICD10CM and icd_prefix_match(code, prefixes))
+                                 for system, code in c.codes)]
+                if groups and fracture is None and "fragility_fracture_history" not in groups:
+                    ev = Evidence(c.reference, _coded_text(c))
+                    ctx.bone_diagnoses.append(ev)
+                    if "osteoporosis" in groups and not c.historic and not c.suspected:
+                        ctx.osteoporosis.append(ev)
+            if c.historic or c.suspected:
                 continue
-            if any(code in self.treatment_codes for _, code in c.codes):
+            if c.resource_type == "Condition" and any(code in self.treatment_codes for _, code in c.codes):
                 ctx.treatments.append(Evidence(c.reference, _coded_text(c)))
-            if any(code in self.kidney_codes for _, code in c.codes):
-                ctx.kidney_caution.append(Evidence(c.reference, _coded_text(c)))
-            if ctx.pregnant is None and c.when and c.when >= preg_since and any(code in self.pregnancy_codes for _, code in c.codes):
-                ctx.pregnant = Evidence(c.reference, _coded_text(c))
-        kc = self.cat.detection.get("kidney_caution", {})
-        dialysis_since = rec.as_of - timedelta(days=kc.get("dialysis_within_days", 90))
-        for p in rec.procedures:
-            if p.when and dialysis_since <= p.when <= rec.as_of and any(code in self.kidney_codes for _, code in p.codes):
-                ctx.kidney_caution.append(Evidence(p.reference, _coded_text(p)))
-                break
+            for section in c.sections:
+                if section == "kidney_caution":
+                    if c.resource_type == "Condition" or (c.when and self.dialysis_since(rec) <= c.when <= rec.as_of):
+                        ctx.kidney_caution.append(Evidence(c.reference, _coded_text(c)))
+                    continue
+                within = det.get(section, {}).get("within_days")
+                if within and c.resource_type == "Condition" and (c.when is None or c.when < rec.as_of - timedelta(days=within)):
+                    continue          # an old pregnancy or hospice code left open
+                if within and c.resource_type == "Procedure" and (c.when is None or not
+                                                                  rec.as_of - timedelta(days=within) <= c.when <= rec.as_of):
+                    continue
+                ctx.sections.setdefault(section, []).append(Evidence(c.reference, _coded_text(c)))
+        ctx.pregnant = (ctx.sections.get("pregnancy") or [None])[0]
+        ctx.lactating = (ctx.sections.get("lactation") or [None])[0]
+        ctx.end_of_life = (ctx.sections.get("end_of_life") or [None])[0]
+        kc = det.get("kidney_caution", {})
         egfr_since = rec.as_of - timedelta(days=kc.get("egfr_lookback_days", 730))
         egfr = rec.newest(self.egfr_loincs, egfr_since, valued=True)
         if egfr is not None:
             ctx.latest_egfr = (egfr.value, egfr.when, egfr.reference)
             if "egfr_below" in kc and egfr.value < kc["egfr_below"]:
                 ctx.kidney_caution.insert(0, Evidence(egfr.reference, f"eGFR {egfr.value:.0f} mL/min/1.73 m2 on {egfr.when.isoformat()}"))
-        self._t_scores(rec, ctx)
+        ctx.kidney_caution = list({e.reference: e for e in ctx.kidney_caution}.values())
+        # young adults are read by Z-score (ISCD 2023): a premenopausal woman, a man under 50
+        age = rec.age
+        max_age = self.cat.therapy["advice"].get("young_adult_max_age", 49)
+        ctx.young_adult = age is not None and age <= max_age and (
+            rec.sex == "male" or (rec.sex == "female" and not ctx.sections.get("menopause")))
+        t = self._scores(rec, self.t_score_loincs, self.t_score_names)
+        if t is not None:
+            value, site, day, ref = t
+            ctx.latest_t_score = (value, site, day)
+            if value <= det.get("treatment_gap", {}).get("t_score_at_most", -2.5) and not ctx.young_adult:
+                ctx.low_t_score = Evidence(ref, f"T-score {value:.1f} ({site}) on {day.isoformat()}")
+        z = self._scores(rec, self.z_score_loincs, self.z_score_names)
+        if z is not None:
+            value, site, day, ref = z
+            ctx.latest_z_score = (value, site, day)
+            if ctx.young_adult and value <= self.cat.therapy["advice"].get("z_score_at_most", -2.0):
+                ctx.low_z_score = Evidence(ref, f"Z-score {value:.1f} ({site}) on {day.isoformat()}: low for age")
+        # a fracture at a site other than hip or spine, with a normal T-score: not osteoporosis by itself
+        normal_above = det.get("fractures", {}).get("normal_t_score_above", -1.0)
+        if ctx.latest_t_score and ctx.latest_t_score[0] > normal_above and not ctx.young_adult:
+            ctx.normal_bmd_fractures = [f for f in ctx.fractures if not f.major and not f.osteoporotic]
         dxa_since = rec.as_of - timedelta(days=s.get("recent_dxa_days", 730))
         candidates: list[tuple[date, Evidence]] = []
         for code in self.dxa_loincs:
@@ -815,22 +982,12 @@ class Engine:
         frax = rec.newest(self.frax_loincs, dxa_since, valued=True)
         if frax is not None:
             ctx.latest_frax = (frax.value, frax.when)
-        t_since = rec.as_of - timedelta(days=s.get("treatment_lookback_days", 365))
-        for m in rec.medications:
-            names = [i.name for i in m.ingredients if i.cause_id == "osteoporosis_treatment"]
-            if not names or m.start is None:
-                continue
-            if "ethinyl" in m.text.lower():
-                continue            # contraceptive estrogen is not osteoporosis therapy
-            window = t_since
-            if "zoledronic acid" in names:
-                window = rec.as_of - timedelta(days=s.get("zoledronic_acid_effect_days", 730))
-            if "denosumab" in names:
-                window = rec.as_of - timedelta(days=s.get("denosumab_effect_days", 210))
-            if m.ongoing or (m.end and m.end >= window):
-                ctx.treatments.append(Evidence(m.reference, m.describe()))
-                self._add_course(ctx, names[0], m, rec)
-        ctx.next_decision = self._next_decision(ctx, rec)
+        # osteoporosis therapy as a history (therapy.yaml)
+        ctx.therapy = self.therapy.read(rec)
+        ctx.treated = self.therapy.treated(ctx.therapy, rec.as_of)
+        ctx.treatments += [Evidence(c.reference, self.describe_course(c, rec.as_of)) for c in ctx.courses]
+        ctx.alerts_replace_gap = any(c.state == OVERDUE for c in ctx.therapy.courses) or bool(
+            self.unfollowed_anabolic(ctx.therapy, rec.as_of))
         w_since = rec.as_of - timedelta(days=s.get("recent_workup_days", 365))
         for item_id, groups in self.key_components.items():
             label = self.workup_labels[item_id]
@@ -848,6 +1005,31 @@ class Engine:
                         ctx.workup_done[item_id] = Evidence(m.reference, f"{label} on {m.when.isoformat()}")
                     break
         return ctx
+
+    def dialysis_since(self, rec: PatientRecord) -> date:
+        return rec.as_of - timedelta(days=self.cat.detection.get("kidney_caution", {}).get("dialysis_within_days", 90))
+
+    def describe_course(self, c: Course, as_of: date) -> str:
+        """"Alendronate 70 MG Oral Tablet, 70 mg weekly, since 2019-05 (last ordered 2021-05-03, order still active)"."""
+        text = f"{c.label or c.drug}, since {c.start.isoformat()[:7]}"
+        if self.therapy.stale(c, as_of):
+            text += f" ({self.cat.therapy['therapy']['wording']['stale_order'].format(date=c.newest_record.isoformat())})"
+        elif c.cls.get("dose_every_days"):
+            text += f" (last dose {c.last.isoformat()})"
+        return text
+
+    def unfollowed_anabolic(self, history: TherapyHistory, as_of: date) -> Course | None:
+        """The newest anabolic course that ended (not long ago) with no antiresorptive started after it."""
+        for c in reversed(history.courses):
+            cls = c.cls
+            if not cls.get("anabolic") or c.state == "current":
+                continue
+            if (as_of - c.last).days > cls.get("follow_on_alert_days", 730):
+                return None
+            overlap = any(o.is_antiresorptive() and o.start <= c.last + timedelta(days=cls.get("follow_on_within_days", 90))
+                          and (o.last >= c.last or o.state == "current") for o in history.courses if o is not c)
+            return None if overlap else c
+        return None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -924,7 +1106,7 @@ def _same_concept(entries) -> list[list[CodedEntry]]:
     records it at every visit shows one line, not twenty."""
     groups: dict[tuple, list[CodedEntry]] = {}
     for e in entries:
-        groups.setdefault((tuple(e.codes), e.text, e.historic, e.as_text), []).append(e)
+        groups.setdefault((tuple(e.codes), e.text, e.historic, e.as_text, e.suspected), []).append(e)
     return [sorted(g, key=lambda e: e.when or date.min) for g in groups.values()]
 
 
@@ -948,13 +1130,18 @@ def _grouped(exps: list[MedicationExposure]) -> list[Evidence]:
 
 
 def _coded_text(entry: CodedEntry, copies: int = 1, last: date | None = None) -> str:
-    codes = "recorded as text, no code we know" if entry.as_text else \
-        ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:2])
+    """A condition or procedure in words and dates; its codes stay in --explain."""
+    how = " (suspected: rule-out or provisional)" if entry.suspected else " (recorded as text, no code we know)" if entry.as_text else ""
     when = f", {'onset' if entry.resource_type == 'Condition' else 'performed'} {entry.when.isoformat()}" if entry.when else ""
     healed = ", recorded as resolved (history)" if entry.historic else ""
     again = f"; recorded {copies} times, last {last.isoformat()}" if copies > 1 and last else \
         f"; recorded {copies} times" if copies > 1 else ""
-    return f"{entry.text or 'coded entry'} ({codes}){when}{healed}{again}"
+    return f"{entry.text or _coded_name(entry)}{how}{when}{healed}{again}"
+
+
+def _coded_name(entry: CodedEntry) -> str:
+    """An entry with no name recorded: named by its code (the only words it has)."""
+    return ", ".join(f"{_system_name(s)} {c}" for s, c in entry.codes[:1]) or "coded entry"
 
 
 def _system_name(system: str) -> str:

@@ -19,13 +19,17 @@ class OrderCardRenderer:
                                  for r in reasons["codes"]]
 
     def render(self, d: ProtectionDecision) -> list[dict]:
+        if d.silenced:
+            return []                        # deceased, hospice or comfort care
+        if d.bone_drugs:
+            return [self.safety_card(d)]
         if not d.ordered or d.on_therapy:
             return []
         lead = d.lead
         summary = lead.trigger["summary"].format(regimen=lead.regimen)
         if len(summary) > 139:
             summary = summary[:138] + "…"
-        act = d.dxa_due or (d.risk is not None and (d.risk.stratum is None or d.offer_bisphosphonate
+        act = d.dxa_due or (d.risk is not None and (d.risk.level == "undetermined" or d.offer_bisphosphonate
                                                     or bool(d.guards_failed)))
         card = {
             "uuid": self.shared.new_uuid(),
@@ -41,6 +45,27 @@ class OrderCardRenderer:
         if links:
             card["links"] = links
         return [card]
+
+    def safety_card(self, d: ProtectionDecision) -> dict:
+        """A bone-drug draft that a safety rule stands against (alendronate in pregnancy, zoledronic acid at eGFR 28)."""
+        cfg = self.cfg["safety"]
+        lead = d.bone_drugs[0]
+        summary = cfg["summary"].format(regimen=lead.regimen, conflict=lead.conflicts[0].text)
+        if len(summary) > 139:
+            summary = summary[:138].rsplit(" ", 1)[0] + "…"
+        lines = [f"**{md(cfg['heading'].format(regimen=b.regimen))}**\n" + "\n".join(
+            f"- {md(c.text)} ({md(self.shared.citation_names(c.citations))})" for c in b.conflicts) for b in d.bone_drugs]
+        results = [f"{label} {value} ({day})" for label, value, day in self.shared.latest_results(d.assessment)]
+        if results:
+            lines.append("**Bone health context**\n- " + md(self.cfg["results"].format(items="; ".join(results))))
+        cites = list(dict.fromkeys(c for b in d.bone_drugs for x in b.conflicts for c in x.citations))
+        card = {"uuid": self.shared.new_uuid(), "summary": summary, "indicator": "warning",
+                "detail": "\n\n".join(lines), "source": self.shared.source(),
+                "overrideReasons": [dict(r) for r in self.override_reasons]}
+        links = self.shared.citation_links(cites)
+        if links:
+            card["links"] = links
+        return card
 
     def detail(self, d: ProtectionDecision) -> str:
         a, ctx, cfg = d.assessment, d.assessment.context, self.cfg
@@ -58,14 +83,15 @@ class OrderCardRenderer:
             value, site, day = ctx.latest_t_score
             context.append(cfg["t_score"].format(value=value, site=site or "site not recorded", date=day.isoformat()))
         if ctx.fractures:
-            context.append(cfg["fractures"].format(items="; ".join(e.text for e in ctx.fractures[:3])))
+            context.append(cfg["fractures"].format(items="; ".join(f.text for f in ctx.fractures[:3])))
         context.append(cfg["no_treatment"])
         results = [f"{label} {value} ({day})" for label, value, day in self.shared.latest_results(a)]
         if results:
             context.append(cfg["results"].format(items="; ".join(results)))
         risk = None
         if d.risk is not None:
-            risk = SimpleNamespace(label=md(d.risk.label), reasons=[md(r) for r in d.risk.reasons])
+            reasons = [md(r) for r in d.risk.reasons] + ([md(d.line.text)] if d.line else [])
+            risk = SimpleNamespace(label=md(d.risk.label), reasons=reasons)
         text = self.cat.templates["order_detail"].render(
             orders=[md(r) for r in regimens], why=md(" ".join(whys)), exposure=[md(e) for e in d.exposure],
             risk=risk, guards=[md(g) for g in d.guards_failed], kidney=self.shared.kidney_view(ctx),

@@ -2,20 +2,26 @@
 
 The draft orders are read into the patient record as planned exposures (RecordBuilder `drafts`), so
 the causes' own rules (cards/causes.yaml, medications.yaml) decide whether the course, added to what
-is already on record, is long-term glucocorticoid use, an aromatase inhibitor or androgen
-deprivation. This module turns that into one decision: which drafts call for bone protection, the
-ACR 2022 risk stratum where the record allows it, whether a DXA is due, and which safety guard (if
-any) stands in the way of an oral bisphosphonate draft (cards/orders.yaml).
+is already on record, is long-term glucocorticoid use, an aromatase inhibitor for breast cancer, androgen
+deprivation or a long GnRH-agonist course in a woman. This module turns that into one decision: which drafts
+call for bone protection, the ACR 2022 risk stratum where the record allows it (the same implementation as the
+chart-open card: care.py), whether a DXA is due, and which drug-safety rule (if any) stands in the way of an oral
+bisphosphonate draft. A bone-drug draft itself (alendronate for a pregnant woman, zoledronic acid at eGFR 28) is
+checked by the drug-safety layer (therapy.yaml `safety`).
 """
 from __future__ import annotations
 
-import re
+import hashlib
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from .catalog import Catalog
-from .engine import Assessment, Finding
-from .record import MedicationExposure, PatientRecord, concept_label, concept_text, status_code
+from .engine import AdviceLine, Assessment, Conflict, Finding, Risk
+from .record import MedicationExposure
+from .safety import DrugSafety
 
 _FREQUENCY_WORDS = ((4, "four times daily"), (3, "three times daily"), (2, "twice daily"), (1, "daily"),
                     (0.5, "every other day"), (1 / 7, "weekly"), (1 / 30, "monthly"), (1 / 91, "every 3 months"),
@@ -31,22 +37,27 @@ class OrderedDrug:
 
 
 @dataclass
-class Risk:
-    stratum: str | None             # very_high, high, moderate, low; None when the record cannot decide
-    label: str
-    reasons: list[str]
+class BoneDrugDraft:
+    """A draft of an osteoporosis medicine, and the safety rules that hold against it."""
+    exposure: MedicationExposure
+    drug: str
+    regimen: str
+    conflicts: list[Conflict]
 
 
 @dataclass
 class ProtectionDecision:
     assessment: Assessment          # the engine's reading of the record with the drafts added
-    ordered: list[OrderedDrug]      # drafts that call for bone protection (empty: no card)
+    ordered: list[OrderedDrug]      # drafts that call for bone protection (empty: no protection card)
     on_therapy: bool                # already on osteoporosis therapy: bone protection is in place
     dxa_due: bool
-    risk: Risk | None               # glucocorticoids only
+    risk: Risk | None               # glucocorticoids only (ACR 2022)
+    line: AdviceLine | None = None  # its treatment line
     exposure: list[str] = field(default_factory=list)       # the glucocorticoid exposure in words
     guards_failed: list[str] = field(default_factory=list)  # why no bisphosphonate draft, in words
     offer_bisphosphonate: bool = False
+    bone_drugs: list[BoneDrugDraft] = field(default_factory=list)   # bone-drug drafts with a safety conflict
+    silenced: str | None = None     # deceased, hospice: no card
 
     @property
     def lead(self) -> OrderedDrug:
@@ -61,13 +72,13 @@ class ProtectionDecision:
 def regimen_text(m: MedicationExposure, name: str) -> str:
     """"Prednisone 10 mg daily for 3 months", "Leuprolide 22.5 mg injection" (words, no ids)."""
     drug = name[:1].upper() + name[1:]
-    dose = f" {m.mg_per_dose:g} mg" if m.mg_per_dose else ""
+    dose = f" {_num(m.mg_per_dose)} mg" if m.mg_per_dose else ""
     if m.single_dose:
         return f"{drug}{dose} injection"
     per_day = m.doses_per_day
     freq = ""
     if per_day:
-        freq = " " + next((w for v, w in _FREQUENCY_WORDS if abs(per_day - v) <= v * 0.1), f"{per_day:g} times a day")
+        freq = " " + next((w for v, w in _FREQUENCY_WORDS if abs(per_day - v) <= v * 0.1), f"{_num(per_day)} times a day")
     days = (m.end - m.start).days + 1 if (m.start and m.end) else 0
     if days <= 1:
         return f"{drug}{dose}{freq}"
@@ -81,6 +92,11 @@ def regimen_text(m: MedicationExposure, name: str) -> str:
     return f"{drug}{dose}{freq} for {length}"
 
 
+def _num(x: float) -> str:
+    """A number with at most one decimal ("38.1", "10")."""
+    return f"{x:.1f}".rstrip("0").rstrip(".")
+
+
 class ProtectionAdvisor:
     """Decides, from an Assessment of a record that includes draft orders, what the card offers."""
 
@@ -90,14 +106,11 @@ class ProtectionAdvisor:
         self.triggers = self.cfg["triggers"]
         self.guards = self.cfg["bisphosphonate_guards"]
         self.gc_settings = catalog.medication_settings["glucocorticoids"]
-        words = self.guards["oesophagus_words"]
-        self.oesophagus = re.compile("|".join(rf"(?<![a-z]){re.escape(w.lower())}" for w in words)) if words else None
+        self.safety = DrugSafety(catalog)
 
-    def decide(self, a: Assessment, drafts: list[MedicationExposure], prefetch: dict) -> ProtectionDecision:
-        """`prefetch`: the request's prefetch data, whose problem list the oesophagus guard reads for words
-        the catalog has no cause for (only when a bisphosphonate is in question)."""
+    def decide(self, a: Assessment, drafts: list[MedicationExposure]) -> ProtectionDecision:
         ctx = a.context
-        by_cause = {f.cause.id: f for f in a.findings}
+        by_cause = {f.cause.id: f for f in a.findings if not f.suspected}
         ordered: list[OrderedDrug] = []
         for t in self.triggers:
             finding = by_cause.get(t["cause"])
@@ -105,26 +118,42 @@ class ProtectionAdvisor:
                 continue
             counted = set(finding.references)
             for m in drafts:
-                name = next((i.name for i in m.ingredients if i.cause_id == t["cause"]), None)
+                name = next((i.name for i in m.ingredients if i.cause_id == t["cause"]
+                             and (not t.get("ingredients") or i.name in t["ingredients"])), None)
                 if name is not None and m.reference in counted:
                     ordered.append(OrderedDrug(t, m, regimen_text(m, name)))
-        on_therapy = bool(ctx.treatments)
-        decision = ProtectionDecision(a, ordered, on_therapy, dxa_due=False, risk=None)
-        if not ordered or on_therapy:
+        decision = ProtectionDecision(a, ordered, on_therapy=bool(ctx.treated), dxa_due=False, risk=None,
+                                      silenced=a.silenced)
+        decision.bone_drugs = self._bone_drug_drafts(a, drafts)
+        if not ordered or decision.on_therapy or decision.silenced:
             return decision
         recent = ctx.last_dxa is not None and ctx.last_dxa >= a.as_of - timedelta(days=decision.dxa_window_days)
         decision.dxa_due = not recent and ctx.pregnant is None
         gc = by_cause.get("glucocorticoids") if any(o.trigger.get("risk") == "glucocorticoid" for o in ordered) else None
         if gc is not None:
             decision.exposure = self._gc_exposure(gc, {o.exposure.reference for o in ordered})
-            decision.risk = self._gc_risk(a, gc)
-            offer = decision.risk.stratum in self.cfg["glucocorticoid_risk"]["offer_therapy_from"]
+            decision.risk = a.care.gc_risk if a.care else None
+            decision.line = a.care.gc_line if a.care else None
+            offer = decision.risk is not None and decision.risk.level in self.cfg["glucocorticoid_risk"]["offer_therapy_from"]
         else:
             offer = False
         if offer:
-            decision.guards_failed = self._guards(a, prefetch)
+            decision.guards_failed = self._guards(a)
             decision.offer_bisphosphonate = not decision.guards_failed
         return decision
+
+    def _bone_drug_drafts(self, a: Assessment, drafts: list[MedicationExposure]) -> list[BoneDrugDraft]:
+        """Every osteoporosis-medicine draft with a safety rule against it (for this patient, today)."""
+        out = []
+        for m in drafts:
+            name = next((i.name for i in m.ingredients if i.cause_id == "osteoporosis_treatment"
+                         and i.name in self.cat.treatment_classes), None)
+            if name is None:
+                continue
+            conflicts = self.safety.conflicts(a, name, draft=True)
+            if conflicts:
+                out.append(BoneDrugDraft(m, name, regimen_text(m, name), conflicts))
+        return out
 
     def _gc_exposure(self, gc: Finding, drafts: set[str]) -> list[str]:
         """What is already on record, then the total with this order, in words."""
@@ -138,92 +167,73 @@ class ProtectionAdvisor:
                                            min_days=self.gc_settings["min_days"]))
         return out
 
-    # ---- ACR 2022 risk -----------------------------------------------------------------------
-    def _gc_risk(self, a: Assessment, gc: Finding) -> Risk:
-        cfg = self.cfg["glucocorticoid_risk"]
-        ctx = a.context
-        t = ctx.latest_t_score
-        fields = {"t_score": t[0], "site": t[1] or "site not recorded", "date": t[2].isoformat()} if t else {}
-        notes = []
-        if gc.tier in ("high", "very_high") and cfg.get("high_dose_note"):
-            notes.append(cfg["high_dose_note"])
-        for s in cfg["strata"]:
-            (kind, value), = s["when"].items()
-            holds = (kind == "fragility_fracture" and bool(ctx.fractures)) \
-                or (kind == "very_high_dose" and gc.tier == "very_high") \
-                or (kind == "t_score_at_most" and t is not None and t[0] <= value) \
-                or (kind == "t_score_below" and t is not None and t[0] < value)
-            if holds:
-                reasons = [s["reason"].format(**fields) if fields else s["reason"]]
-                if kind == "fragility_fracture":
-                    reasons = [f"{s['reason']}: " + "; ".join(e.text for e in ctx.fractures[:2])]
-                if s["id"] == "very_high" and cfg.get("very_high_note"):
-                    notes.append(cfg["very_high_note"])
-                return Risk(s["id"], s["label"], reasons + notes)
-        age = a.record.age
-        frax = cfg["frax_text"] if age is not None and age >= cfg["frax_from_age"] else ""
-        if t is not None:
-            return Risk("low", "low by bone density", [cfg["low_with_dxa"].format(**fields)] + notes)
-        return Risk(None, "not yet known", [cfg["undetermined"].format(frax=frax)] + notes)
-
-    # ---- bisphosphonate safety guards ----------------------------------------------------------
-    def _guards(self, a: Assessment, prefetch: dict) -> list[str]:
+    # ---- what stands in the way of an oral bisphosphonate draft ----------------------------------------
+    def _guards(self, a: Assessment) -> list[str]:
+        """Results the label asks for before the first dose (missing or out of range), a treatment line that rules
+        out a bone drug for this patient (young adult, pregnancy or lactation, CKD G4-G5), and every drug-safety
+        rule that holds for alendronate (therapy.yaml `safety`)."""
         g, texts = self.guards, self.guards["texts"]
-        rec, ctx = a.record, a.context
+        rec = a.record
         since = rec.as_of - timedelta(days=g["within_days"])
         failed = []
-        if ctx.kidney_caution and not (ctx.latest_egfr and ctx.latest_egfr[0] < g["egfr_at_least"]):
-            failed.append(texts["kidney_caution"])
-        egfr = self._latest(rec, "egfr", since)
+        line = a.care.line if a.care else None
+        special = next((x for x in ([line] if line else []) if x.no_drug_drafts), None)
+        if special is not None:
+            failed.append(texts["advice"].format(text=special.short or special.text))
+        egfr = self._latest(a, "egfr", since)
         if egfr is None:
             failed.append(texts["egfr_missing"])
-        elif egfr.value < g["egfr_at_least"]:
-            failed.append(texts["egfr_low"].format(value=egfr.value, date=egfr.when.isoformat(), limit=g["egfr_at_least"]))
-        calcium = self._latest(rec, "calcium", since)
+        calcium = self._latest(a, "calcium", since)
         low, high = g["calcium_range"]
         if calcium is None:
             failed.append(texts["calcium_missing"])
-        elif not low <= calcium.value <= high:
+        elif calcium.value > high:
             failed.append(texts["calcium_out"].format(value=calcium.value, date=calcium.when.isoformat(), low=low, high=high))
-        vit_d = self._latest(rec, "vitamin_d", since)
+        vit_d = self._latest(a, "vitamin_d", since)
         if vit_d is None:
             failed.append(texts["vitamin_d_missing"])
         elif vit_d.value < g["vitamin_d_at_least"]:
             failed.append(texts["vitamin_d_low"].format(value=vit_d.value, date=vit_d.when.isoformat(),
                                                         limit=g["vitamin_d_at_least"]))
-        if self.oesophagus is not None:
-            hit = next((label for words, label in current_problems(prefetch, self.cat.statuses)
-                        if self.oesophagus.search(words.lower())), None)
-            if hit is not None:
-                failed.append(texts["oesophagus"].format(text=hit))
-        if g.get("gastric_surgery_cause") and any(f.cause.id == g["gastric_surgery_cause"] for f in a.findings):
-            failed.append(texts["gastric_surgery"])
-        if ctx.pregnant is not None:
-            failed.append(texts["pregnant"])
-        return failed
+        failed += [c.text for c in self.safety.conflicts(a, "alendronate", draft=True)]
+        return list(dict.fromkeys(failed))
 
-    def _latest(self, rec: PatientRecord, group: str, since):
-        return rec.newest(self.cat.loinc_groups.get(group, []), since, valued=True)
+    def _latest(self, a: Assessment, group: str, since):
+        return a.record.newest(self.cat.loinc_groups.get(group, []), since, valued=True)
 
 
-def current_problems(prefetch: dict, statuses: dict) -> list[tuple[str, str]]:
-    """(every name it carries, the name to show) of each current Condition in the prefetch: not resolved,
-    inactive, refuted or entered in error."""
-    clinical = set(statuses.get("condition_clinical", []))
-    excluded = set(statuses.get("condition_verification_excluded", []))
-    out = []
-    for value in prefetch.values():
-        if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
-            continue
-        for entry in value.get("entry") or ():
-            res = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(res, dict) or res.get("resourceType") != "Condition":
-                continue
-            if status_code(res.get("clinicalStatus")) not in clinical | {None}:
-                continue
-            if status_code(res.get("verificationStatus")) in excluded:
-                continue
-            words = concept_text(res.get("code"))
-            if words.strip():
-                out.append((words, concept_label(res.get("code"))))
-    return out
+class ShownDrafts:
+    """Drafts that had their card at order-select, so that the same draft gets one card across order-select and
+    order-sign. Per process, bounded, entries expire; only a keyed digest of the FHIR server, patient and draft is
+    kept, never the ids themselves. (With several workers, a sign that lands on another worker than its select shows
+    the card again: safe, and rare behind a sticky load balancer.)"""
+
+    def __init__(self, ttl_s: float = 12 * 3600, capacity: int = 20000):
+        self.ttl_s, self.capacity = ttl_s, capacity
+        self._seen: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._salt = hashlib.sha256(str(time.time_ns()).encode()).digest()
+
+    def key(self, fhir_server: str, patient_id: str, draft: dict) -> bytes:
+        """The draft's id and what it orders (an EHR may reuse one id for every draft: the CDS Hooks sandbox sends
+        "request-123" whatever the drug)."""
+        content = repr(sorted((k, repr(draft.get(k))) for k in ("id", "medicationCodeableConcept", "medicationReference",
+                                                                "dosageInstruction", "dispenseRequest")))
+        return hashlib.blake2b(f"{fhir_server}|{patient_id}|{content}".encode(), key=self._salt[:32],
+                               digest_size=16).digest()
+
+    def shown_at_select(self, key: bytes, now: float | None = None) -> bool:
+        """True when this draft's card went out at order-select within the time to live (the order-sign of the same
+        draft then adds nothing)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hit = self._seen.get(key)
+            return hit is not None and now - hit[0] < self.ttl_s and hit[1] == "order-select"
+
+    def remember(self, key: bytes, hook: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._seen[key] = (now, hook)
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 import orjson
 from pydantic import ValidationError
 
-from .catalog import ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text
+from .catalog import (ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text,
+                      words_regex)
 from .jsonutil import as_list, is_error_outcome
 
 _MODELS: dict[str, Any] = {}
@@ -159,7 +160,7 @@ def concept_text(concept: Any) -> str:
         for c in cs:
             if isinstance(c, dict):
                 display = c.get("display")
-                if isinstance(display, str):
+                if isinstance(display, str) and display not in parts:      # the same words once
                     parts.append(display)
     return " ".join(parts)
 
@@ -201,6 +202,7 @@ class MedicationExposure:
     as_needed: bool = False
     single_dose: bool = False      # an injection with no frequency: one dose, however long it stays active
     planned: bool = False          # a draft order being signed: the course it would start
+    route_text: str = ""           # dosage, route and form text (where a route rule reads it: local estrogen)
 
     def covers(self, day: date) -> bool:
         return self.start is not None and self.start <= day <= (self.end or self.start)
@@ -313,7 +315,7 @@ class Measurement:
 
 @dataclass
 class CodedEntry:
-    """A Condition or Procedure that matched a catalog code."""
+    """A Condition or Procedure that matched a catalog code (or, failing that, names a cause or fracture in words)."""
 
     reference: str
     resource_type: str
@@ -323,6 +325,11 @@ class CodedEntry:
     codes: list[tuple[str, str]]          # (system, code) of the resource
     historic: bool = False                # resolved or inactive: read only as history (a healed fracture)
     as_text: bool = False                 # matched by its text: no coding the catalog knows
+    suspected: bool = False               # provisional, differential, "rule out", "?": never fires a card alone
+    category: str = ""                    # problem-list-item, encounter-diagnosis (Conditions)
+    sections: tuple[str, ...] = ()        # context code sets it belongs to (pregnancy, end_of_life, ...)
+    fracture_site: str | None = None      # hip, vertebra, forearm, humerus, pelvis, unspecified
+    high_energy: bool = False             # its own text says the injury was high-energy (a car crash, a fall from height)
 
 
 @dataclass
@@ -348,6 +355,9 @@ class PatientRecord:
     superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
     skipped_implausible: int = 0     # results read with a value no real measurement could have
     malformed_dates: int = 0         # resources kept with a malformed date left out (the date is not read)
+    deceased: bool = False           # Patient.deceased[x] says so (on or before as_of)
+    deceased_on: date | None = None
+    transport_accident_dates: set[date] = field(default_factory=set)   # ICD-10-CM V00-V99 conditions (high-energy)
 
     @cached_property
     def coded_by_cause(self) -> dict[str, list[CodedEntry]]:
@@ -486,11 +496,6 @@ class RecordBuilder:
             codes = catalog.index_codes(group)
             self.context_codes.update(c["code"] for c in codes)
             self.context_icd_prefixes.update(icd_key(c["code"]) for c in codes if c.get("match") == "prefix")
-        for section in ("kidney_caution", "pregnancy"):   # card context: kidney safety, no DXA in pregnancy
-            self.context_codes.update(c["code"] for c in catalog.section_codes(section))
-        # fractures stay on record when healed (resolved): they are history, not a current problem
-        self.history_codes = {(normalize_system(c["system"]), c["code"])
-                              for c in catalog.index_codes("fragility_fracture_history")}
         for key in ("procedure_cpt", "procedure_snomed"):
             self.context_codes.update(c["code"] for c in det["existing_dxa"].get(key, []))
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
@@ -511,6 +516,16 @@ class RecordBuilder:
             lambda rt, system, code, text, display: self._concept_matches(
                 rt, {"text": text, "coding": [{"system": system, "code": code, "display": display}]}))
         self._condition_text_matches = memo(self._text_matches)
+        self._section_text_matches = memo(self._section_matches)
+        self._fracture_text_site = memo(self._fracture_text)
+        self._fracture_procedure_site = memo(self._fracture_procedure)
+        self._text_certainty = memo(self._cue_kinds)
+        self.cond_suspected = set(st.get("condition_verification_suspected", []))
+        cues = det.get("condition_text") or {}
+        self.cue_kinds_before = {normalize_text(w): kind for kind, ws in cues.get("cues_before", {}).items() for w in ws}
+        self.cue_kinds_after = {normalize_text(w): kind for kind, ws in cues.get("cues_after", {}).items() for w in ws}
+        energy = det.get("fractures", {}).get("high_energy_words", [])
+        self.high_energy_regex = words_regex(energy) if energy else None
         self._procedure_text_matches = memo(
             lambda low: tuple((cause_id, "trigger") for word, cause_id in self.procedure_words if word in low))
         # one reader per resource type, each over all resources of its type
@@ -616,6 +631,12 @@ class RecordBuilder:
         rec.birth_date = None if birth is None or _malformed_date(birth) else parse_date(birth)
         g = res.get("gender")
         rec.sex = g if g in ("male", "female") else None
+        if res.get("deceasedBoolean") is True:
+            rec.deceased = True
+        elif isinstance(res.get("deceasedDateTime"), str):
+            died = parse_date(res["deceasedDateTime"])
+            if died is not None and died <= rec.as_of:     # a death recorded after "today" is not yet so
+                rec.deceased, rec.deceased_on = True, died
 
     # ---- Conditions / Procedures ----------------------------------------------------------------
     def _condition_counts(self, res: dict) -> tuple[str, date | None]:
@@ -658,12 +679,28 @@ class RecordBuilder:
                                                                c.get("display"))
         else:
             matches, context, codes = self._concept_matches(rt, concept)
+        if rt == "Condition" and codes and any(s == ICD10CM and _TRANSPORT_ACCIDENT.match(c) for s, c in codes):
+            state, when = counts(res)
+            if when is not None:
+                rec.transport_accident_dates.add(when)     # a high-energy injury on that day
         as_text = False
+        sections: tuple[str, ...] = ()
+        site = None
+        if context:
+            sections = self._sections_of(codes)
+            site = self._site_of(codes)
         if not matches and not context:
-            if rt != "Condition" or self.cat.condition_text_regex is None:
+            text = concept_text(concept)
+            if not text:
                 return
-            matches = self._condition_text_matches(concept_text(concept))
-            if not matches:
+            if rt == "Condition":
+                if self.cat.condition_text_regex is not None:
+                    matches = self._condition_text_matches(text)
+                sections = self._section_text_matches(text)
+                site = self._fracture_text_site(text)
+            else:
+                site = self._fracture_procedure_site(text)
+            if not matches and not sections and site is None:
                 return
             as_text = True
         state, when = counts(res)
@@ -672,14 +709,104 @@ class RecordBuilder:
             for key in codes:                   # a newer closed copy of the concept supersedes older active ones
                 if when is not None and when > rec.closed_concepts.get(key, date.min):
                     rec.closed_concepts[key] = when
-            if matches or not any(key in self.history_codes for key in codes):
+            if site is None:
                 return
             historic = True                     # a healed fracture is still a fracture on record
+            matches = ()
         elif state != "counts":
             return
+        suspected = False
+        if rt == "Condition":
+            certainty = self._certainty(res, concept, as_text)
+            if certainty == "excluded":
+                return
+            suspected = certainty == "suspected"
         ref = self._keep(rec, res)
         if ref is not None:
-            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes), historic, as_text))
+            category = ""
+            if rt == "Condition":
+                category = next((c.get("code") for cat in as_list(res.get("category")) for c in codings(cat)
+                                 if isinstance(c.get("code"), str)), "")
+            high_energy = site is not None and self._high_energy(concept_text(concept))
+            target.append(CodedEntry(ref, rt, concept_label(concept), when, list(matches), list(codes), historic, as_text,
+                                     suspected, category, sections, site, high_energy))
+
+    def _certainty(self, res: dict, concept: Any, as_text: bool) -> str:
+        """"confirmed", "suspected" (provisional, differential, unconfirmed; "rule out", "?", "suspected" in its text),
+        "historic" ("history of ...") or "excluded" (negated, about a relative, not the disease). A coded entry's text
+        is read at its start and end only (a name matched in text was already read with its cues)."""
+        if status_code(res.get("verificationStatus")) in self.cond_suspected:
+            return "suspected"
+        if as_text or self.cat.cues_before_regex is None:
+            return "confirmed"
+        text = concept.get("text") if isinstance(concept, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            return "confirmed"
+        return self._text_certainty(normalize_text(text[:_MAX_CUE_TEXT]))
+
+    def _cue_kinds(self, text: str) -> str:
+        """What the cues at the very start ("R/O ...", "FH: ...", "History of ...") or the very end ("... ruled out",
+        "...?", "... - resolved") of a coded entry's text say. Only there: a cue word inside a name ("Multiple myeloma
+        not having achieved remission", "lactating mother") is part of the name."""
+        head = text.lstrip(" -:([*")
+        kinds = set()
+        m = self.cat.cues_before_regex.match(head)
+        if m:
+            kinds.add(self.cue_kinds_before.get(m.group(0)))
+        tail = text.rstrip(" .)]-*")
+        for m in self.cat.cues_after_regex.finditer(tail, max(0, len(tail) - _CUE_WINDOW)):
+            kind = self.cue_kinds_after.get(m.group(0))
+            if m.end() == len(tail) and kind in ("negated", "uncertain"):
+                kinds.add(kind)
+        if kinds & {"negated", "other_person", "not_the_disease"}:
+            return "excluded"
+        if "uncertain" in kinds:
+            return "suspected"
+        # "History of ..." on a coded entry is the code's own meaning (a history-of situation, a healed fracture)
+        return "confirmed"
+
+    def _sections_of(self, codes: tuple) -> tuple[str, ...]:
+        return tuple(name for name, cs in self.cat.code_sets.items() if cs.any_of(codes))
+
+    def _site_of(self, codes: tuple) -> str | None:
+        site = next((name for name, cs in self.cat.fracture_sites.items() if cs.any_of(codes)), None)
+        if site is None and self.cat.osteoporotic_fracture_codes.any_of(codes):
+            return "unspecified"                # M80 or Z87.310 without a site the catalog knows
+        return site
+
+    def _section_matches(self, text: str) -> tuple[str, ...]:
+        low = normalize_text(text[:_MAX_CUE_TEXT])
+        return tuple(name for name, rx in self.cat.section_text_regex.items() if self._named_unhedged(rx, low))
+
+    def _fracture_text(self, text: str) -> str | None:
+        rx = self.cat.fracture_text_regex
+        if rx is None:
+            return None
+        low = normalize_text(text[:_MAX_CUE_TEXT])
+        m = self._named_unhedged(rx, low)
+        return self.cat.fracture_text_sites[m.group(0)] if m else None
+
+    def _fracture_procedure(self, text: str) -> str | None:
+        rx = self.cat.fracture_procedure_regex
+        if rx is None:
+            return None
+        m = rx.search(normalize_text(text[:_MAX_CUE_TEXT]))
+        return self.cat.fracture_procedure_sites[m.group(0)] if m else None
+
+    def _named_unhedged(self, rx: re.Pattern, low: str):
+        """The first name `rx` finds in `low` with no negation, hedge, past or other-person cue around it."""
+        cat = self.cat
+        for m in rx.finditer(low):
+            if cat.cues_before_regex is not None and (cat.cues_before_regex.search(low, max(0, m.start() - _CUE_WINDOW),
+                                                                                 m.start())
+                                                      or cat.cues_after_regex.search(low, m.end(), m.end() + _CUE_WINDOW)):
+                continue
+            return m
+        return None
+
+    def _high_energy(self, text: str) -> bool:
+        return self.high_energy_regex is not None and self.high_energy_regex.search(
+            normalize_text(text[:_MAX_CUE_TEXT])) is not None
 
     def _concept_matches(self, rt: str, concept: Any) -> tuple[tuple, bool, tuple]:
         """(cause matches, whether it shapes the card's context, its (system, code) pairs)."""
@@ -703,10 +830,11 @@ class RecordBuilder:
         puts it in the past or gives it to someone else ("no celiac disease", "FH: rheumatoid arthritis",
         "?Cushing's", "Graves disease - resolved")."""
         cat = self.cat
-        low = normalize_text(text)
+        low = normalize_text(text[:_MAX_CUE_TEXT])
         out: list[tuple[str, str]] = []
         for m in cat.condition_text_regex.finditer(low):
-            if cat.cues_before_regex.search(low, 0, m.start()) or cat.cues_after_regex.search(low, m.end()):
+            if cat.cues_before_regex.search(low, max(0, m.start() - _CUE_WINDOW), m.start()) \
+                    or cat.cues_after_regex.search(low, m.end(), m.end() + _CUE_WINDOW):
                 continue
             out += [(cause_id, "trigger") for cause_id in cat.condition_text_causes[m.group(0)]]
         return tuple(dict.fromkeys(out))
@@ -714,7 +842,9 @@ class RecordBuilder:
     def _lookup_code(self, system: str, code: str) -> tuple[tuple[tuple[str, str], ...], bool]:
         """(causes the code triggers or supports, whether it shapes the card's context). Memoized:
         the same few thousand codes fill most charts."""
-        in_context = code in self.context_codes or (system == ICD10CM and icd_prefix_match(code, self.context_icd_prefixes))
+        in_context = code in self.context_codes or (system == ICD10CM and icd_prefix_match(code, self.context_icd_prefixes)) \
+            or any(cs.holds(system, code) for cs in self.cat.code_sets.values()) \
+            or any(cs.holds(system, code) for cs in self.cat.fracture_sites.values())
         return tuple(self.cat.causes_for_code(system, code)), in_context
 
     # ---- Observations ---------------------------------------------------------------------------
@@ -850,7 +980,9 @@ class RecordBuilder:
             return
         if status in self.med_excluded[rt] and not (planned and status == "draft"):
             # a stopped order still shows that a dose was given, for the causes whose rule reads it
-            if status != "stopped" or not any(i.cause_id in self.stopped_order_causes for i in ingredients):
+            # (and an osteoporosis medicine's stopped order is part of its treatment history)
+            if status != "stopped" or not any(i.cause_id in self.stopped_order_causes
+                                              or i.cause_id == "osteoporosis_treatment" for i in ingredients):
                 return
         ref = self._keep(rec, res)
         if ref is None:
@@ -888,7 +1020,7 @@ class RecordBuilder:
             label=concept_label(concept) or text.strip(),
             status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
             doses_per_day=per_day, daily_mg=daily, dose_note=note, as_needed=as_needed,
-            single_dose=single, planned=planned))
+            single_dose=single, planned=planned, route_text=" ".join([dosage_text, route_text, form_text]).strip()))
 
     def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
         """What a medication names: by code, else by name in its text."""
@@ -1085,6 +1217,12 @@ def _reconcile(rec: PatientRecord) -> None:
 
 
 _IMPLAUSIBLE = "implausible"
+# ICD-10-CM chapter XX transport accidents (V00-V99): the injury that day was high-energy
+_TRANSPORT_ACCIDENT = re.compile(r"[Vv]\d\d")
+# cues are read within this many characters of a name (a coded entry's text: of its start and end), and text is
+# matched on its first _MAX_CUE_TEXT characters: linear time whatever a record carries
+_CUE_WINDOW = 40
+_MAX_CUE_TEXT = 2000
 
 
 def _plausible(value: float, spec: dict) -> tuple[float | None, str]:

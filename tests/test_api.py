@@ -219,7 +219,7 @@ def test_feedback_for_a_card_this_service_never_issued_is_refused_and_not_stored
 
 
 def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_window(app, client):
-    card = client.post(SERVICE_URL, json=fixture_request("patients/sle-positive.json")).get_json()["cards"][0]
+    card = client.post(SERVICE_URL, json=fixture_request("patients/rheumatoid_arthritis-positive.json")).get_json()["cards"][0]
     entry = {**OVERRIDDEN, "card": card["uuid"]}
     assert client.post(FEEDBACK, json={"feedback": [entry]}).get_json() == {"stored": 1, "received": 1}
     issue_cards(app, "old-card", days_ago=31)                       # CDS_FEEDBACK_DAYS: 30
@@ -236,7 +236,7 @@ def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, mon
                               log_level="WARNING"))
     issue_cards(app, "ancient", days_ago=40)
     issue_cards(app, "recent", days_ago=5)
-    body = fixture_request("patients/sle-positive.json")
+    body = fixture_request("patients/rheumatoid_arthritis-positive.json")
     body["fhirServer"] = "https://ehr.example.org/fhir"
     card = app.test_client().post(SERVICE_URL, json=body).get_json()["cards"][0]
     store = app.extensions["cds"]["feedback"]
@@ -396,7 +396,7 @@ def test_x_request_id_is_kept_only_in_a_safe_shape(client, given, kept):
 def test_discovery_and_service_urls_typed_with_extra_slashes(client):
     """A discovery URL typed as `.../cds-services/` makes clients call `.../cds-services//secondary-osteoporosis`."""
     assert client.get("/cds-services/").status_code == 200
-    resp = client.post("/cds-services//secondary-osteoporosis", json=fixture_request("patients/sle-positive.json"))
+    resp = client.post("/cds-services//secondary-osteoporosis", json=fixture_request("patients/rheumatoid_arthritis-positive.json"))
     assert resp.status_code == 200 and resp.get_json()["cards"]
     assert client.post("/cds-services//secondary-osteoporosis/feedback/", json={"feedback": []}).status_code == 400
 

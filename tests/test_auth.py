@@ -95,7 +95,7 @@ def call(client, tok: str | None, path=SERVICE_URL, body=None):
     headers = {"Authorization": f"Bearer {tok}"} if tok is not None else {}
     if path.endswith("/cds-services"):
         return client.get(path, headers=headers)
-    return client.post(path, json=body or fixture_request("patients/sle-positive.json"), headers=headers)
+    return client.post(path, json=body or fixture_request("patients/rheumatoid_arthritis-positive.json"), headers=headers)
 
 
 def assert_401(resp):
@@ -251,7 +251,7 @@ def test_a_token_replayed_to_another_replica_is_refused(tmp_path, jwks, postgres
                                     log_level="WARNING")).test_client() for n in (1, 2)]
     t = token()
     headers = {"Authorization": f"Bearer {t}"}
-    body = fixture_request("patients/sle-positive.json")
+    body = fixture_request("patients/rheumatoid_arthritis-positive.json")
     assert replicas[0].post(SERVICE_URL, json=body, headers=headers).status_code == 200
     assert replicas[1].post(SERVICE_URL, json=body, headers=headers).status_code == 401
     assert replicas[0].post(SERVICE_URL, json=body, headers=headers).status_code == 401

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import simple_icd_10_cm as icd10cm
 import yaml
 
 from cds_service.catalog import CatalogError, load_catalog
@@ -96,9 +97,13 @@ def _catalog_codes(cards: Path):
     for key, group in detection["index_conditions"].items():
         for e in group:
             add(e, f"index_conditions.{key}")
-    for key in ("kidney_caution", "pregnancy"):
-        for e in detection[key]["codes"]:
+    from cds_service.codesets import SECTIONS
+    for key in SECTIONS:
+        for e in detection.get(key, {}).get("codes", []):
             add(e, key)
+    for site, spec in detection["fractures"]["sites"].items():
+        for e in spec.get("codes", []):
+            add(e, f"fractures.{site}")
     for tier, items in detection["workup"].items():
         for w in items:
             for e in w["codes"]:
@@ -112,6 +117,24 @@ def _catalog_codes(cards: Path):
         if "code" in draft:
             add(draft["code"], f"orders.drafts.{name}")
     return found
+
+
+def _catalog_displays(cards: Path) -> dict[tuple[str, str], str]:
+    """(system, code) -> the display the catalog gives it, wherever it is listed."""
+    out = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("system"), str) and isinstance(node.get("code"), str):
+                out.setdefault((node["system"], node["code"]), node.get("display", ""))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    for f in ("causes.yaml", "detection.yaml", "orders.yaml"):
+        walk(yaml.safe_load((cards / f).read_text()))
+    return out
 
 
 def _synthea_codes(cards: Path) -> dict[tuple[str, str], tuple[str, set[str]]]:
@@ -135,6 +158,7 @@ def test_every_catalog_code_records_a_source_that_holds_it(reference):
     value_sets = {v["oid"]: v for v in yaml.safe_load((ROOT / "cards" / "value_sets.yaml").read_text())["value_sets"]}
     codes = _catalog_codes(ROOT / "cards")
     assert len(codes) > 400
+    displays = _catalog_displays(ROOT / "cards")
     problems = []
     for system, code, verified, where, source in codes:
         if source == "reference":
@@ -152,6 +176,14 @@ def test_every_catalog_code_records_a_source_that_holds_it(reference):
             vs = value_sets.get(oid)
             if vs is None or vs.get("version") != version or (system, code) not in {(c["system"], c["code"]) for c in vs["codes"]}:
                 problems.append(f"{where}: {system}|{code} is not in stored expansion {source}")
+        elif source.startswith("icd10cm:"):
+            # the ICD-10-CM tabular list itself (CMS, April 2026, as packaged by simple-icd-10-cm): the code exists
+            # and the catalog's display is its official title
+            if system != "http://hl7.org/fhir/sid/icd-10-cm" or not icd10cm.is_valid_item(code):
+                problems.append(f"{where}: {system}|{code} is not an ICD-10-CM code or category")
+            elif displays[(system, code)].lower() != icd10cm.get_description(code).lower():
+                problems.append(f"{where}: {code} is '{icd10cm.get_description(code)}', "
+                                f"not '{displays[(system, code)]}'")
         else:
             problems.append(f"{where}: {system}|{code} has an unknown source {source}")
     assert not problems, "\n".join(problems[:20])

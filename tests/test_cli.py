@@ -126,12 +126,15 @@ def test_explain_shows_the_context_a_reviewer_checks(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--explain", "--as-of", AS_OF.isoformat(),
                           str(tmp_path / "p.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     line = json.loads(out.stdout)
-    assert line["context"] == {
+    ctx = line["context"]
+    assert {k: ctx[k] for k in ("treatment_gap", "on_treatment", "next_decision", "kidney_caution", "latest_egfr",
+                                "latest_t_score", "pregnant", "snoozed", "silenced", "treatment_line")} == {
         "treatment_gap": True, "on_treatment": None, "next_decision": None, "kidney_caution": True,
         "latest_egfr": {"value": 29, "date": "2026-06-10"}, "latest_t_score": None, "pregnant": False,
-        "snoozed": False}
-    listed = {f["cause"]: f["listed_only"] for f in line["findings"]}
-    assert listed["copd"] is False and listed["ssri"] is True
+        "snoozed": False, "silenced": None, "treatment_line": "kidney_g4_g5"}
+    assert [f["site"] for f in ctx["fractures"]] == ["hip"] and ctx["risk"]["level"] == "high"
+    roles = {f["cause"]: f["role"] for f in line["findings"]}
+    assert roles["copd"] == "fires" and roles["ssri"] == "listed"
 
 
 def cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -156,7 +159,7 @@ def test_config_and_cli_errors_are_one_line_and_exit_2(tmp_path, args, env, says
 
 def test_evaluate_reads_folders_stdin_and_names_the_bad_file(tmp_path):
     (tmp_path / "a.json").write_text("{bad")
-    (tmp_path / "b.json").write_text((FIXTURES / "patients/sle-positive.json").read_text())
+    (tmp_path / "b.json").write_text((FIXTURES / "patients/rheumatoid_arthritis-positive.json").read_text())
     out = cli("evaluate", str(tmp_path), "--as-of", AS_OF.isoformat())
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert out.returncode == 1 and len(lines) == 2 and lines[1]["cards"]           # one line per file, in order

@@ -109,7 +109,7 @@ def test_odd_prefetch_resources(client, prefetch):
 @given(piece=st.text(alphabet="ab\u00e9\u4e2d😀 \u202e", min_size=1, max_size=8), n=st.integers(10_000, 150_000))
 def test_huge_strings(client, piece, n):
     text = piece * n
-    body = fixture_request("patients/sle-positive.json")
+    body = fixture_request("patients/rheumatoid_arthritis-positive.json")
     entry = body["prefetch"]["conditions"]["entry"][0]["resource"]
     entry["code"]["text"] = text
     entry["note"] = [{"text": text}]

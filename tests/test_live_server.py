@@ -86,7 +86,7 @@ def test_preflight_over_http(live_server):
 
 
 def test_request_log_lines_have_no_patient_data(live_server):
-    body = fixture_request("patients/sle-positive.json")
+    body = fixture_request("patients/rheumatoid_arthritis-positive.json")
     requests.post(live_server.base + SERVICE_URL, json=body, timeout=5)
     logs = live_server.logs()
     assert '"event":"request"' in logs
@@ -129,7 +129,7 @@ def test_fallback_through_the_live_server_to_the_fhir_server(live_server, fhir_s
 
 def test_metrics_add_up_across_workers(live_server):
     for _ in range(6):
-        requests.post(live_server.base + SERVICE_URL, json=fixture_request("patients/sle-positive.json"), timeout=5)
+        requests.post(live_server.base + SERVICE_URL, json=fixture_request("patients/rheumatoid_arthritis-positive.json"), timeout=5)
     requests.post(live_server.base + SERVICE_URL, data="{", headers={"Content-Type": "application/json"}, timeout=5)
     text = requests.get(live_server.base + "/metrics", timeout=5).text
     import re
@@ -138,7 +138,7 @@ def test_metrics_add_up_across_workers(live_server):
     assert ok >= 6 and bad >= 1
     assert 'cds_cards_total{indicator="info",service_id="secondary-osteoporosis"}' in text or 'cds_cards_total{indicator="warning",service_id="secondary-osteoporosis"}' in text
     assert "cds_request_duration_seconds_bucket" in text
-    assert "sle-positive" not in text
+    assert "rheumatoid-arthritis-positive" not in text
 
 
 def test_soak_memory_stays_flat(tmp_path):

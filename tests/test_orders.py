@@ -198,7 +198,7 @@ def test_egfr_28_gives_no_bisphosphonate_and_says_why(server):
     card = card_of(server, "egfr-28")
     assert "ACR 2022 fracture risk: high" in card["detail"]
     assert "No bisphosphonate draft: check first" in card["detail"]
-    assert "eGFR 28 on 2026-05-01 \\(below 35\\)" in card["detail"]
+    assert "eGFR 28 on 2026-05-01 is below 35 for alendronate \\(label\\)" in card["detail"]
     assert "Kidney function: eGFR 28" in card["detail"] and "boxed warning" in card["detail"]
     assert not any(r["resourceType"] == "MedicationRequest" and "46041" in json.dumps(r)
                    for _, r in medication_drafts(card))

@@ -16,6 +16,7 @@ from ..catalog import Catalog
 from ..engine import Assessment, Engine, observation_windows
 from ..errors import BadRequest, PrefetchUnavailable
 from ..fhir_client import FhirClient
+from ..orders import ShownDrafts
 from ..prefetch import PrefetchResolver, PrefetchResult, build_templates
 from ..record import PatientRecord, RecordBuilder
 
@@ -40,6 +41,7 @@ class Toolkit:
         self.records = RecordBuilder(catalog, read_windows=observation_windows(catalog))
         self.engine = Engine(catalog)
         self.renderer = CardRenderer(catalog)
+        self.shown_drafts = ShownDrafts()          # one prescribing card per draft across order-select and order-sign
 
 
 class CdsService:

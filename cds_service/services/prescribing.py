@@ -44,7 +44,27 @@ class BoneProtectionAtOrderSign(CdsService):
     def decide(self, request: dict, prefetch: PrefetchResult,
                record: PatientRecord) -> tuple[Assessment, ProtectionDecision]:
         assessment = self.kit.engine.assess(record)
-        return assessment, self.advisor.decide(assessment, record.planned, prefetch.data)
+        decision = self.advisor.decide(assessment, record.planned)
+        self._once_per_draft(request, record, decision)
+        return assessment, decision
+
+    def _once_per_draft(self, request: dict, record: PatientRecord, decision: ProtectionDecision) -> None:
+        """One card per draft: a draft that had its card at order-select gets none at order-sign (the clinician saw
+        it a moment ago); the drafts that get one at order-select are remembered."""
+        shown = self.kit.shown_drafts
+        server = request.get("fhirServer") or ""
+        by_ref = {reference_of(r): r for r in self.drafts(request)}
+        keys = {m.reference: shown.key(server, record.patient_id, by_ref.get(m.reference, {}))
+                for m in record.planned}
+        lead_refs = [r for r in [o.exposure.reference for o in decision.ordered]
+                     + [b.exposure.reference for b in decision.bone_drugs] if r in keys]
+        if not lead_refs:
+            return
+        if self.hook == "order-sign" and all(shown.shown_at_select(keys[r]) for r in lead_refs):
+            decision.ordered, decision.bone_drugs = [], []
+        elif self.hook == "order-select":
+            for r in lead_refs:
+                shown.remember(keys[r], self.hook)
 
     def render(self, decision: ProtectionDecision) -> list[dict]:
         return self.cards.render(decision)

@@ -68,6 +68,8 @@ def stack(tmp_path_factory):
     for rel in ("patients/glucocorticoids-positive.json", "patients/no-risk-factors-negative.json"):
         resources += bundle_resources(load_fixture(rel))
     resources += _injection_patient()
+    for pid in ("e2e-rx-sign", "e2e-rx-both"):
+        resources += bundle_resources(Patient(pid, age=67, style="searchset").bundle())
     (tmp / "fhir.json").write_text(json.dumps(resources))
     fhir = FhirServer(tmp / "fhir.json")
     trusted = {SANDBOX_ISS: {"jwks": str(SANDBOX / ".well-known" / "jwks.json"), "jku": [SANDBOX_JKU]}}
@@ -259,7 +261,7 @@ def test_rx_view_gets_the_order_select_card(session):
 
 
 def test_rx_sign_gets_the_order_sign_card(session):
-    s = session("no-risk-factors-negative")
+    s = session("e2e-rx-sign")
     s.add_services()
     s.page.get_by_text("Rx Sign").click()
     _order_prednisone(s)
@@ -268,3 +270,18 @@ def test_rx_sign_gets_the_order_sign_card(session):
     s.shot("rx-sign")
     s.save_text(card)
     assert any(r["url"].endswith("/bone-protection-order-sign") and r["body"]["cards"] for r in s.responses)
+
+
+def test_a_draft_shown_at_order_select_gets_no_second_card_at_order_sign(session):
+    """Issue 19: one card per draft across order-select and order-sign."""
+    s = session("e2e-rx-both")
+    s.add_services()
+    s.page.get_by_text("Rx View").click()
+    _order_prednisone(s)
+    s.wait_for_card("Prednisone 10 mg daily for 3 months: protect bone (ACR 2022)")
+    s.page.get_by_text("Rx Sign").click()
+    _order_prednisone(s)
+    s.page.get_by_role("button", name=re.compile("Sign Order", re.I)).click()
+    s.page.wait_for_timeout(1500)
+    signed = [r for r in s.responses if r["url"].endswith("/bone-protection-order-sign")]
+    assert signed and all(r["body"]["cards"] == [] for r in signed)
