@@ -219,6 +219,8 @@ def test_order_sign_evaluates_every_draft_and_names_them(server):
     body = order_fixture("order-select-two-selections")
     body["hook"] = "order-sign"
     del body["context"]["selections"]
+    for e in body["context"]["draftOrders"]["entry"]:      # drafts of their own (not the ones order-select showed)
+        e["resource"]["id"] = e["resource"]["id"].replace("draft", "sign")
     card = call(server, "", body).json()["cards"][0]
     assert card["summary"].startswith("Prednisone 20 mg daily for 3 months")     # glucocorticoid leads
     assert "Letrozole 2.5 mg daily for 3 months" in card["detail"]
