@@ -12,6 +12,15 @@ from .config import Settings
 __version__ = "0.1.0"
 
 
+def snooze_book(settings: Settings, store):
+    """The snooze book (on by default): keyed with the configured secrets, or with one kept in the store."""
+    from .snooze import SnoozeBook
+    if settings.snooze != "on":
+        return None
+    secrets = settings.snooze_secret_list or [getattr(store, "store", store).secret("snooze-hmac")]
+    return SnoozeBook(store, secrets, settings.snooze_days)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory: build the catalog, engine, FHIR client and feedback store once."""
     from . import api, logs
@@ -20,7 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .fhir_client import FhirClient
     from .record import warm_models
     from .services import ServiceRegistry
-    from .snooze import SnoozeBook
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -52,8 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         "services": ServiceRegistry(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
                                     settings.fhir_allowlist_prefixes),
         "feedback": store,
-        "snooze": SnoozeBook(store, settings.snooze_secret_list, settings.snooze_days)
-        if settings.snooze_secret_list else None,
+        "snooze": snooze_book(settings, store),
     }
     app.register_blueprint(api.bp)
     app.wsgi_app = api.SlashTolerant(app.wsgi_app)

@@ -237,6 +237,11 @@ class CardRenderer:
                 treatment += " " + ctx_cfg["next_decision"].format(text=md(ctx.next_decision))
         elif ctx.treatments:
             treatment = ctx_cfg["treatment_current"].format(items="; ".join(md(e.text) for e in ctx.treatments[:3]))
+        elif ctx.therapy.courses:
+            past = [f"{c.label or c.drug}, {c.start.isoformat()[:7]} to {c.last.isoformat()[:7]}"
+                    + (f" (last dose {c.last.isoformat()})" if c.cls.get("dose_every_days") else "")
+                    for c in reversed(ctx.therapy.courses)]
+            treatment = ctx_cfg["treatment_past"].format(items="; ".join(md(x) for x in past[:3]))
         else:
             treatment = ctx_cfg["treatment_none"]
         if ctx.latest_t_score:

@@ -113,6 +113,8 @@ class CarePlanner:
                     notes.append(cfg["very_high_note"])
                 return Risk(s["id"], s["label"], reasons + notes, cfg["citation"])
         frax = cfg["frax_text"] if age is not None and age >= cfg["frax_from_age"] else ""
+        if age is not None and age < 40 and cfg.get("undetermined_young"):
+            return Risk("undetermined", "not yet known", [cfg["undetermined_young"]] + notes, cfg["citation"])
         if t is not None and (age is None or age >= 40):
             fields = {"t_score": t[0], "site": t[1] or "site not recorded", "date": t[2].isoformat()}
             return Risk("low", "low by bone density", [cfg["low_with_dxa"].format(**fields)] + notes, cfg["citation"])
@@ -157,6 +159,8 @@ class CarePlanner:
         if when == "pregnancy_or_lactation":
             plo = any(f.cause.id == "pregnancy_lactation" and not f.suspected for f in a.findings)
             return plo or bool((ctx.pregnant or ctx.lactating) and (ctx.fractures or ctx.osteoporosis or ctx.low_bmd)), {}
+        if when == "pregnant_or_lactating":
+            return bool(ctx.pregnant or ctx.lactating), {}
         if when == "kidney_g4_g5":
             egfr = ctx.latest_egfr
             coded = any(e.reference != (egfr[2] if egfr else None) for e in ctx.kidney_caution)

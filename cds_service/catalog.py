@@ -730,8 +730,8 @@ def _build_indexes(cat: Catalog) -> None:
 # the conditions therapy.yaml rules may name (cds_service/safety.py and advice.py decide them)
 SAFETY_WHEN = {"pregnant", "lactating", "reproductive_potential", "egfr_below", "calcium_low", "alp_low",
                "oesophageal_disorder", "gastric_surgery", "recent_cardiovascular_event"}
-ADVICE_WHEN = {"pregnancy_or_lactation", "kidney_g4_g5", "young_adult", "very_high_risk", "always",
-               "phpt_surgical_criteria"}
+ADVICE_WHEN = {"pregnancy_or_lactation", "pregnant_or_lactating", "kidney_g4_g5", "young_adult", "very_high_risk",
+               "always", "phpt_surgical_criteria"}
 
 
 def _check_therapy(cat: Catalog) -> None:
@@ -820,7 +820,7 @@ _FORMAT_FIELDS = {
     ("context", "dxa_none"): {"days"}, ("context", "treatment_current"): {"items"},
     ("context", "treatment_since"): {"drug", "since"}, ("context", "next_decision"): {"text"},
     ("context", "latest_t_score"): {"value", "site", "date"}, ("context", "frax_recent"): {"value", "date"},
-    ("context", "latest_z_score"): {"value", "site", "date"},
+    ("context", "latest_z_score"): {"value", "site", "date"}, ("context", "treatment_past"): {"items"},
     ("context", "frax_none"): {"days"}, ("context", "latest_results"): {"items"},
     ("context", "no_results"): {"days"}, ("context", "workup_done"): {"days", "items"},
     ("context", "workup_none_done"): {"days"}, ("kidney", "latest"): {"value", "date"},

@@ -38,7 +38,8 @@ class Settings:
     auth: str = "auto"                     # required | off | auto (off only when bound to loopback)
     trusted_issuers: str = ""              # JSON: issuer -> JWKS URL (or list of allowed JWKS URLs)
     public_base_url: str = ""              # e.g. https://cds.example.org (the JWT aud behind a proxy)
-    snooze_secrets: str = ""               # comma-separated HMAC secrets, current first; empty: snooze off
+    snooze: str = "on"                     # on | off: a card overridden or acted on stays away for that patient
+    snooze_secrets: str = ""               # comma-separated HMAC secrets, current first; empty: one kept in the store
     snooze_days: int = 182                 # how long an overridden or accepted card stays away
     feedback_days: int = 30                # feedback is taken for cards issued within this many days
 
@@ -64,6 +65,8 @@ class Settings:
         s = cls(**values)
         if s.auth not in ("auto", "required", "off"):
             raise ValueError("CDS_AUTH must be required, off or auto")
+        if s.snooze not in ("on", "off"):
+            raise ValueError("CDS_SNOOZE must be on or off")
         if s.as_of:
             date.fromisoformat(s.as_of)   # fail at start-up, not per request
         if s.snooze_days <= 0:
@@ -117,8 +120,11 @@ ENV_DOC = {
     "auth": "Client JWT authentication: required, off, or auto (off only when bound to a loopback address)",
     "trusted_issuers": "JSON object: trusted JWT issuer -> JWKS URL (or list of allowed JWKS URLs for jku)",
     "public_base_url": "The service's public base URL, used as the expected JWT aud behind a proxy",
+    "snooze": "on (default) or off: a card the clinician overrode or acted on stays away for that patient for "
+              "CDS_SNOOZE_DAYS unless something new appears",
     "snooze_secrets": "Comma-separated secrets (current first, older ones still read) keying the card-to-patient link "
-                      "for snooze; empty: snooze is off",
+                      "for snooze; empty: a random secret generated once and kept in the feedback store (shared by "
+                      "every worker and replica on that store)",
     "snooze_days": "Days an overridden or accepted card stays away for that patient (unless something new appears)",
     "feedback_days": "Days after a card is issued during which feedback on it is accepted (feedback for a card this "
                      "service did not issue, or issued earlier, is refused with 404)",

@@ -11,7 +11,7 @@ from datetime import date, timedelta
 from operator import attrgetter
 
 from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
-from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord
+from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord, num
 from .therapy import OVERDUE, Course, TherapyHistory, TherapyReader
 
 
@@ -572,9 +572,9 @@ class Engine:
             # a dose given within the window, or an order still active, however old
             since = rec.as_of - timedelta(days=med["within_days"])
             recent = [m for m in exps if m.start <= rec.as_of and (m.start >= since or m.ongoing)]
-            return _grouped(recent), None, cause.citations[:1]
+            return _grouped(recent, rec.as_of), None, cause.citations[:1]
         if rule == "any_use":
-            return _grouped(exps), None, cause.citations[:1]
+            return _grouped(exps, rec.as_of), None, cause.citations[:1]
         if rule == "current_use_with_lab":
             current = self._current(exps, rec)
             if not current:
@@ -582,10 +582,10 @@ class Engine:
             lab = self._observation_rule(self.cat.observation_rules[med["requires_observation"]], rec)
             if not lab:
                 return [], None, []
-            return _grouped(current) + lab, None, cause.citations[:1]
+            return _grouped(current, rec.as_of) + lab, None, cause.citations[:1]
         if rule == "high_dose":
             high = [m for m in exps if m.mg_per_dose and m.mg_per_dose >= med["min_single_dose_mg"]]
-            return [Evidence(m.reference, m.describe() + f", {m.mg_per_dose:g} mg per dose") for m in high], None, cause.citations[:1]
+            return [Evidence(m.reference, m.describe(rec.as_of) + f", {num(m.mg_per_dose)} mg per dose") for m in high], None, cause.citations[:1]
         # sustained_use: days counted from the first day of the window (never more days than the window has)
         lookback = rec.as_of - timedelta(days=med.get("lookback_days", 365) - 1)
         per_record = med.get("days_per_record")
@@ -599,7 +599,7 @@ class Engine:
         days = _union_days(intervals)
         if days < med.get("min_days", 0):
             return [], None, []
-        ev = _grouped(exps)
+        ev = _grouped(exps, rec.as_of)
         ev.append(Evidence(exps[0].reference, f"{days} days of use in the last {med.get('lookback_days', 365)} days "
                                               f"(threshold {med.get('min_days', 0)} days)"))
         return ev, None, cause.citations[:1]
@@ -622,15 +622,15 @@ class Engine:
                 continue
             if ing.name in no_equiv:
                 budesonide.append((start, end))
-                used.append((m, f"{m.describe()}; no accepted prednisone equivalent, counted by duration for review"))
+                used.append((m, f"{m.describe(rec.as_of)}; no accepted prednisone equivalent, counted by duration for review"))
             elif m.daily_mg is None or ing.prednisone_equivalent_factor is None:
                 unknown.append((start, end))
-                used.append((m, f"{m.describe()}; dose not recorded" + (f" ({m.dose_note})" if m.dose_note else "")))
+                used.append((m, f"{m.describe(rec.as_of)}; dose not recorded" + (f" ({m.dose_note})" if m.dose_note else "")))
             else:
                 pe = m.daily_mg * ing.prednisone_equivalent_factor
                 dosed.append((start, end, ing.name, pe))
                 note = f" ({m.dose_note})" if m.dose_note else ""
-                used.append((m, f"{m.describe()} = {pe:g} mg/day prednisone-equivalent{note}"))
+                used.append((m, f"{m.describe(rec.as_of)} = {num(pe)} mg/day prednisone-equivalent{note}"))
         segments = _dose_segments(dosed)           # [(start, end, total mg/day)], non-overlapping
 
         def days_at(mg: float) -> int:
@@ -716,7 +716,7 @@ class Engine:
         if alt:
             newest = usable[:alt]
             if len(newest) == alt and all(m.value is not None and m.ref_low is not None and m.value < m.ref_low for m in newest):
-                return [Evidence(m.reference, _measure_text(rule, m) + f" (below the lab's lower limit {m.ref_low:g})")
+                return [Evidence(m.reference, _measure_text(rule, m) + f" (below the lab's lower limit {num(m.ref_low)})")
                         for m in newest]
         return []
 
@@ -809,7 +809,7 @@ class Engine:
         ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
         if albumin is not None:
             ca_text += f" (albumin-corrected {corrected:.1f})"
-        pth_text = f"PTH {p.value:g} pg/mL on {p.when.isoformat()}" + \
+        pth_text = f"PTH {num(p.value)} pg/mL on {p.when.isoformat()}" + \
             ("" if high else " (within the normal range but not suppressed by the high calcium: inappropriately normal)")
         return [Evidence(ca.reference, ca_text), Evidence(p.reference, pth_text)]
 
@@ -829,7 +829,7 @@ class Engine:
                 continue
             if m.value <= rule["above"]:
                 return []                     # the newest suppression test was normal
-            after = f" after dexamethasone {dose.mg_per_dose:g} mg on {dose.start.isoformat()}" if dose else \
+            after = f" after dexamethasone {num(dose.mg_per_dose)} mg on {dose.start.isoformat()}" if dose else \
                 " (dexamethasone suppression test)"
             return [Evidence(m.reference, f"Cortisol {m.value:.3g} ug/dL on {m.when.isoformat()}{after}: "
                                           f"not suppressed (above {rule['above']:g})")]
@@ -1110,7 +1110,7 @@ def _same_concept(entries) -> list[list[CodedEntry]]:
     return [sorted(g, key=lambda e: e.when or date.min) for g in groups.values()]
 
 
-def _grouped(exps: list[MedicationExposure]) -> list[Evidence]:
+def _grouped(exps: list[MedicationExposure], as_of: date | None = None) -> list[Evidence]:
     """One line per medicine and regimen: "omeprazole 20 MG ..., 20 mg/day, 24 records 2019-03-02 to 2026-05-01"."""
     groups: dict[tuple, list[MedicationExposure]] = {}
     for m in exps:
@@ -1118,7 +1118,7 @@ def _grouped(exps: list[MedicationExposure]) -> list[Evidence]:
     out = []
     for (label, regimen, _), ms in groups.items():
         if len(ms) == 1:
-            out.append(Evidence(ms[0].reference, ms[0].describe()))
+            out.append(Evidence(ms[0].reference, ms[0].describe(as_of)))
             continue
         ms.sort(key=lambda m: m.start or date.min)
         first = ms[0].start.isoformat() if ms[0].start else "date not recorded"
@@ -1161,7 +1161,7 @@ def _measure_text(rule: dict, m: Measurement) -> str:
         return f"{rule['label']}: result flagged {','.join(sorted(m.interpretation))} on {m.when.isoformat()}"
     shown = f"{m.value:.3g} {m.unit}".strip()
     if m.raw_unit and m.raw_unit != m.unit and isinstance(m.raw_value, (int, float)):
-        shown += f" (reported {m.raw_value:g} {m.raw_unit})"
+        shown += f" (reported {num(m.raw_value)} {m.raw_unit})"
     return f"{rule['label'].split(' (')[0]}: {shown} on {m.when.isoformat()}"
 
 

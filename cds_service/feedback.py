@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,10 @@ CREATE TABLE IF NOT EXISTS snoozes (
     signature TEXT NOT NULL,
     card_uuid TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS service_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 SCHEMA = """
@@ -208,6 +213,15 @@ class SQLiteFeedbackStore:
         self._connect().execute(
             "INSERT INTO snoozes VALUES (?,?,?,?) ON CONFLICT (patient_key) DO UPDATE SET until = excluded.until,"
             " signature = excluded.signature, card_uuid = excluded.card_uuid", (patient_key, until, signature, card_uuid))
+
+    def secret(self, name: str) -> str:
+        """A secret kept with the store, made (32 random bytes) the first time it is asked for: every worker and
+        process using this store reads the same one."""
+        conn = self._connect()
+        conn.execute("INSERT INTO service_secrets VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                     (name, secrets.token_hex(32)))
+        conn.commit()
+        return conn.execute("SELECT value FROM service_secrets WHERE name = ?", (name,)).fetchone()[0]
 
     def snooze_for(self, patient_keys: list[str]) -> tuple[str, str] | None:
         marks = ",".join("?" * len(patient_keys))
@@ -369,6 +383,12 @@ class PostgresFeedbackStore:
         self._execute("INSERT INTO snoozes VALUES (%s,%s,%s,%s) ON CONFLICT (patient_key) DO UPDATE SET"
                       " until = excluded.until, signature = excluded.signature, card_uuid = excluded.card_uuid",
                       (patient_key, until, signature, card_uuid))
+
+    def secret(self, name: str) -> str:
+        """A secret kept with the store (shared by every replica), made the first time it is asked for."""
+        self._execute("INSERT INTO service_secrets VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                      (name, secrets.token_hex(32)))
+        return self._execute("SELECT value FROM service_secrets WHERE name = %s", (name,), fetch=True)[0]
 
     def snooze_for(self, patient_keys: list[str]) -> tuple[str, str] | None:
         row = self._execute("SELECT until, signature FROM snoozes WHERE patient_key = ANY(%s) ORDER BY until DESC LIMIT 1",

@@ -181,6 +181,11 @@ def status_code(concept: Any) -> str | None:
     return None
 
 
+def num(x: float) -> str:
+    """A number as a card shows it: at most one decimal, no trailing zero ("38.1", "10", "0.5")."""
+    return f"{x:.1f}".rstrip("0").rstrip(".") if abs(x) >= 0.05 else f"{x:.2g}"
+
+
 @dataclass
 class MedicationExposure:
     """One medication record read as an exposure: what, how much, from when to when."""
@@ -207,10 +212,15 @@ class MedicationExposure:
     def covers(self, day: date) -> bool:
         return self.start is not None and self.start <= day <= (self.end or self.start)
 
-    def describe(self) -> str:
+    def describe(self, as_of: date | None = None, stale_days: int = 400) -> str:
+        """The record in words; an order still active but not renewed for `stale_days` reads "last ordered on"
+        rather than "ongoing" (Synthea and many EHRs never close an order)."""
         when = self.start.isoformat() if self.start else "date not recorded"
+        if as_of and self.ongoing and self.start and not self.single_dose and self.resource_type == "MedicationRequest" \
+                and (as_of - self.start).days > stale_days:
+            return f"{self.label or 'medication'}{self.regimen()}, last ordered {when} (order still active)"
         if self.single_dose:
-            dose = f" {self.mg_per_dose:g} mg" if self.mg_per_dose else ""
+            dose = f" {num(self.mg_per_dose)} mg" if self.mg_per_dose else ""
             return f"{self.label or 'medication'}, single{dose} dose on {when}" + \
                 (" (order still active)" if self.ongoing else "")
         if self.end and self.end != self.start:
@@ -225,11 +235,11 @@ class MedicationExposure:
             return ""
         per_day = self.doses_per_day or 1.0
         if per_day >= 0.9 or not self.mg_per_dose:
-            return f", {self.daily_mg:g} mg/day"
+            return f", {num(self.daily_mg)} mg/day"
         interval = 1 / per_day
         phrase = next((name for days, name in _REGIMENS if abs(interval - days) <= days * 0.1),
                       f"every {interval:.0f} days")
-        return f", {self.mg_per_dose:g} mg {phrase}"
+        return f", {num(self.mg_per_dose)} mg {phrase}"
 
 
 _REGIMENS = ((2, "every other day"), (7, "weekly"), (14, "every 2 weeks"), (30, "monthly"), (91, "every 3 months"),

@@ -226,14 +226,14 @@ def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_win
     is_outcome(client.post(FEEDBACK, json={"feedback": [{**OVERRIDDEN, "card": "old-card"}]}), 404)
 
 
-@pytest.mark.parametrize("snooze", ["", "secret-1"])
+@pytest.mark.parametrize("snooze", ["off", "secret-1"])
 def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, monkeypatch, snooze):
     """With snooze off or on (the snooze book then records the cards itself)."""
     from cds_service import api, create_app
     from cds_service.config import Settings
     monkeypatch.setattr(api, "PRUNE_EVERY", 1)
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), snooze_secrets=snooze,
-                              log_level="WARNING"))
+    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",
+                              **({"snooze": "off"} if snooze == "off" else {"snooze_secrets": snooze})))
     issue_cards(app, "ancient", days_ago=40)
     issue_cards(app, "recent", days_ago=5)
     body = fixture_request("patients/rheumatoid_arthritis-positive.json")

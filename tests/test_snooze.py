@@ -112,3 +112,26 @@ def test_a_broken_snooze_store_never_costs_the_card(tmp_path):
             raise OSError("database is down")
     book.store = Down()
     assert invoke(client, ra_patient())
+
+
+def test_snooze_is_on_by_default_with_a_secret_kept_in_the_store(tmp_path, database_url):
+    """Issue 19: no CDS_SNOOZE_SECRETS configured: a random secret is made once and kept with the store, so every
+    worker and replica on that store keys patients alike (a second app on the same store honours the snooze)."""
+    first = make_client(tmp_path, database_url, "")
+    p = ra_patient("default-on")
+    override(first, invoke(first, p)[0])
+    assert invoke(first, p) == []
+    second = make_client(tmp_path / "replica", database_url, "")
+    assert invoke(second, p) == []                       # the same generated secret
+    store = first.application.extensions["cds"]["feedback"].store
+    assert len(store.secret("snooze-hmac")) == 64 and store.secret("snooze-hmac") == store.secret("snooze-hmac")
+
+
+def test_snooze_can_be_switched_off(tmp_path):
+    settings = Settings(data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), snooze="off", log_level="WARNING")
+    client = create_app(settings).test_client()
+    p = ra_patient("off")
+    card = invoke(client, p)[0]
+    assert client.application.extensions["cds"]["snooze"] is None
+    override(client, card)
+    assert invoke(client, p)                             # no snooze: the card comes back
