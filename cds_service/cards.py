@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from functools import lru_cache
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Callable
@@ -17,6 +18,7 @@ _LIST_START = re.compile(r"^(\d{1,9}|)([.)-])(?= |$)")
 _LINKISH = re.compile(r"(?i)(?:https?|ftp|mailto|xmpp):|www\.|@")
 
 
+@lru_cache(maxsize=8192)
 def md(text: str) -> str:
     """Chart text for a Markdown card, shown as recorded in CommonMark and GFM renderers (remark-gfm,
     cmark-gfm, markdown-it): punctuation that could start a link, HTML, an entity or formatting is
