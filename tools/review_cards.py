@@ -176,7 +176,8 @@ def review_set() -> list[tuple[str, Patient]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detail", action="store_true", help="print each card's Markdown detail too")
-    ap.add_argument("--policy", choices=("standard", "quiet"), default=None, help="override scope.firing_policy")
+    ap.add_argument("--policy", choices=("standard", "quiet"), default=None,
+                    help="override scope.firing_policy (the catalog's default is quiet)")
     args = ap.parse_args()
     catalog = load_catalog()
     if args.policy:
