@@ -19,6 +19,7 @@ PREFETCH_KEY = {
     "MedicationAdministration": "medicationAdministrations",
     "Medication": "medicationRequests",
     "MedicationStatement": "medicationStatements",
+    "MedicationDispense": "medicationDispenses",
     "Observation": "observations",
     "Procedure": "procedures",
 }
@@ -72,7 +73,7 @@ def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
     patient = patients[0]
     prefetch: dict = {"patient": patient}
     for key in ("conditions", "medicationRequests", "medicationStatements", "medicationAdministrations",
-                "observations", "boneHealthObservations", "procedures"):
+                "medicationDispenses", "observations", "boneHealthObservations", "procedures"):
         prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": []}
     for r in resources:
         key = PREFETCH_KEY.get(r["resourceType"])

@@ -636,7 +636,22 @@ class Engine:
         def days_at(mg: float) -> int:
             return sum((e - s).days + 1 for s, e, v in segments if v >= mg)
 
-        ev = [Evidence(m.reference, text) for m, text in used]
+        ev = []
+        grouped: dict[tuple, list[MedicationExposure]] = {}
+        for m, text in used:
+            if m.resource_type == "MedicationDispense" or m.taper:
+                grouped.setdefault((m.label, m.taper), []).append(m)
+            else:
+                ev.append(Evidence(m.reference, text))
+        for (label, taper), ms in grouped.items():
+            if taper:
+                ev.append(_taper_line(label, ms))
+                continue
+            pes = [m.daily_mg * next(i for i in m.ingredients if i.cause_id == "glucocorticoids").prednisone_equivalent_factor
+                   for m in ms if m.daily_mg is not None and next(i for i in m.ingredients
+                                                                  if i.cause_id == "glucocorticoids").prednisone_equivalent_factor]
+            extra = f"; {num(min(pes))} to {num(max(pes))} mg/day prednisone-equivalent" if pes else ""
+            ev.append(_fills_line(label, ms, rec.as_of, 365, extra))
         tier = None
         cites = []
         year_ago = rec.as_of - timedelta(days=365)
@@ -656,7 +671,7 @@ class Engine:
                     break
             total = days_at(gc["min_mg_per_day"])
             so_far = sum((min(e, rec.as_of) - s).days + 1 for s, e, v in segments if v >= gc["min_mg_per_day"] and s <= rec.as_of)
-            planned = f" ({total} including the planned course)" if total > so_far else ""
+            planned = f" ({total} including the planned course)" if total > so_far and any(m.planned for m in exps) else ""
             ev.append(Evidence(used[0][0].reference,
                                f"{so_far} days so far at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent{planned}; "
                                f"cumulative {cumulative:,.0f} mg in the last 365 days",
@@ -1110,13 +1125,41 @@ def _same_concept(entries) -> list[list[CodedEntry]]:
     return [sorted(g, key=lambda e: e.when or date.min) for g in groups.values()]
 
 
-def _grouped(exps: list[MedicationExposure], as_of: date | None = None) -> list[Evidence]:
-    """One line per medicine and regimen: "omeprazole 20 MG ..., 20 mg/day, 24 records 2019-03-02 to 2026-05-01"."""
+def _fills_line(label: str, ms: list[MedicationExposure], as_of: date | None, window: int = 365,
+                extra: str = "") -> Evidence:
+    """Pharmacy fills of one medicine as one line: "VIREAD 300 MG TABLET: 12 fills 2025-04-20 to 2026-03-13, 357 days
+    covered in the last 365 days"."""
+    ms = sorted(ms, key=lambda m: m.start or date.min)
+    first, last = ms[0].start, max(m.start for m in ms if m.start)
+    covered = ""
+    if as_of is not None:
+        since = as_of - timedelta(days=window - 1)
+        days = _union_days([(max(m.start, since), min(m.end or m.start, as_of)) for m in ms if m.start])
+        covered = f", {days} days covered in the last {window} days"
+    return Evidence(ms[0].reference, f"{label or 'medication'}: {len(ms)} fill{'s' if len(ms) > 1 else ''} "
+                                     f"{first.isoformat()} to {last.isoformat()}{covered}{extra}",
+                    tuple(m.reference for m in ms[1:]))
+
+
+def _grouped(exps: list[MedicationExposure], as_of: date | None = None, window: int = 365) -> list[Evidence]:
+    """One line per medicine and regimen: "omeprazole 20 MG ..., 20 mg/day, 24 records 2019-03-02 to 2026-05-01"; fills
+    of one medicine as one line; the steps of a taper as one line."""
     groups: dict[tuple, list[MedicationExposure]] = {}
     for m in exps:
-        groups.setdefault((m.label, m.regimen(), m.single_dose), []).append(m)
+        if m.resource_type == "MedicationDispense":
+            groups.setdefault((m.label, "fills", False), []).append(m)
+        elif m.taper:
+            groups.setdefault((m.label, "taper", False), []).append(m)
+        else:
+            groups.setdefault((m.label, m.regimen(), m.single_dose), []).append(m)
     out = []
     for (label, regimen, _), ms in groups.items():
+        if regimen == "fills":
+            out.append(_fills_line(label, ms, as_of, window))
+            continue
+        if regimen == "taper":
+            out.append(_taper_line(label, ms))
+            continue
         if len(ms) == 1:
             out.append(Evidence(ms[0].reference, ms[0].describe(as_of)))
             continue
@@ -1127,6 +1170,17 @@ def _grouped(exps: list[MedicationExposure], as_of: date | None = None) -> list[
         out.append(Evidence(ms[0].reference, f"{label or 'medication'}{regimen}, {len(ms)} records {first} to "
                                              f"{last.isoformat()}{active}", tuple(m.reference for m in ms[1:])))
     return out
+
+
+def _taper_line(label: str, ms: list[MedicationExposure]) -> Evidence:
+    """A tapering sig as one line: "prednisone 10 MG tablet, taper 60 to 2.5 mg/day, 2025-07-08 to 2025-12-01"."""
+    ms = sorted(ms, key=lambda m: m.start or date.min)
+    doses = [m.daily_mg for m in ms if m.daily_mg]
+    span = f"{num(doses[0])} to {num(doses[-1])} mg/day" if doses else "dose not recorded"
+    end = max((m.end or m.start) for m in ms if m.start)
+    refs = tuple(dict.fromkeys(m.reference for m in ms[1:] if m.reference != ms[0].reference))
+    return Evidence(ms[0].reference, f"{label or 'medication'}, taper {span}, {ms[0].start.isoformat()} to "
+                                     f"{end.isoformat()}", refs)
 
 
 def _coded_text(entry: CodedEntry, copies: int = 1, last: date | None = None) -> str:

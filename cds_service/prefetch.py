@@ -50,6 +50,9 @@ def build_templates(catalog: Catalog, page_size: int = 200) -> dict[str, str]:
         # clinic-given drugs (depot GnRH agonists, DMPA, zoledronic acid) are often only administrations
         "medicationAdministrations": f"MedicationAdministration?patient={{{{context.patientId}}}}&_count={page_size}"
                                      "&_include=MedicationAdministration:medication",
+        # pharmacy fills: in payer and pharmacy-fed exports the only evidence of use
+        "medicationDispenses": f"MedicationDispense?patient={{{{context.patientId}}}}&_count={page_size}"
+                               "&_include=MedicationDispense:medication",
         "observations": obs(rule_codes),
         "boneHealthObservations": obs(context_codes),
         "procedures": f"Procedure?patient={{{{context.patientId}}}}&_count={page_size}",

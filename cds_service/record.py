@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from .catalog import (ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text,
                       words_regex)
 from .jsonutil import as_list, is_error_outcome
+from .sig import parse_sig
 
 _MODELS: dict[str, Any] = {}
 
@@ -37,7 +38,7 @@ def _model(resource_type: str):
 
 
 TYPED = ("Patient", "Condition", "Observation", "Procedure", "MedicationRequest",
-         "MedicationStatement", "MedicationAdministration", "Medication")
+         "MedicationStatement", "MedicationAdministration", "MedicationDispense", "Medication")
 
 
 def warm_models() -> None:
@@ -208,6 +209,7 @@ class MedicationExposure:
     single_dose: bool = False      # an injection with no frequency: one dose, however long it stays active
     planned: bool = False          # a draft order being signed: the course it would start
     route_text: str = ""           # dosage, route and form text (where a route rule reads it: local estrogen)
+    taper: bool = False            # one step of a tapering sig
 
     def covers(self, day: date) -> bool:
         return self.start is not None and self.start <= day <= (self.end or self.start)
@@ -484,6 +486,7 @@ class RecordBuilder:
             "MedicationRequest": set(st.get("medication_request_excluded", [])),
             "MedicationStatement": set(st.get("medication_statement_excluded", [])),
             "MedicationAdministration": set(st.get("medication_administration_excluded", [])),
+            "MedicationDispense": set(st.get("medication_dispense_excluded", [])),
         }
         self.proc_excluded = set(st.get("procedure_excluded", []))
         self.stopped_order_causes = catalog.causes_reading_stopped_orders
@@ -511,6 +514,7 @@ class RecordBuilder:
         self.context_codes.update(c["code"] for c in det["osteoporosis_treatment"]["other_codes"])
         ms = catalog.medication_settings
         self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
+        self.fill_gap_days = (ms.get("fills") or {}).get("gap_allowance_days", 0)
         # Memos of what a code or a name means: the same few thousand fill most charts. Each is
         # bounded (least recently used out); all of them full cost about 15 MB a worker.
         memo = lru_cache(maxsize=MEMO_SIZE)
@@ -547,6 +551,7 @@ class RecordBuilder:
             "MedicationRequest": self._each(self._medication),
             "MedicationStatement": self._each(self._medication),
             "MedicationAdministration": self._each(self._medication),
+            "MedicationDispense": self._each(self._medication),      # pharmacy fills: often the best evidence of use
         }
 
     def build(self, prefetch: dict, patient_id: str, as_of: date, drafts: list[dict] = ()) -> PatientRecord:
@@ -598,6 +603,8 @@ class RecordBuilder:
                 rec.skipped_invalid += 1
         if rec.closed_concepts:
             _reconcile(rec)
+        if self.fill_gap_days:
+            _bridge_fills(rec, self.fill_gap_days)
         rec.resources_seen = others + sum(map(len, batches.values()))
         for lst in rec.observations.values():
             lst.sort(key=_WHEN, reverse=True)
@@ -1005,32 +1012,116 @@ class RecordBuilder:
         uniq: dict[tuple[str, str], Ingredient] = {}
         for i in ingredients:
             uniq.setdefault((i.cause_id, i.name), i)
-        dosages = res.get("dosageInstruction") if rt == "MedicationRequest" else res.get("dosage")
+        dosages = res.get("dosageInstruction") if rt in ("MedicationRequest", "MedicationDispense") else res.get("dosage")
         if rt == "MedicationAdministration":
             dosages = [res["dosage"]] if isinstance(res.get("dosage"), dict) else []
         dosages = [d for d in as_list(dosages) if isinstance(d, dict)]
-        dosage_text = " ".join(d.get("text", "") for d in dosages if isinstance(d.get("text"), str))
+        dosage_text = " ".join(d[k] for d in dosages for k in ("text", "patientInstruction")
+                               if isinstance(d.get(k), str))[:_MAX_CUE_TEXT]
         route_text = " ".join(concept_text(d.get("route")) for d in dosages)
         form_text = concept_text((med_res or {}).get("form"))
         full_text = " ".join([text, dosage_text, route_text, form_text]).lower()
         systemic = not self.cat.non_systemic_regex.search(full_text)
         mg_per_dose, per_day, note, as_needed = self._dose(dosages, text, dosage_text, rt)
+        sig = None
+        if mg_per_dose is None and dosage_text and not self._structured_dose(dosages, rt):
+            sig = parse_sig(dosage_text, _strength_mg(text), self.cat.frequency_patterns, _concentration_mg_per_ml(text))
+            if sig is not None:
+                as_needed = as_needed or sig.as_needed
+                mg_per_dose = sig.steps[0].mg_per_dose
+                per_day = sig.steps[0].per_day or per_day
         start, end, ongoing = self._interval(res, rt, dosages, rec.as_of, planned)
+        supply = None
+        if start is not None and end == start and not ongoing and not as_needed:
+            supply = self._supply_days(res, rt, dosages, mg_per_dose, per_day, text, sig)
         if planned and start is not None and end == start and not as_needed:
-            end = start + timedelta(days=self._planned_days(res, dosages, dosage_text, mg_per_dose, per_day,
-                                                            text) - 1)
+            end = start + timedelta(days=(supply or self._planned_days(res, dosages, dosage_text, mg_per_dose, per_day,
+                                                                       text)) - 1)
+        elif supply:
+            end = start + timedelta(days=supply - 1)      # the days an order's quantity, or a fill, covers
+        if rt == "MedicationDispense" and mg_per_dose is None and start is not None:
+            mg_per_dose, per_day, note = self._dose_from_fill(res, text, end, start)
         single = self._single_dose(res, rt, dosages, dosage_text, full_text) and not as_needed
         if single and start is not None:
             end = start                        # one dose covers its own day
             if note == "frequency not recorded, once daily assumed":
                 per_day, note = 1.0, "single dose"
+        if mg_per_dose is not None and per_day is None and rt != "MedicationAdministration" and not as_needed:
+            per_day, note = 1.0, note or "frequency not recorded, once daily assumed"
+        if as_needed:
+            per_day, note = None, "as-needed dosing: daily dose not computed"
+        if mg_per_dose is None and not note and rt != "MedicationAdministration":
+            note = "dose not recorded"
+        base = dict(reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
+                    label=concept_label(concept) or text.strip(), status=status, ongoing=ongoing, systemic=systemic,
+                    as_needed=as_needed, single_dose=single, planned=planned,
+                    route_text=" ".join([dosage_text, route_text, form_text]).strip())
+        if sig is not None and sig.taper and not as_needed and start is not None:
+            rec.medications += _taper_exposures(base, sig, start, end, per_day, ongoing)
+            return
         daily = mg_per_dose * per_day if (mg_per_dose is not None and per_day is not None) else None
-        rec.medications.append(MedicationExposure(
-            reference=ref, resource_type=rt, ingredients=list(uniq.values()), text=text.strip(),
-            label=concept_label(concept) or text.strip(),
-            status=status, start=start, end=end, ongoing=ongoing, systemic=systemic, mg_per_dose=mg_per_dose,
-            doses_per_day=per_day, daily_mg=daily, dose_note=note, as_needed=as_needed,
-            single_dose=single, planned=planned, route_text=" ".join([dosage_text, route_text, form_text]).strip()))
+        rec.medications.append(MedicationExposure(start=start, end=end, mg_per_dose=mg_per_dose, doses_per_day=per_day,
+                                                  daily_mg=daily, dose_note=note, **base))
+
+    @staticmethod
+    def _structured_dose(dosages: list[dict], rt: str) -> bool:
+        """Whether the record states a dose in structured form (then its text is not read for one)."""
+        for d in dosages:
+            if rt == "MedicationAdministration" and isinstance(d.get("dose"), dict):
+                return True
+            if any(isinstance(dr, dict) and (isinstance(dr.get("doseQuantity"), dict) or isinstance(dr.get("doseRange"), dict))
+                   for dr in as_list(d.get("doseAndRate"))):
+                return True
+        return False
+
+    def _supply_days(self, res: dict, rt: str, dosages: list[dict], mg_per_dose: float | None, per_day: float | None,
+                     med_text: str, sig) -> int | None:
+        """The days a record covers when it states no period: a fill's days' supply; an order's quantity over the
+        daily use, times one plus its refills; a sig's stated duration."""
+        if rt == "MedicationDispense":
+            ds = res.get("daysSupply")
+            days = _duration_days(ds) if isinstance(ds, dict) else None
+            if days:
+                return days
+        if rt not in ("MedicationRequest", "MedicationDispense"):
+            return None
+        if rt == "MedicationRequest":
+            dr = res.get("dispenseRequest") if isinstance(res.get("dispenseRequest"), dict) else {}
+            qty = dr.get("quantity") if isinstance(dr.get("quantity"), dict) else {}
+            refills = _repeats(dr)
+        else:
+            qty = res.get("quantity") if isinstance(res.get("quantity"), dict) else {}
+            refills = 0
+        value = _number(qty.get("value"), None)
+        if value and value > 0 and per_day:
+            unit = str(qty.get("code") or qty.get("unit") or "").lower()
+            per_dose = None
+            if unit in ("mg", "milligram", "milligrams"):
+                per_dose = mg_per_dose
+            elif unit in ("ml", "milliliter", "milliliters") and mg_per_dose and _concentration_mg_per_ml(med_text):
+                per_dose = mg_per_dose / _concentration_mg_per_ml(med_text)
+            elif unit == "" or _TABLET_UNIT.search(unit):
+                strength = _strength_mg(med_text)
+                per_dose = _dose_units(dosages) or (mg_per_dose / strength if mg_per_dose and strength else None)
+            if per_dose:
+                days = value / (per_dose * per_day)
+                if 1 <= days <= 3650:
+                    return round(days) * (1 + refills)
+        if sig is not None and all(s.days for s in sig.steps):
+            return sum(s.days for s in sig.steps)
+        return None
+
+    @staticmethod
+    def _dose_from_fill(res: dict, med_text: str, end: date | None, start: date) -> tuple:
+        """A fill with no sig: the average daily dose is its quantity x strength over its days' supply."""
+        strength = _strength_mg(med_text)
+        qty = res.get("quantity") if isinstance(res.get("quantity"), dict) else {}
+        value = _number(qty.get("value"), None)
+        days = (end - start).days + 1 if end else None
+        unit = str(qty.get("code") or qty.get("unit") or "").lower()
+        if strength and value and days and (unit == "" or _TABLET_UNIT.search(unit)):
+            return value * strength / days, 1.0, "average daily dose from the fill (quantity x strength / days' supply)"
+        return None, None, "dose not recorded"
 
     def _ingredients_of(self, all_codings: list[dict], text: str) -> list[Ingredient] | tuple[Ingredient, ...]:
         """What a medication names: by code, else by name in its text."""
@@ -1073,6 +1164,10 @@ class RecordBuilder:
                 or parse_date(res.get("dateAsserted"))
             end = parse_date(ep.get("end")) or end
             ongoing = status in ("active", "intended", "on-hold", "unknown", None) and (end is None or end >= as_of)
+        elif rt == "MedicationDispense":                  # a fill: from the day it was handed over
+            start = parse_date(res.get("whenHandedOver")) or parse_date(res.get("whenPrepared"))
+            end = start
+            ongoing = False
         else:  # MedicationAdministration: a single administration (or an infusion period)
             ep = res.get("effectivePeriod") if isinstance(res.get("effectivePeriod"), dict) else {}
             start = parse_date(res.get("effectiveDateTime")) or parse_date(ep.get("start"))
@@ -1126,21 +1221,13 @@ class RecordBuilder:
                 per_day = f
             if mg is not None:
                 break
-        if mg is None and dosage_text:
-            mg = _text_mg(dosage_text, strength)
         if per_day is None and dosage_text:
             for pattern, value in self.cat.frequency_patterns:
                 if pattern.search(dosage_text):
                     per_day = value
                     break
-        if mg is not None and per_day is None and rt != "MedicationAdministration":
-            per_day = 1.0
-            note = "frequency not recorded, once daily assumed"
         if rt == "MedicationAdministration" and mg is not None:
             per_day = 1.0
-        if as_needed:
-            per_day = None
-            note = "as-needed dosing: daily dose not computed"
         return mg, per_day, note, as_needed
 
     def _planned_days(self, res: dict, dosages: list[dict], dosage_text: str, mg_per_dose: float | None,
@@ -1212,6 +1299,43 @@ class RecordBuilder:
         return None
 
 
+def _bridge_fills(rec: PatientRecord, allowance: int) -> None:
+    """Fills of one medicine a few days late are one course: the gap up to `allowance` days between one fill's last
+    day and the next fill is counted as covered (refills are rarely collected on the day the last one runs out)."""
+    by_drug: dict[str, list[MedicationExposure]] = {}
+    for m in rec.medications:
+        if m.resource_type == "MedicationDispense" and m.start and m.end:
+            by_drug.setdefault(m.ingredients[0].name, []).append(m)
+    for fills in by_drug.values():
+        fills.sort(key=lambda m: m.start)
+        for cur, nxt in zip(fills, fills[1:]):
+            gap = (nxt.start - cur.end).days - 1
+            if 0 < gap <= allowance:
+                cur.end = nxt.start - timedelta(days=1)
+
+
+def _taper_exposures(base: dict, sig, start: date, end: date | None, per_day: float | None,
+                     ongoing: bool) -> list[MedicationExposure]:
+    """A tapering sig as one exposure per step, back to back from the record's start; the last step runs to the end
+    of what the record covers (or for its own stated days)."""
+    out = []
+    day = start
+    last = len(sig.steps) - 1
+    for n, step in enumerate(sig.steps):
+        f = step.per_day or per_day or 1.0
+        if step.days:
+            step_end = day + timedelta(days=step.days - 1)
+        else:
+            step_end = max(end or day, day)
+        if n == last and end and end > step_end and not step.days:
+            step_end = end
+        out.append(MedicationExposure(start=day, end=step_end, mg_per_dose=step.mg_per_dose, doses_per_day=f,
+                                      daily_mg=step.mg_per_dose * f, dose_note="taper", taper=True,
+                                      **{**base, "ongoing": ongoing and n == last}))
+        day = step_end + timedelta(days=1)
+    return out
+
+
 def _reconcile(rec: PatientRecord) -> None:
     """Read the problem list per concept, as a clinician does: when the newest copy of a condition
     (Synthea and many EHRs re-record it at each visit) is resolved or refuted, the older copies
@@ -1266,10 +1390,6 @@ def _duration_days(q: dict) -> int | None:
 
 _STRENGTH_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\b(?!\s*/)", re.I)
 _CONC_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s*/\s*(\d+(?:\.\d+)?)?\s*ml\b", re.I)
-_MG_TOTAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s+total", re.I)
-_MG_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(mg|milligrams?)\b", re.I)
-_UNITS_RE = re.compile(r"\b(\d+(?:\.\d+)?|one|two|three|four|five|six|half|a half)\s*(tablets?|tabs?|capsules?|caps?|pills?)\b", re.I)
-_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "half": 0.5, "a half": 0.5}
 
 
 # a dose or quantity unit that counts tablets, capsules or the like (UCUM annotations and EHR words)
@@ -1313,17 +1433,3 @@ def _concentration_mg_per_ml(text: str) -> float | None:
     return float(m.group(1)) / per if per else None
 
 
-def _text_mg(text: str, strength: float | None) -> float | None:
-    """Dose per administration from dosage text such as 'Take 4 tablets (20 mg total) by mouth daily'."""
-    m = _MG_TOTAL_RE.search(text)
-    if m:
-        return float(m.group(1))
-    m = _UNITS_RE.search(text)
-    if m and strength is not None:
-        n = m.group(1).lower()
-        count = _WORDS.get(n) or float(n)
-        return count * strength
-    m = _MG_RE.search(text)
-    if m:
-        return float(m.group(1))
-    return None

@@ -44,7 +44,7 @@ def test_discovery(client):
     for s in services:
         assert s["title"] and s["description"] and walk_empty(s) == []
         assert set(s["prefetch"]) >= {"patient", "conditions", "medicationRequests", "medicationStatements",
-                                      "medicationAdministrations", "observations", "procedures"}
+                                      "medicationAdministrations", "medicationDispenses", "observations", "procedures"}
         for key, template in s["prefetch"].items():
             assert re.fullmatch(r"[A-Za-z0-9_-]+", key)
             assert len(template.encode()) < 8192, key
@@ -144,8 +144,8 @@ def test_oversize_body_gets_413(tmp_path, request_for):
 # ---- D. prefetch and 412 -------------------------------------------------------------------------
 def test_null_prefetch_value_means_no_data(client, request_for):
     body = request_for(FULL)
-    for key in ("medicationRequests", "medicationStatements", "medicationAdministrations", "observations",
-                "boneHealthObservations", "procedures"):
+    for key in ("medicationRequests", "medicationStatements", "medicationAdministrations", "medicationDispenses",
+                "observations", "boneHealthObservations", "procedures"):
         body["prefetch"][key] = None
     assert len(client.post(SERVICE_URL, json=body).get_json()["cards"]) == 1
 

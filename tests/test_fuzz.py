@@ -51,7 +51,7 @@ BUNDLE = st.fixed_dictionaries({"resourceType": st.just("Bundle")}, optional={
     "entry": st.lists(st.fixed_dictionaries({}, optional={"resource": RESOURCE | JSON, "search": JSON}), max_size=8) | JSON,
     "link": st.lists(JSON, max_size=2) | JSON})
 KEYS = ["patient", "conditions", "medicationRequests", "medicationStatements", "medicationAdministrations",
-        "observations", "boneHealthObservations", "procedures"]
+        "medicationDispenses", "observations", "boneHealthObservations", "procedures"]
 
 
 def check(resp, allowed=(200, 400, 412, 413)):

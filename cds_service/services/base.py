@@ -69,7 +69,8 @@ class CdsService:
             "description": self.description,
             "prefetch": dict(self.kit.templates),
             "usageRequirements": ("Needs read access to Patient, Condition, MedicationRequest, MedicationStatement, "
-                                  "MedicationAdministration, Medication, Observation and Procedure for the patient "
+                                  "MedicationAdministration, MedicationDispense, Medication, Observation and Procedure "
+                                  "for the patient "
                                   "in context."),
         }
 
