@@ -95,6 +95,7 @@ def patient_request(n_resources: int, seed: int = 1) -> dict:
             "medicationRequests": bundle(meds),
             "medicationStatements": bundle([]),
             "medicationAdministrations": bundle([]),
+            "medicationDispenses": bundle([]),
             "observations": bundle(observations),
             "boneHealthObservations": bundle([]),
             "procedures": bundle(procedures),

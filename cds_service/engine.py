@@ -671,7 +671,8 @@ class Engine:
                     break
             total = days_at(gc["min_mg_per_day"])
             so_far = sum((min(e, rec.as_of) - s).days + 1 for s, e, v in segments if v >= gc["min_mg_per_day"] and s <= rec.as_of)
-            planned = f" ({total} including the planned course)" if total > so_far and any(m.planned for m in exps) else ""
+            ahead = "the planned course" if any(m.planned for m in exps) else "the supply ordered or filled beyond today"
+            planned = f" ({total} including {ahead})" if total > so_far else ""
             ev.append(Evidence(used[0][0].reference,
                                f"{so_far} days so far at >= {gc['min_mg_per_day']:g} mg/day prednisone-equivalent{planned}; "
                                f"cumulative {cumulative:,.0f} mg in the last 365 days",

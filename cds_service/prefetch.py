@@ -82,6 +82,11 @@ def resolve_template(template: str, context: dict) -> str | None:
     return None if missing else out
 
 
+# Keys added after clients were configured from an earlier discovery document: a client that does not send one and
+# gives no fhirServer to fetch it from is served without it (a pharmacy fill is extra evidence, not the core record).
+OPTIONAL_KEYS = frozenset({"medicationDispenses"})
+
+
 def _failed(value: dict) -> bool:
     """An OperationOutcome, or a Bundle whose entries carry an error outcome, is a failed key.
     (For the client's prefetch the record build finds error entries in its own pass.)"""
@@ -121,10 +126,11 @@ class PrefetchResolver:
         data: dict = {}
         missing: dict[str, str] = {}
         partial: list[str] = []
+        server = request.get("fhirServer")
         for key, template in self.templates.items():
             value = given.get(key, ...)
-            if value is None:
-                data[key] = None                       # the client had no data
+            if value is None or (value is ... and key in OPTIONAL_KEYS and not server):
+                data[key] = None                       # the client had no data (or predates this key)
             elif value is ... or not isinstance(value, dict) or value.get("resourceType") == "OperationOutcome" \
                     or key in failed:
                 query = resolve_template(template, context)
@@ -139,7 +145,6 @@ class PrefetchResolver:
         result = PrefetchResult(data)
         if not missing and not partial:
             return result
-        server = request.get("fhirServer")
         if not isinstance(server, str) or not server:
             keys = ", ".join(sorted(missing) + partial)
             raise PrefetchUnavailable(f"Prefetch incomplete ({keys}) and the request has no fhirServer to query.")
