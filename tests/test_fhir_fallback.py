@@ -64,7 +64,7 @@ def assert_fallback_gives_the_same_cards(client, fhir_server, url: str, full: di
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert strip_ids(resp.get_json()) == expected
     seen = fhir_server.requests_seen()
-    assert len(seen) == 8                                   # every template, each once
+    assert len(seen) == 9                                   # every template, each once
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in seen)
     return expected
 
@@ -276,7 +276,7 @@ def test_endless_next_links_stop_at_the_page_cap(tmp_path, faults):
     body["prefetch"] = {"patient": {"resourceType": "Patient", "id": "pat-9", "gender": "male", "birthDate": "1950-01-01"}}
     resp = app.test_client().post(SERVICE_URL, json=body)
     assert resp.status_code == 200, resp.get_data(as_text=True)
-    assert len(faults.seen) <= 7 * 5                           # 7 keys x 5 pages at most
+    assert len(faults.seen) <= 8 * 5                           # 8 keys x 5 pages at most
 
 
 def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults, json_log):
@@ -305,8 +305,8 @@ def test_token_is_never_sent_over_plain_http_off_loopback(fallback_client):
     assert resp.status_code == 412 and "https" in resp.get_json()["issue"][0]["diagnostics"]
 
 
-def test_parallel_fetch_takes_about_one_query_not_seven(tmp_path, faults):
-    """Eight missing keys against a server that takes 0.3 s per answer: parallel, not serial."""
+def test_parallel_fetch_takes_about_one_query_not_nine(tmp_path, faults):
+    """Nine missing keys against a server that takes 0.3 s per answer: parallel, not serial."""
     app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=3.0, log_level="WARNING"))
     original = faults.httpd.RequestHandlerClass.do_GET
 
@@ -317,8 +317,8 @@ def test_parallel_fetch_takes_about_one_query_not_seven(tmp_path, faults):
     start = time.monotonic()
     resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base))
     elapsed = time.monotonic() - start
-    assert resp.status_code == 200 and len(faults.seen) == 8
-    assert elapsed < 8 * 0.3 * 0.5                                 # serial would take 2.4 s
+    assert resp.status_code == 200 and len(faults.seen) == 9
+    assert elapsed < 9 * 0.3 * 0.5                                 # serial would take 2.7 s
 
 
 def test_fhir_server_off_the_allowlist_is_never_contacted(tmp_path, faults):
@@ -400,7 +400,7 @@ def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tm
             time.sleep(0.5)
             ok, ok_s = timed(lambda: client.post(SERVICE_URL, json=bare_request(healthy.base)))
             results = [f.result() for f in stuck]
-        assert ok.status_code == 200 and ok_s < 1.0
+        assert ok.status_code == 200 and ok_s < 1.5                 # well before the 2 s deadline the stuck ones wait for
         for resp, seconds in results:
             assert resp.status_code == 412 and seconds < 3.0
         fhir = app.extensions["cds"]["services"].kit.resolver.client
@@ -409,7 +409,7 @@ def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tm
             assert time.monotonic() < deadline, (fhir._slots._value, fhir.max_workers)
             time.sleep(0.05)
         again, again_s = timed(lambda: client.post(SERVICE_URL, json=bare_request(healthy.base)))
-        assert again.status_code == 200 and again_s < 1.0
+        assert again.status_code == 200 and again_s < 1.5
     finally:
         for s in slow + [healthy]:
             s.close()

@@ -43,6 +43,15 @@ def _injection_patient() -> list[dict]:
     return bundle_resources(p.bundle())
 
 
+def _copy_of(rel: str, patient_id: str) -> list[dict]:
+    """A fixture patient's resources under another Patient id (and fresh ids for the rest)."""
+    original = bundle_resources(load_fixture(rel))
+    text = json.dumps(original).replace(original[0]["id"], patient_id)
+    for r in original[1:]:
+        text = text.replace(r["id"], r["id"][:-6] + "e2e-cp")
+    return json.loads(text)
+
+
 class StaticSandbox:
     """The sandbox's static build on a loopback port."""
 
@@ -67,6 +76,8 @@ def stack(tmp_path_factory):
     resources = []
     for rel in ("patients/glucocorticoids-positive.json", "patients/no-risk-factors-negative.json"):
         resources += bundle_resources(load_fixture(rel))
+    # feedback snoozes the patient's card (on by default): each feedback test opens a chart of its own
+    resources += _copy_of("patients/glucocorticoids-positive.json", "e2e-gc-dismiss")
     resources += _injection_patient()
     for pid in ("e2e-rx-sign", "e2e-rx-both"):
         resources += bundle_resources(Patient(pid, age=67, style="searchset").bundle())
@@ -193,9 +204,9 @@ def test_a_patient_with_no_cause_gets_no_card(session):
     assert s.responses and all(r["body"]["cards"] == [] for r in s.responses)
 
 
-def _positive_card(session) -> tuple[Session, object, dict]:
-    """The glucocorticoids-positive patient's card: the tab, the rendered card and the card as sent."""
-    s = session("glucocorticoids-positive")
+def _positive_card(session, patient_id: str = "glucocorticoids-positive") -> tuple[Session, object, dict]:
+    """A glucocorticoids-positive patient's card: the tab, the rendered card and the card as sent."""
+    s = session(patient_id)
     s.add_services()
     card = s.wait_for_card("Possible secondary osteoporosis")
     return s, card, s.last_card_from("secondary-osteoporosis")
@@ -210,10 +221,15 @@ def test_accepting_a_suggestion_stores_accepted_feedback(session, stack):
     s.shot("accepted")
     stored = stack["store"].entries_for_card(sent["uuid"])
     assert [(e["outcome"], e["acceptedSuggestions"]) for e in stored] == [("accepted", [first["uuid"]])]
+    again = session("glucocorticoids-positive")              # acted on: the chart reopened is quiet (snoozed)
+    with again.page.expect_response(lambda r: r.url.endswith("/cds-services/secondary-osteoporosis")
+                                    and r.request.method == "POST", timeout=20000) as served:
+        again.add_services()
+    assert served.value.status == 200 and served.value.json()["cards"] == []
 
 
 def test_dismissing_with_a_reason_stores_the_reason(session, stack):
-    s, card, sent = _positive_card(session)
+    s, card, sent = _positive_card(session, "e2e-gc-dismiss")
     reason = sent["overrideReasons"][0]
     card.get_by_label("select dismiss reason").click()
     with _feedback_posted(s) as posted:
