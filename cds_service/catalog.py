@@ -198,6 +198,7 @@ class Catalog:
     templates: dict[str, jinja2.Template] = field(default_factory=dict)
     frequency_patterns: list[tuple[re.Pattern, float]] = field(default_factory=list)
     therapy: dict = field(default_factory=dict)           # therapy.yaml: courses, drug safety, advice
+    observation_names: dict = field(default_factory=dict)  # observations.yaml analyte_names
     code_sets: dict[str, CodeSet] = field(default_factory=dict)        # detection sections (pregnancy, ...)
     fracture_sites: dict[str, CodeSet] = field(default_factory=dict)   # site -> its fracture codes
     fracture_text_regex: re.Pattern | None = None                      # every site's text synonyms
@@ -207,6 +208,9 @@ class Catalog:
     section_text_regex: dict[str, re.Pattern] = field(default_factory=dict)   # section -> its text synonyms
     treatment_classes: dict[str, dict] = field(default_factory=dict)   # drug name -> therapy.yaml class
     osteoporotic_fracture_codes: CodeSet | None = None   # codes that say "osteoporotic fracture" (M80, Z87.310)
+    analyte_name_regex: re.Pattern | None = None          # observations.yaml analyte_names, every name
+    analyte_by_name: dict[str, str] = field(default_factory=dict)         # name -> analyte
+    analyte_exclude_regex: dict[str, re.Pattern] = field(default_factory=dict)
 
     # ---- lookups used by the engine -------------------------------------------------
     @property
@@ -424,6 +428,8 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
     obs_cfg = raw["observations"]
     units = obs_cfg["units"]
     groups = {name: [c["code"] for c in entries] for name, entries in (obs_cfg.get("loinc_groups") or {}).items()}
+    for analyte, spec in (obs_cfg.get("analyte_names") or {}).items():
+        _require(spec["group"] in groups, "observations.yaml analyte_names", f"{analyte}: unknown loinc group {spec['group']}")
     obs_rules: dict[str, dict] = {}
     for rule in obs_cfg["rules"]:
         where = f"observations.yaml rule {rule.get('id')}"
@@ -573,7 +579,7 @@ def _build(base: Path, manifest: dict, raw: dict) -> Catalog:
         statuses=manifest.get("statuses", {}), causes=causes, citations=citations,
         observation_rules=obs_rules, units=units, medication_settings=raw["medications"],
         detection=detection, card=card_cfg, value_sets=value_sets, loinc_groups=groups, orders=raw["orders"],
-        therapy=raw["therapy"],
+        therapy=raw["therapy"], observation_names=obs_cfg.get("analyte_names") or {},
     )
     _check_orders(catalog)
     _check_therapy(catalog)
@@ -682,6 +688,14 @@ def _build_indexes(cat: Catalog) -> None:
         cat.code_sets[section] = CodeSet.of(section, cat.section_codes(section), normalize_system)
         if det.get(section, {}).get("condition_text"):
             cat.section_text_regex[section] = words_regex(det[section]["condition_text"])
+    for analyte, spec in (cat.observation_names or {}).items():
+        for w in spec["names"]:
+            cat.analyte_by_name[normalize_text(w)] = analyte
+        if spec.get("exclude"):
+            cat.analyte_exclude_regex[analyte] = re.compile("|".join(re.escape(normalize_text(w))
+                                                                     for w in spec["exclude"]))
+    if cat.analyte_by_name:
+        cat.analyte_name_regex = words_regex(cat.analyte_by_name)
     cat.osteoporotic_fracture_codes = CodeSet.of(     # (site codes, with an age from which they count, are not)
         "osteoporotic_fracture", [c for c in cat.index_codes("fragility_fracture_history")
                                   if "min_age_at_onset" not in c] + [

@@ -144,7 +144,11 @@ def _codes(args: argparse.Namespace) -> int:
     from .survey import run
 
     settings = Settings.from_env()
-    return run(load_catalog(settings.cards_dir or None), args.paths, args.unmatched, args.csv)
+    try:
+        as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
+    except ValueError:
+        raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
+    return run(load_catalog(settings.cards_dir or None), args.paths, args.unmatched, args.csv, as_of=as_of)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     codes.add_argument("paths", nargs="+", help="Bundle files, or folders of *.json Bundles")
     codes.add_argument("--unmatched", action="store_true", help="only codings the catalog gives no meaning")
     codes.add_argument("--csv", action="store_true", help="CSV instead of a tab-separated table")
+    codes.add_argument("--as-of", help="evaluation date for the rows read from the record (default: today)")
     codes.set_defaults(func=_codes)
     check = sub.add_parser("check-catalog", help="validate a catalog folder (default: the one the service uses)")
     check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")

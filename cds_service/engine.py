@@ -11,7 +11,7 @@ from datetime import date, timedelta
 from operator import attrgetter
 
 from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
-from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord, num
+from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord, ckd_epi_2021, num
 from .therapy import OVERDUE, Course, TherapyHistory, TherapyReader
 
 
@@ -374,7 +374,7 @@ class Engine:
                 finding = self._detect(cause, record, context)
                 if finding:
                     findings.append(finding)
-            found = {f.cause.id for f in findings}
+            found = {f.cause.id for f in findings if not f.suspected}     # a suspected myeloma replaces no MGUS
             findings = [f for f in findings if not found.intersection(f.cause.not_with)]
             for f in findings:
                 self._apply_policy(f, record, context, found)
@@ -650,7 +650,8 @@ class Engine:
             pes = [m.daily_mg * next(i for i in m.ingredients if i.cause_id == "glucocorticoids").prednisone_equivalent_factor
                    for m in ms if m.daily_mg is not None and next(i for i in m.ingredients
                                                                   if i.cause_id == "glucocorticoids").prednisone_equivalent_factor]
-            extra = f"; {num(min(pes))} to {num(max(pes))} mg/day prednisone-equivalent" if pes else ""
+            span = num(min(pes)) if pes and num(min(pes)) == num(max(pes)) else f"{num(min(pes or [0]))} to {num(max(pes or [0]))}"
+            extra = f"; {span} mg/day prednisone-equivalent" if pes else "; dose not recorded"
             ev.append(_fills_line(label, ms, rec.as_of, 365, extra))
         tier = None
         cites = []
@@ -716,6 +717,11 @@ class Engine:
         if any(rec.observations.get(c) for c in rule.get("skip_if_any_loinc", ())):
             return []
         results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
+        if rule.get("before_context_medication"):
+            started = [m.start for m in rec.medications_by_cause.get(f"context:{rule['before_context_medication']}", ())
+                       if m.start]
+            if started:
+                results = [m for m in results if m.when < min(started)]
         if rule.get("max_age_at_result") is not None:
             results = [m for m in results if (rec.age_on(m.when) or 999) <= rule["max_age_at_result"]]
         n = rule.get("results", 1)
@@ -961,7 +967,9 @@ class Engine:
         if egfr is not None:
             ctx.latest_egfr = (egfr.value, egfr.when, egfr.reference)
             if "egfr_below" in kc and egfr.value < kc["egfr_below"]:
-                ctx.kidney_caution.insert(0, Evidence(egfr.reference, f"eGFR {egfr.value:.0f} mL/min/1.73 m2 on {egfr.when.isoformat()}"))
+                how = f" ({egfr.computed_from})" if egfr.computed_from else ""
+                ctx.kidney_caution.insert(0, Evidence(egfr.reference, f"eGFR {egfr.value:.0f} mL/min/1.73 m2 on "
+                                                                      f"{egfr.when.isoformat()}{how}"))
         ctx.kidney_caution = list({e.reference: e for e in ctx.kidney_caution}.values())
         # young adults are read by Z-score (ISCD 2023): a premenopausal woman, a man under 50
         age = rec.age
@@ -1050,14 +1058,6 @@ class Engine:
 
 # ---- helpers ------------------------------------------------------------------------------------
 _VALUE = attrgetter("value")
-
-
-def ckd_epi_2021(creatinine_mg_dl: float, age: int, sex: str) -> float:
-    """eGFR (mL/min/1.73 m2) by the race-free CKD-EPI 2021 creatinine equation (Inker, NEJM 2021)."""
-    female = sex == "female"
-    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
-    ratio = creatinine_mg_dl / kappa
-    return 142 * min(ratio, 1) ** alpha * max(ratio, 1) ** -1.200 * 0.9938 ** age * (1.012 if female else 1)
 
 
 def _newest_with_value(results: list[Measurement]) -> Measurement | None:
@@ -1214,9 +1214,16 @@ def _flag(m: Measurement, rule: dict) -> str | None:
 def _measure_text(rule: dict, m: Measurement) -> str:
     if m.value is None:
         return f"{rule['label']}: result flagged {','.join(sorted(m.interpretation))} on {m.when.isoformat()}"
-    shown = f"{m.value:.3g} {m.unit}".strip()
-    if m.raw_unit and m.raw_unit != m.unit and isinstance(m.raw_value, (int, float)):
-        shown += f" (reported {num(m.raw_value)} {m.raw_unit})"
+    if m.computed_from:
+        return f"{rule['label'].split(' (')[0]}: eGFR {m.value:.0f} ({m.computed_from})"
+    comparator = m.comparator
+    raw = m.raw_value if isinstance(m.raw_value, (int, float)) else None
+    if comparator and raw is not None and (not m.raw_unit or m.raw_unit == m.unit):
+        shown = f"{comparator}{num(raw)} {m.unit}".strip()
+    else:
+        shown = f"{m.value:.3g} {m.unit}".strip()
+        if m.raw_unit and m.raw_unit != m.unit and raw is not None:
+            shown += f" (reported {comparator}{num(raw)} {m.raw_unit})"
     return f"{rule['label'].split(' (')[0]}: {shown} on {m.when.isoformat()}"
 
 

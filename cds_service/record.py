@@ -268,25 +268,42 @@ class Measurement:
         self._details: dict | None = None
 
     def _read_quantity(self) -> tuple:
-        """(value, unit, raw value, raw unit, UCUM code, unit text), the value in the analyte's canonical unit."""
-        q = self._res.get("valueQuantity")
-        if not isinstance(q, dict):
-            q = {}
-        raw_value = q.get("value")
-        code_unit = q.get("code") if isinstance(q.get("code"), str) else ""
-        unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
+        """(value, unit, raw value, raw unit, UCUM code, unit text, comparator), the value in the analyte's canonical
+        unit. A value reported as a string ("<7.0", ">90", "<0.005 mIU/L") or with a comparator is read as its bound:
+        just below it for "<", just above for ">", so a threshold rule reads "<7.0" as below 7 and ">90" as above 90."""
+        res = self._res
+        q = res.get("valueQuantity")
+        comparator = ""
+        if isinstance(q, dict):
+            raw_value = q.get("value")
+            code_unit = q.get("code") if isinstance(q.get("code"), str) else ""
+            unit_text = q.get("unit") if isinstance(q.get("unit"), str) else ""
+            comparator = q.get("comparator") if q.get("comparator") in _COMPARATORS else ""
+        else:
+            raw_value, code_unit, unit_text = None, "", ""
+            vs = res.get("valueString")
+            m = _VALUE_STRING.match(vs[:60].strip()) if isinstance(vs, str) else None
+            if m:
+                comparator = m.group(1).replace("≤", "<=").replace("≥", ">=")
+                raw_value = float(m.group(2))
+                unit_text = m.group(3) or _range_unit(res)
+                code_unit = unit_text
         builder = self._builder
         value, unit = builder._convert(builder.loinc_to_analyte.get(self.code), raw_value, code_unit, unit_text)
         if unit is _IMPLAUSIBLE:
             unit = ""
             self._record.skipped_implausible += 1       # an entry or transmission error: never evidence
-        self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text)
+        elif value is not None and comparator.startswith("<"):
+            value = value * (1 - 1e-9) if comparator == "<" else value
+        elif value is not None and comparator.startswith(">"):
+            value = value * (1 + 1e-9) if comparator == ">" else value
+        self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text, comparator)
         return self._quantity
 
     def _read_details(self) -> dict:
         if self._details is None:
             res = self._res
-            _, _, _, _, code_unit, unit_text = self._quantity or self._read_quantity()
+            _, _, _, _, code_unit, unit_text, _ = self._quantity or self._read_quantity()
             analyte = self._builder.loinc_to_analyte.get(self.code)
             convert = self._builder._convert
             low = high = None
@@ -317,12 +334,44 @@ class Measurement:
 
     unit = property(lambda self: (self._quantity or self._read_quantity())[1])
     raw_value = property(lambda self: (self._quantity or self._read_quantity())[2])
+    comparator = property(lambda self: (self._quantity or self._read_quantity())[6])
+    computed_from = None           # a computed result (eGFR): the creatinine it was computed from
     raw_unit = property(lambda self: (self._quantity or self._read_quantity())[3])
     ref_low = property(lambda self: self._read_details()["ref_low"])
     ref_high = property(lambda self: self._read_details()["ref_high"])
     interpretation = property(lambda self: self._read_details()["interpretation"])
     value_codes = property(lambda self: self._read_details()["value_codes"])
     value_text = property(lambda self: self._read_details()["value_text"])
+
+
+def ckd_epi_2021(creatinine_mg_dl: float, age: int, sex: str) -> float:
+    """eGFR (mL/min/1.73 m2) by the race-free CKD-EPI 2021 creatinine equation (Inker, NEJM 2021)."""
+    female = sex == "female"
+    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
+    ratio = creatinine_mg_dl / kappa
+    return 142 * min(ratio, 1) ** alpha * max(ratio, 1) ** -1.200 * 0.9938 ** age * (1.012 if female else 1)
+
+
+class ComputedEgfr(Measurement):
+    """An eGFR the laboratory did not report, computed from that day's creatinine, the patient's age that day and
+    sex (CKD-EPI 2021, race-free). It cites the creatinine result it was computed from and says so on the card."""
+
+    def __init__(self, code: str, creatinine: Measurement, value: float):
+        self.reference = creatinine.reference
+        self.code = code
+        self.when = creatinine.when
+        self._res = creatinine._res
+        self._builder = creatinine._builder
+        self._record = creatinine._record
+        self._quantity = (value, "mL/min/1.73m2", value, "mL/min/1.73m2", "", "", "")
+        self._details = {"ref_low": None, "ref_high": None, "interpretation": set(), "value_codes": [], "value_text": ""}
+        self.creatinine = creatinine
+
+    @property
+    def computed_from(self) -> str:
+        c = self.creatinine
+        shown = f"{c.raw_value:g} {c.raw_unit}".strip() if isinstance(c.raw_value, (int, float)) else f"{c.value:.2f} mg/dL"
+        return f"computed from creatinine {shown} on {c.when.isoformat()}, CKD-EPI 2021"
 
 
 @dataclass
@@ -364,6 +413,9 @@ class PatientRecord:
     read_from: dict[str, date] = field(default_factory=dict)   # LOINC -> oldest result kept (rule windows)
     # (system, code) -> newest date of a resolved/inactive/refuted copy of that concept (reconciliation)
     closed_concepts: dict[tuple[str, str], date] = field(default_factory=dict)
+    # cause id -> newest date a problem-list entry naming it was closed; causes a problem-list entry refutes
+    closed_causes: dict[str, date] = field(default_factory=dict)
+    refuted_causes: set[str] = field(default_factory=set)
     superseded: int = 0              # active copies a newer resolved copy of the same concept replaced
     skipped_implausible: int = 0     # results read with a value no real measurement could have
     malformed_dates: int = 0         # resources kept with a malformed date left out (the date is not read)
@@ -515,6 +567,8 @@ class RecordBuilder:
         ms = catalog.medication_settings
         self.timing_codes = {k.upper(): float(v) for k, v in ms.get("timing_codes", {}).items()}
         self.fill_gap_days = (ms.get("fills") or {}).get("gap_allowance_days", 0)
+        self.egfr_codes = list(catalog.loinc_groups.get("egfr", []))
+        self.creatinine_codes = list(catalog.loinc_groups.get("creatinine", []))
         # Memos of what a code or a name means: the same few thousand fill most charts. Each is
         # bounded (least recently used out); all of them full cost about 15 MB a worker.
         memo = lru_cache(maxsize=MEMO_SIZE)
@@ -534,6 +588,7 @@ class RecordBuilder:
         self._fracture_text_site = memo(self._fracture_text)
         self._fracture_procedure_site = memo(self._fracture_procedure)
         self._text_certainty = memo(self._cue_kinds)
+        self._result_name = memo(self._read_result_name)
         self.cond_suspected = set(st.get("condition_verification_suspected", []))
         cues = det.get("condition_text") or {}
         self.cue_kinds_before = {normalize_text(w): kind for kind, ws in cues.get("cues_before", {}).items() for w in ws}
@@ -601,13 +656,15 @@ class RecordBuilder:
                 self._medication(rec, res, medications, planned=True)
             except _MALFORMED:
                 rec.skipped_invalid += 1
-        if rec.closed_concepts:
+        if rec.closed_concepts or rec.closed_causes or rec.refuted_causes:
             _reconcile(rec)
         if self.fill_gap_days:
             _bridge_fills(rec, self.fill_gap_days)
         rec.resources_seen = others + sum(map(len, batches.values()))
         for lst in rec.observations.values():
             lst.sort(key=_WHEN, reverse=True)
+        if self.egfr_codes and self.creatinine_codes and any(rec.observations.get(c) for c in self.creatinine_codes):
+            _computed_egfr(rec, self.egfr_codes, self.creatinine_codes)
         return rec
 
     @staticmethod
@@ -726,6 +783,13 @@ class RecordBuilder:
             for key in codes:                   # a newer closed copy of the concept supersedes older active ones
                 if when is not None and when > rec.closed_concepts.get(key, date.min):
                     rec.closed_concepts[key] = when
+            if rt == "Condition" and matches and not _is_encounter_diagnosis(res):
+                refuted = status_code(res.get("verificationStatus")) == "refuted"
+                for cause_id, _role in matches:  # the problem list outranks encounter diagnoses of the cause
+                    if refuted:
+                        rec.refuted_causes.add(cause_id)
+                    if when is not None and when > rec.closed_causes.get(cause_id, date.min):
+                        rec.closed_causes[cause_id] = when
             if site is None:
                 return
             historic = True                     # a healed fracture is still a fracture on record
@@ -814,6 +878,8 @@ class RecordBuilder:
         """The first name `rx` finds in `low` with no negation, hedge, past or other-person cue around it."""
         cat = self.cat
         for m in rx.finditer(low):
+            if _negated_prefix(low, m.start()):
+                continue
             if cat.cues_before_regex is not None and (cat.cues_before_regex.search(low, max(0, m.start() - _CUE_WINDOW),
                                                                                  m.start())
                                                       or cat.cues_after_regex.search(low, m.end(), m.end() + _CUE_WINDOW)):
@@ -851,7 +917,7 @@ class RecordBuilder:
         out: list[tuple[str, str]] = []
         for m in cat.condition_text_regex.finditer(low):
             if cat.cues_before_regex.search(low, max(0, m.start() - _CUE_WINDOW), m.start()) \
-                    or cat.cues_after_regex.search(low, m.end(), m.end() + _CUE_WINDOW):
+                    or cat.cues_after_regex.search(low, m.end(), m.end() + _CUE_WINDOW) or _negated_prefix(low, m.start()):
                 continue
             out += [(cause_id, "trigger") for cause_id in cat.condition_text_causes[m.group(0)]]
         return tuple(dict.fromkeys(out))
@@ -885,13 +951,18 @@ class RecordBuilder:
                     c = cs[0]
                     if type(c) is not dict or c.get("code") not in wanted_loincs \
                             or (c.get("system") != LOINC and normalize_system(c.get("system")) != LOINC):
-                        continue
-                    wanted = [c["code"]]
+                        wanted = self._by_name(concept)
+                        if not wanted:
+                            continue
+                    else:
+                        wanted = [c["code"]]
                 else:
                     wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
                               and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
                     if not wanted:
-                        continue
+                        wanted = self._by_name(concept)
+                        if not wanted:
+                            continue
                 effective = res.get("effectiveDateTime")
                 if len(wanted) == 1 and type(effective) is str and len(effective) >= 10 \
                         and effective[:10] < read_from_day.get(wanted[0], ""):
@@ -922,6 +993,30 @@ class RecordBuilder:
                         observations[code] = [m]
             except _MALFORMED:
                 rec.skipped_invalid += 1
+
+    def _by_name(self, concept: dict) -> list[str]:
+        """A result with no LOINC code the rules read: the LOINC written in its text, or its analyte by name (the
+        group's first code), or nothing."""
+        text = concept_text(concept)
+        return list(self._result_name(text)) if text else []
+
+    def _read_result_name(self, text: str) -> tuple[str, ...]:
+        low = normalize_text(text[:_MAX_CUE_TEXT])
+        for m in _LOINC_IN_TEXT.finditer(low):
+            if m.group(1) in self.wanted_loincs:
+                return (m.group(1),)
+        rx = self.cat.analyte_name_regex
+        if rx is None:
+            return ()
+        for m in rx.finditer(low):
+            analyte = self.cat.analyte_by_name[m.group(0)]
+            exclude = self.cat.analyte_exclude_regex.get(analyte)
+            if exclude is not None and exclude.search(low):
+                continue
+            group = self.cat.observation_names[analyte]["group"]
+            codes = self.cat.loinc_groups.get(group)
+            return (codes[0],) if codes else ()
+        return ()
 
     def _cutoffs_on(self, as_of: date) -> dict[str, date]:
         """The oldest result date worth keeping, per code with a read window."""
@@ -1039,6 +1134,11 @@ class RecordBuilder:
                                                                        text)) - 1)
         elif supply:
             end = start + timedelta(days=supply - 1)      # the days an order's quantity, or a fill, covers
+        if as_needed and rt == "MedicationRequest" and start is not None:
+            # an as-needed order counts only what was dispensed: its quantity (and refills) at most one dose a day
+            prn = self._supply_days(res, rt, dosages, mg_per_dose, per_day or 1.0, text, sig)
+            if prn and (end is None or start + timedelta(days=prn - 1) < end):
+                end, ongoing = start + timedelta(days=prn - 1), False
         if rt == "MedicationDispense" and mg_per_dose is None and start is not None:
             mg_per_dose, per_day, note = self._dose_from_fill(res, text, end, start)
         single = self._single_dose(res, rt, dosages, dosage_text, full_text) and not as_needed
@@ -1299,6 +1399,26 @@ class RecordBuilder:
         return None
 
 
+def _computed_egfr(rec: PatientRecord, egfr_codes: list[str], creatinine_codes: list[str]) -> None:
+    """Kidney function from creatinine alone: when the record holds no reported eGFR at all, one eGFR per day with a
+    creatinine result, by CKD-EPI 2021 from the age that day and the recorded sex (none when either is unknown)."""
+    if any(rec.observations.get(c) for c in egfr_codes) or rec.sex not in ("male", "female"):
+        return
+    code = "98979-8" if "98979-8" in egfr_codes else egfr_codes[0]
+    per_day: dict[date, Measurement] = {}
+    for m in rec.results(creatinine_codes):
+        if m.value is not None and m.value > 0 and (m.when not in per_day or m.value > per_day[m.when].value):
+            per_day[m.when] = m
+    out = []
+    for day, m in per_day.items():
+        age = rec.age_on(day)
+        if age is not None and age >= 18:
+            out.append(ComputedEgfr(code, m, round(ckd_epi_2021(m.value, age, rec.sex), 1)))
+    if out:
+        out.sort(key=_WHEN, reverse=True)
+        rec.observations[code] = out
+
+
 def _bridge_fills(rec: PatientRecord, allowance: int) -> None:
     """Fills of one medicine a few days late are one course: the gap up to `allowance` days between one fill's last
     day and the next fill is counted as covered (refills are rarely collected on the day the last one runs out)."""
@@ -1339,18 +1459,57 @@ def _taper_exposures(base: dict, sig, start: date, end: date | None, per_day: fl
 def _reconcile(rec: PatientRecord) -> None:
     """Read the problem list per concept, as a clinician does: when the newest copy of a condition
     (Synthea and many EHRs re-record it at each visit) is resolved or refuted, the older copies
-    left active are stale. An active copy as new as the newest closed one stands."""
+    left active are stale. An active copy as new as the newest closed one stands.
+    The problem list outranks encounter diagnoses (billing copies, often without a status): a cause
+    the problem list refutes is not revived by an encounter diagnosis of any date, and one it closed
+    is not revived by encounter diagnoses up to that date, in whatever code system they are written."""
     closed = rec.closed_concepts
     kept = []
     for c in rec.conditions:
         if not c.historic and c.when is not None and any(closed.get(key, date.min) > c.when for key in c.codes):
             rec.superseded += 1
             continue
+        if c.category == ENCOUNTER_DIAGNOSIS and c.matches and all(
+                cause in rec.refuted_causes or (c.when is not None and rec.closed_causes.get(cause, date.min) >= c.when)
+                for cause, _role in c.matches):
+            rec.superseded += 1
+            continue
         kept.append(c)
     rec.conditions = kept
 
 
+ENCOUNTER_DIAGNOSIS = "encounter-diagnosis"
+
+
+def _is_encounter_diagnosis(res: dict) -> bool:
+    return any(c.get("code") == ENCOUNTER_DIAGNOSIS for cat in as_list(res.get("category")) for c in codings(cat))
+
+
 _IMPLAUSIBLE = "implausible"
+_COMPARATORS = ("<", "<=", ">", ">=")
+# "<7.0", "> 90", "<0.005 mIU/L", "<=20 ng/mL": a bound and an optional unit (bounded: read in linear time)
+_VALUE_STRING = re.compile(r"(<=|>=|<|>|≤|≥)?\s{0,3}(\d{1,9}(?:\.\d{1,9})?)\s{0,3}([A-Za-z%µμ/{}\[\]_.0-9]{1,20})?\s*$")
+# a LOINC code written in a result's text ("LOINC 62292-8", "(62292-8)")
+_LOINC_IN_TEXT = re.compile(r"(?<![\d-])(\d{1,5}-\d)(?![\d-])")
+
+
+def _negated_prefix(low: str, start: int) -> bool:
+    """"non-cystic fibrosis bronchiectasis": a name with "non-" directly in front of it names something else (while
+    "non-Hodgkin lymphoma" is a lymphoma: there the prefix belongs to another word)."""
+    return low[max(0, start - 4):start] in ("non-", "non ")
+
+
+def _range_unit(res: dict) -> str:
+    """The unit of a result's reference range (a string value names none of its own)."""
+    for rr in as_list(res.get("referenceRange")):
+        if isinstance(rr, dict):
+            for bound in ("low", "high"):
+                q = rr.get(bound)
+                if isinstance(q, dict):
+                    unit = q.get("code") or q.get("unit")
+                    if isinstance(unit, str) and unit:
+                        return unit
+    return ""
 # ICD-10-CM chapter XX transport accidents (V00-V99): the injury that day was high-energy
 _TRANSPORT_ACCIDENT = re.compile(r"[Vv]\d\d")
 # cues are read within this many characters of a name (a coded entry's text: of its start and end), and text is

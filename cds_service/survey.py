@@ -2,7 +2,13 @@
 makes of it.
 
 An informaticist runs `cds-service codes EXPORT_DIR --unmatched` on a site's sample export to see
-which codes its charts use that the catalog does not know, most common first.
+which codes its charts use that the catalog does not know, most common first. Three kinds of row say
+what the engine did without a code it knows, so a site can add its codes as data:
+- "Medication, by text": a drug code (NDC, local formulary key, branded RxNorm) the catalog does not
+  list, read through the product name in its text;
+- "Condition, suspected": a diagnosis recorded as provisional, differential or "rule out": listed,
+  never firing a card on its own;
+- "Observation, computed": an eGFR the laboratory did not report, computed from creatinine.
 """
 from __future__ import annotations
 
@@ -10,15 +16,21 @@ import csv
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Iterable, TextIO
 
 import orjson
 
+from .bundles import request_from_bundle
 from .catalog import Catalog, normalize_system
-from .record import RecordBuilder, codings, concept_text
+from .errors import ServiceError
+from .record import ComputedEgfr, PatientRecord, RecordBuilder, codings, concept_text
 
 TEXT_ONLY = "(text only)"          # the system column of a Condition recorded with no code
+BY_TEXT = "Medication, by text"    # a drug code the catalog does not list, read by the product name in its text
+SUSPECTED = "Condition, suspected"
+COMPUTED = "Observation, computed"
 _MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense")
 
 
@@ -30,6 +42,7 @@ class CodingRow:
     display: str
     patients: set[str] = field(default_factory=set)
     meaning: str = ""
+    to_add: bool = False               # read without a code the catalog knows: listed by --unmatched too
 
 
 def bundle_files(paths: Iterable[str]) -> list[Path]:
@@ -41,12 +54,21 @@ def bundle_files(paths: Iterable[str]) -> list[Path]:
 
 
 class CodeSurvey:
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, as_of: date | None = None):
         self.cat = catalog
         self.builder = RecordBuilder(catalog)
+        self.as_of = as_of or date.today()
         self.rows: dict[tuple[str, str, str], CodingRow] = {}
         self.files = 0
         self.unreadable: list[str] = []
+
+    def _row(self, key: tuple[str, str, str], display: str, meaning, patient: str, to_add: bool = False) -> None:
+        row = self.rows.get(key)
+        if row is None:
+            code = "" if key[1] == TEXT_ONLY else key[2]         # a text-only entry is keyed by its text
+            row = self.rows[key] = CodingRow(key[0], key[1], code, display or "", to_add=to_add)
+            row.meaning = meaning() if callable(meaning) else meaning
+        row.patients.add(patient)
 
     def add_file(self, path: Path) -> None:
         try:
@@ -62,8 +84,10 @@ class CodeSurvey:
             rt = res.get("resourceType")
             if rt in ("Condition", "Procedure", "Observation"):
                 concepts = [res.get("code")]
-            elif rt in _MEDICATION_TYPES:
-                concepts = [res.get("medicationCodeableConcept")]
+            elif rt in _MEDICATION_TYPES:       # the drug inline, or a Medication contained in the record
+                concepts = [res.get("medicationCodeableConcept")] + [
+                    m.get("code") for m in res.get("contained") or () if isinstance(m, dict)
+                    and m.get("resourceType") == "Medication"]
             elif rt == "Medication":
                 concepts = [res.get("code")]
             else:
@@ -72,25 +96,57 @@ class CodeSurvey:
                 if rt == "Condition" and not any(isinstance(c.get("code"), str) for c in codings(concept)):
                     text = concept_text(concept).strip()
                     if text:                        # a problem-list entry recorded as text only
-                        key = (rt, TEXT_ONLY, text.lower())
-                        row = self.rows.get(key)
-                        if row is None:
-                            row = self.rows[key] = CodingRow(rt, TEXT_ONLY, "", text)
-                            row.meaning = self._text_meaning(text)
-                        row.patients.add(patient)
+                        self._row((rt, TEXT_ONLY, text.lower()), text, lambda t=text: self._text_meaning(t), patient)
                     continue
                 for c in codings(concept):
                     if not isinstance(c.get("code"), str):
                         continue
                     system = normalize_system(c.get("system"))
-                    kind = "Medication" if rt in _MEDICATION_TYPES else rt
-                    key = (kind, system, c["code"])
-                    row = self.rows.get(key)
-                    if row is None:
-                        display = c.get("display") if isinstance(c.get("display"), str) else concept_text(concept)
-                        row = self.rows[key] = CodingRow(kind, system, c["code"], display or "")
-                        row.meaning = self._meaning(kind, system, c["code"], row.display)
-                    row.patients.add(patient)
+                    display = c.get("display") if isinstance(c.get("display"), str) else concept_text(concept)
+                    if rt in _MEDICATION_TYPES or rt == "Medication":
+                        self._medication_row(system, c["code"], display, concept_text(concept), patient)
+                        continue
+                    self._row((rt, system, c["code"]), display,
+                              lambda k=rt, sy=system, co=c["code"], d=display: self._meaning(k, sy, co, d or ""), patient)
+        self._read_rows(data, patient)
+
+    def _medication_row(self, system: str, code: str, display: str, text: str, patient: str) -> None:
+        """A drug code the catalog lists gets its meaning; one it does not, whose product name the engine read
+        in the text instead, gets a "Medication, by text" row (the code to add, and what its text said)."""
+        if self.builder._ingredients_coded(system, code):
+            self._row(("Medication", system, code), display, lambda: self._meaning("Medication", system, code, ""),
+                      patient)
+            return
+        by_text = self._meaning("Medication", system, code, " ".join(filter(None, (display, text))))
+        if by_text:
+            self._row((BY_TEXT, system, code), display or text, by_text + " - read by its text: add the code as data",
+                      patient, to_add=True)
+        else:
+            self._row(("Medication", system, code), display or text, "", patient)
+
+    def _read_rows(self, data: dict, patient: str) -> None:
+        """What the engine made of the chart beyond its codes: suspected diagnoses and computed eGFRs."""
+        try:
+            body = request_from_bundle(data)
+            rec = self.builder.build(body.get("prefetch") or {}, body["context"]["patientId"], self.as_of)
+        except (ServiceError, ValueError, KeyError, TypeError):
+            return                              # the coding rows above still stand
+        self._suspected_rows(rec, patient)
+        for lst in rec.observations.values():
+            for m in lst:
+                if isinstance(m, ComputedEgfr):
+                    cr = m.creatinine
+                    self._row((COMPUTED, "CKD-EPI 2021", cr.code), f"eGFR from creatinine (LOINC {cr.code})",
+                              "kidney function: eGFR computed (no eGFR reported)", patient, to_add=True)
+
+    def _suspected_rows(self, rec: PatientRecord, patient: str) -> None:
+        for c in rec.conditions:
+            if not c.suspected:
+                continue
+            causes = sorted({cid for cid, _ in c.matches}) or ["bone context"]
+            meaning = "suspected " + ", ".join(causes) + ": listed, never fires a card on its own"
+            for system, code in c.codes or [(TEXT_ONLY, c.text.lower())]:
+                self._row((SUSPECTED, system, code), c.text, meaning, patient, to_add=True)
 
     def _text_meaning(self, text: str) -> str:
         if self.cat.condition_text_regex is None:
@@ -111,12 +167,13 @@ class CodeSurvey:
                 parts.append("card context (DXA/workup)")
             return "; ".join(parts)
         ingredients = self.builder._ingredients_of([{"system": system, "code": code}], display)
-        names = sorted({f"cause {i.cause_id} ({i.name})" if i.cause_id != "osteoporosis_treatment"
-                        else f"osteoporosis treatment ({i.name})" for i in ingredients})
+        names = sorted({f"osteoporosis treatment ({i.name})" if i.cause_id == "osteoporosis_treatment"
+                        else f"card context {i.cause_id.partition(':')[2]} ({i.name})" if i.cause_id.startswith("context:")
+                        else f"cause {i.cause_id} ({i.name})" for i in ingredients})
         return "; ".join(names)
 
     def sorted_rows(self, unmatched_only: bool = False) -> list[CodingRow]:
-        rows = [r for r in self.rows.values() if not (unmatched_only and r.meaning)]
+        rows = [r for r in self.rows.values() if not (unmatched_only and r.meaning and not r.to_add)]
         return sorted(rows, key=lambda r: (-len(r.patients), r.resource_type, r.system, r.code))
 
     def summary(self) -> str:
@@ -126,8 +183,11 @@ class CodeSurvey:
         for r in self.rows.values():
             by_type[r.resource_type][0] += 1
             by_type[r.resource_type][1] += bool(r.meaning)
-        detail = ", ".join(f"{t} {m}/{n}" for t, (n, m) in sorted(by_type.items()))
-        return f"{self.files} files, {total} distinct codings, {mapped} with a meaning in the catalog ({detail})"
+        detail = ", ".join(f"{t} {m}/{n}" for t, (n, m) in sorted(by_type.items()) if t not in (BY_TEXT, SUSPECTED, COMPUTED))
+        read = {kind: sum(1 for r in self.rows.values() if r.resource_type == kind) for kind in (BY_TEXT, SUSPECTED, COMPUTED)}
+        return (f"{self.files} files, {total} distinct codings, {mapped} with a meaning in the catalog ({detail}); "
+                f"{read[BY_TEXT]} drug codes read by their text, {read[SUSPECTED]} suspected diagnoses, "
+                f"eGFR computed from {read[COMPUTED]} creatinine codes")
 
 
 def write_table(rows: list[CodingRow], out: TextIO, as_csv: bool) -> None:
@@ -144,8 +204,8 @@ def write_table(rows: list[CodingRow], out: TextIO, as_csv: bool) -> None:
 
 
 def run(catalog: Catalog, paths: list[str], unmatched: bool, as_csv: bool, out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr) -> int:
-    survey = CodeSurvey(catalog)
+        err: TextIO = sys.stderr, as_of: date | None = None) -> int:
+    survey = CodeSurvey(catalog, as_of)
     files = bundle_files(paths)
     missing = [str(p) for p in files if not p.exists()]
     for p in files:
