@@ -1,11 +1,11 @@
-# Two commands on a fresh machine: `make run` and `make test`.
+# Two commands on a fresh machine: `make run` and `make test` (`make test-fast`: the unit tests, no servers).
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 FHIR_SERVER_DIR = tests/fhir_server
 
-.PHONY: run test install install-test fhir-server browser bench clean
+.PHONY: run test test-fast install install-test fhir-server browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,9 @@ install-test: $(VENV)/.installed-test fhir-server browser
 
 # Debian's Chromium for the real-browser suite (tests/e2e): Playwright drives it, no browser is downloaded
 browser:
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "make: the browser tests need Debian's chromium; install it as root: apt-get install --no-install-recommends chromium" >&2; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # Medplum's in-memory FHIR server for the fallback tests (exact versions from the lockfile)
 fhir-server: $(FHIR_SERVER_DIR)/node_modules/.installed
@@ -39,8 +41,13 @@ run: install
 test: install-test
 	$(PY) -m pytest
 
-bench: install-test
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -m "not integration" -q
+
+bench: install
+	@command -v wrk >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "make: the benchmark needs wrk; install it as root: apt-get install --no-install-recommends wrk" >&2; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 	$(PY) bench/run.py
 
 clean:

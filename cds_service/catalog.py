@@ -7,6 +7,7 @@ anything clinical itself.
 from __future__ import annotations
 
 import contextvars
+import pickle
 import re
 import string
 from dataclasses import dataclass, field
@@ -387,6 +388,43 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     numbers), then cross-references and templates."""
     base = Path(cards_dir) if cards_dir else DEFAULT_CARDS_DIR
     problems = _Problems(base)
+    stamp = _files_stamp(base)
+    cached = _VALIDATED.get(stamp) if stamp else None
+    if cached is not None:                          # the same files, parsed and schema-checked before
+        manifest, raw, problems.lines, problems.anchors = pickle.loads(cached)
+    else:
+        manifest, raw = _read_and_check(base, problems)
+        blob = pickle.dumps((manifest, raw, problems.lines, problems.anchors)) if stamp else None
+    token = _problems.set(problems)
+    try:
+        catalog = _build(base, manifest, raw)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        if not problems.items:
+            problems.add("catalog.yaml", None, f"cannot be read: {type(exc).__name__} {exc}")
+        catalog = None
+    finally:
+        _problems.reset(token)
+    problems.raise_if_any()
+    if stamp and cached is None:
+        _VALIDATED.clear()                          # one catalog per folder state is enough
+        _VALIDATED[stamp] = blob
+    return catalog
+
+
+# Parsing with line tracking and the schema check take about a second; an app or test that loads the same,
+# unchanged files again (same size and modification time) reuses them. The Catalog is built fresh each time.
+_VALIDATED: dict[tuple, bytes] = {}
+
+
+def _files_stamp(base: Path) -> tuple | None:
+    try:
+        stats = [(name, (base / name).stat()) for name in ["catalog.yaml"] + [f"{k}.yaml" for k in FILES]]
+    except OSError:
+        return None                                 # a missing file: the full read says which
+    return (str(base.resolve()),) + tuple((n, st.st_mtime_ns, st.st_size) for n, st in stats)
+
+
+def _read_and_check(base: Path, problems: _Problems) -> tuple[dict, dict]:
     manifest = _read(base / "catalog.yaml", problems)
     raw = {k: _read(base / f"{k}.yaml", problems) for k in FILES}
     if manifest is None or any(v is None for v in raw.values()):
@@ -402,17 +440,7 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
         for i, item in enumerate(items):
             problems.anchors[f"detection.yaml workup {item.get('id')}"] = (
                 "detection.yaml", problems.lines["detection.yaml"].get(("workup", tier, i)))
-    token = _problems.set(problems)
-    try:
-        catalog = _build(base, manifest, raw)
-    except (KeyError, TypeError, AttributeError, IndexError) as exc:
-        if not problems.items:
-            problems.add("catalog.yaml", None, f"cannot be read: {type(exc).__name__} {exc}")
-        catalog = None
-    finally:
-        _problems.reset(token)
-    problems.raise_if_any()
-    return catalog
+    return manifest, raw
 
 
 def _build(base: Path, manifest: dict, raw: dict) -> Catalog:

@@ -1,4 +1,5 @@
-"""`cds-service serve` (production WSGI server), `evaluate` (offline, same output) and `codes` (code survey)."""
+"""cds-service: the secondary-osteoporosis CDS Hooks service (serve), the same engine offline (evaluate), a site's
+code survey (codes) and the catalog check for content reviewers (check-catalog)."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         def load(self):
             return app
 
+    _check_port_free(settings.host, settings.port)
     app = create_app(settings)                         # settings, catalog and store checked before the banner
     print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
           f"({max(1, settings.workers)} workers); discovery at /cds-services", file=sys.stderr, flush=True)
@@ -61,6 +63,23 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port in use is a one-line start-up error, not gunicorn's retry loop and traceback."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"cannot bind {host}:{port}: the host name does not resolve (CDS_HOST or --host)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(f"cannot bind {host}:{port}: {exc.strerror or exc} (CDS_PORT or --port)") from None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -135,7 +154,13 @@ def _input_files(names: list[str]) -> list[str]:
     out: list[str] = []
     for name in names:
         p = Path(name)
-        out += [str(f) for f in sorted(p.glob("*.json"))] if name != "-" and p.is_dir() else [name]
+        if name != "-" and p.is_dir():
+            found = [str(f) for f in sorted(p.glob("*.json"))]
+            if not found:
+                raise ValueError(f"{name} holds no *.json files")
+            out += found
+        else:
+            out.append(name)
     return out
 
 
@@ -152,8 +177,10 @@ def _codes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__, epilog=_settings_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the CDS Hooks service (gunicorn)")
     serve.add_argument("--host", default=None, help="bind address (CDS_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (CDS_PORT, default 8080)")
@@ -177,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     from .catalog import CatalogError
     try:
         return args.func(args)
+    except BrokenPipeError:                       # `cds-service codes ... | head`: the reader has what it wanted
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())     # no second error when Python flushes stdout at exit
+        return 141                                # 128 + SIGPIPE, as a command killed by the signal
     except CatalogError as exc:                   # every problem, one line each, as cards/FILE:LINE: message
         if len(exc.problems) == 1:
             print(f"cds-service {args.command}: {exc.problems[0]}", file=sys.stderr)
@@ -188,6 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:          # settings, store URL, dates: one line, exit 2
         print(f"cds-service {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cds-secondary-osteoporosis")
+    except PackageNotFoundError:                  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _settings_help() -> str:
+    from .config import ENV_DOC, Settings
+
+    defaults = Settings.__dataclass_fields__
+    lines = ["settings (environment variables, read by every command; 'COMMAND --help' for its options):"]
+    for name, doc in ENV_DOC.items():
+        default = defaults[name].default
+        shown = f" [default: {default}]" if isinstance(default, (str, int, float)) and default != "" else ""
+        lines.append(f"  CDS_{name.upper():18s} {doc}{shown}")
+    return "\n".join(lines)
 
 
 def _one_line(exc: BaseException) -> str:

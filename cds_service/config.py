@@ -68,7 +68,14 @@ class Settings:
         if s.snooze not in ("on", "off"):
             raise ValueError("CDS_SNOOZE must be on or off")
         if s.as_of:
-            date.fromisoformat(s.as_of)   # fail at start-up, not per request
+            try:
+                date.fromisoformat(s.as_of)   # fail at start-up, not per request
+            except ValueError:
+                raise ValueError(f"CDS_AS_OF={s.as_of!r} is not a date (YYYY-MM-DD)") from None
+        if not 1 <= s.port <= 65535:
+            raise ValueError(f"the port must be 1-65535 (CDS_PORT or --port), not {s.port}")
+        if s.workers < 1 or s.threads < 1:
+            raise ValueError("CDS_WORKERS and CDS_THREADS must be at least 1")
         if s.snooze_days <= 0:
             raise ValueError("CDS_SNOOZE_DAYS must be a positive number of days")
         if s.feedback_days <= 0:

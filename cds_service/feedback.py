@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -266,11 +267,17 @@ class PostgresFeedbackStore:
         self._psycopg = psycopg
         self.url = url
         self._local = threading.local()
-        with psycopg.connect(url, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S) as conn:   # never crosses a fork
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(4242001)")   # workers may start at once
-                cur.execute(PG_SCHEMA)
-            conn.commit()
+        try:
+            with psycopg.connect(url, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S) as conn:   # never crosses a fork
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_xact_lock(4242001)")   # workers may start at once
+                    cur.execute(PG_SCHEMA)
+                conn.commit()
+        except psycopg.Error as exc:                   # a start-up error of one line, without the password
+            where = urlsplit(url)
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ConnectionError(f"cannot open the feedback store at PostgreSQL {where.hostname or 'localhost'}:"
+                                  f"{where.port or 5432}{where.path} ({reason})") from None
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)

@@ -49,7 +49,13 @@ def bundle_files(paths: Iterable[str]) -> list[Path]:
     """Files named, and every *.json in folders named (in name order)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        out += sorted(p.glob("*.json")) if p.is_dir() else [p]
+        if p.is_dir():
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise ValueError(f"{p} holds no *.json files")
+            out += found
+        else:
+            out.append(p)
     return out
 
 

@@ -210,3 +210,14 @@ def json_log():
     yield buf
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+# Modules that start real parts (servers, PostgreSQL, a browser, a wheel build): `make test-fast` runs the rest
+INTEGRATION_MODULES = {"test_sandbox", "test_fhir_fallback", "test_live_server", "test_packaging", "test_schemathesis",
+                       "test_feedback_store", "test_store_isolation", "test_fuzz", "test_snooze"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)

@@ -148,13 +148,58 @@ def cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subpro
     (["serve"], {"CDS_DATABASE_URL": "mysql://x"}, "CDS_DATABASE_URL must be sqlite"),
     (["serve"], {"CDS_CARDS_DIR": "/nonexistent"}, "missing catalog file"),
     (["evaluate", "x.json", "--as-of", "2026-13-01"], {}, "--as-of '2026-13-01' is not a date"),
+    (["evaluate", "x.json"], {"CDS_AS_OF": "yesterday"}, "CDS_AS_OF='yesterday' is not a date (YYYY-MM-DD)"),
+    (["serve", "--port", "99999"], {}, "the port must be 1-65535 (CDS_PORT or --port), not 99999"),
+    (["serve"], {"CDS_DATABASE_URL": "postgresql://bone:s3cret-pw@127.0.0.1:1/cds"},
+     "cannot open the feedback store at PostgreSQL 127.0.0.1:1/cds"),
+    (["evaluate", "{empty}"], {}, "holds no *.json files"),
+    (["codes", "{empty}"], {}, "holds no *.json files"),
 ])
 def test_config_and_cli_errors_are_one_line_and_exit_2(tmp_path, args, env, says):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
     out = cli(*args, env={"CDS_DATA_DIR": str(tmp_path), **env})
     assert out.returncode == 2 and says in out.stderr
     plain = [x for x in out.stderr.strip().splitlines() if not x.startswith("{")]       # JSON log lines aside
     assert len(plain) == 1 and "Traceback" not in out.stderr
     assert "serving" not in out.stderr                     # the banner only after settings are valid
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("serve", "--port", str(port), env={"CDS_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"cds-service serve: cannot bind 127.0.0.1:{port}: Address already in use (CDS_PORT or --port)"
+
+
+def test_a_closed_pipe_ends_quietly_as_cli_tools_do():
+    """`cds-service codes ... | head`: the reader has gone (here: before the first write, so every run is the same);
+    no "Broken pipe" traceback, and the status a command killed by SIGPIPE has."""
+    import os
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "codes", "fixtures/patients"], cwd=ROOT,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_command_and_the_settings_and_version_answers():
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("serve", "evaluate", "codes", "check-catalog"):
+        assert command in out.stdout
+    for setting in ("CDS_AUTH", "CDS_DATABASE_URL", "CDS_SNOOZE", "CDS_AS_OF", "CDS_FHIR_ALLOWLIST"):
+        assert setting in out.stdout
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("cds-service 0.")
 
 
 def test_evaluate_reads_folders_stdin_and_names_the_bad_file(tmp_path):
