@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import lru_cache
 from operator import attrgetter
 
 from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
@@ -305,6 +306,7 @@ class Engine:
             codes = catalog.index_codes(group)
             self.bone_groups[group] = ({c["code"] for c in codes if c.get("match") != "prefix"},
                                        {icd_key(c["code"]) for c in codes if c.get("match") == "prefix"})
+        self._bone_groups_of = lru_cache(maxsize=4096)(self._bone_groups_of_code)   # the same codes on every chart
         self.t_score_loincs = {c["code"] for c in det["existing_dxa"].get("t_score", [])}
         self.frax_loincs = [c["code"] for c in det["existing_dxa"].get("frax", []) if c.get("verified")
                             and "major" in c.get("display", "").lower()]
@@ -919,6 +921,10 @@ class Engine:
         spec = self.fracture_spec.get(c.fracture_site, {})
         return Fracture(c.reference, _coded_text(c), c.fracture_site, bool(spec.get("major")), c.when, osteoporotic)
 
+    def _bone_groups_of_code(self, system: str, code: str) -> tuple[str, ...]:
+        return tuple(g for g, (exact, prefixes) in self.bone_groups.items()
+                     if code in exact or (system == ICD10CM and icd_prefix_match(code, prefixes)))
+
     def _context(self, rec: PatientRecord) -> BoneContext:
         ctx = BoneContext()
         s = self.cat.settings
@@ -934,9 +940,7 @@ class Engine:
                 ctx.fractures.append(fracture)
                 ctx.bone_diagnoses.append(Evidence(c.reference, fracture.text))
             if c.resource_type == "Condition":
-                groups = [g for g, (exact, prefixes) in self.bone_groups.items()
-                          if any(code in exact or (system == ICD10CM and icd_prefix_match(code, prefixes))
-                                 for system, code in c.codes)]
+                groups = {g for system, code in c.codes for g in self._bone_groups_of(system, code)}
                 if groups and fracture is None and "fragility_fracture_history" not in groups:
                     ev = Evidence(c.reference, _coded_text(c))
                     ctx.bone_diagnoses.append(ev)
