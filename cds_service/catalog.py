@@ -266,7 +266,10 @@ class Catalog:
 def icd_prefix_match(code: str, prefixes: set[str]) -> bool:
     """True when an ICD-10-CM code equals or descends from one of `prefixes` (dotless keys)."""
     key = icd_key(code)
-    return any(key[:n] in prefixes for n in range(3, len(key) + 1))
+    return any(key[:n] in prefixes for n in range(3, min(len(key), ICD_MAX_KEY) + 1))
+
+
+ICD_MAX_KEY = 8      # the longest ICD-10-CM code without its dot is 7 characters: longer prefixes never match
 
 
 def _read(path: Path, problems: _Problems | None = None) -> Any:

@@ -121,22 +121,55 @@ _WHEN = attrgetter("when")          # sort key: results newest first
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
+# dates a clinical record can hold: anything outside is an entry error and read as no date (adding a supply to a
+# date in year 9999 would leave the calendar)
+MIN_YEAR, MAX_YEAR = 1800, 2200
+# the longest span one record can cover: a days' supply, refills, a planned course (longer is not read)
+MAX_COVER_DAYS = 36500
+# the most administrations a day and the largest single dose in mg any rule reads; beyond: not a dose
+MAX_PER_DAY = 48
+MAX_DOSE_MG = 10_000
+# text read for matching (names, problem-list entries, sigs) and the longest code: beyond, not read
+MAX_TEXT_CHARS = 2000
+MAX_LABEL_CHARS = 300
+MAX_CODE_CHARS = 64
+
+
 def parse_date(value: Any) -> date | None:
     """FHIR date/dateTime/instant -> date (partial dates take their first day)."""
     if not isinstance(value, str):
         return None
     if len(value) >= 10 and value[4] == "-" and value[7] == "-":
         try:
-            return date.fromisoformat(value[:10])       # the common full date: C fast path
+            d = date.fromisoformat(value[:10])       # the common full date: C fast path
+            return d if MIN_YEAR <= d.year <= MAX_YEAR else None
         except ValueError:
             pass
-    m = _DATE_RE.match(value.strip())
+    m = _DATE_RE.match(value[:40].strip())
     if not m:
         return None
     try:
-        return date(int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1))
+        d = date(int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1))
     except ValueError:
         return None
+    return d if MIN_YEAR <= d.year <= MAX_YEAR else None
+
+
+def _short(value: Any) -> Any:
+    """Text as read for matching: its first MAX_TEXT_CHARS characters."""
+    return value[:MAX_TEXT_CHARS] if type(value) is str and len(value) > MAX_TEXT_CHARS else value
+
+
+def _code(value: Any) -> Any:
+    """A code as read: a string longer than MAX_CODE_CHARS is not a code."""
+    return None if type(value) is str and len(value) > MAX_CODE_CHARS else value
+
+
+def covered_days(days: float | None) -> int | None:
+    """A span in days a record states or implies, when a real record could (1 to MAX_COVER_DAYS), else None."""
+    if days is None or not math.isfinite(days) or days < 1 or days > MAX_COVER_DAYS:
+        return None
+    return int(days)
 
 
 def reference_of(resource: dict) -> str:
@@ -163,7 +196,7 @@ def concept_text(concept: Any) -> str:
                 display = c.get("display")
                 if isinstance(display, str) and display not in parts:      # the same words once
                     parts.append(display)
-    return " ".join(parts)
+    return " ".join(parts)[:MAX_TEXT_CHARS]
 
 
 def concept_label(concept: Any) -> str:
@@ -171,8 +204,12 @@ def concept_label(concept: Any) -> str:
     if not isinstance(concept, dict):
         return ""
     if isinstance(concept.get("text"), str) and concept["text"].strip():
-        return concept["text"].strip()
-    return next((c["display"] for c in codings(concept) if isinstance(c.get("display"), str)), "")
+        return _clip(concept["text"].strip())
+    return _clip(next((c["display"] for c in codings(concept) if isinstance(c.get("display"), str)), ""))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 1].rstrip() + "\u2026"
 
 
 def status_code(concept: Any) -> str | None:
@@ -749,8 +786,8 @@ class RecordBuilder:
         cs = concept.get("coding") if isinstance(concept, dict) else None
         if isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict):     # the usual entry: one code
             c = cs[0]
-            matches, context, codes = self._one_coding_matches(rt, c.get("system"), c.get("code"), concept.get("text"),
-                                                               c.get("display"))
+            matches, context, codes = self._one_coding_matches(rt, _short(c.get("system")), _code(c.get("code")),
+                                                               _short(concept.get("text")), _short(c.get("display")))
         else:
             matches, context, codes = self._concept_matches(rt, concept)
         if rt == "Condition" and codes and any(s == ICD10CM and _TRANSPORT_ACCIDENT.match(c) for s, c in codes):
@@ -898,8 +935,8 @@ class RecordBuilder:
         context = False
         for c in codings(concept):
             code = c.get("code")
-            if type(code) is str:
-                system = normalize_system(c.get("system"))
+            if type(code) is str and len(code) <= MAX_CODE_CHARS:      # longer is not a code
+                system = normalize_system(_short(c.get("system")))
                 codes.append((system, code))
                 hits, in_context = self._code_lookup(system, code)
                 matches += hits
@@ -1060,8 +1097,8 @@ class RecordBuilder:
             cs = concept.get("coding") if isinstance(concept, dict) else None
             if isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict):
                 c = cs[0]
-                ingredients = self._one_coding_ingredients(concept.get("text"), c.get("display"), c.get("system"),
-                                                           c.get("code"))
+                ingredients = self._one_coding_ingredients(_short(concept.get("text")), _short(c.get("display")),
+                                                           _short(c.get("system")), _code(c.get("code")))
             else:
                 ingredients = self._ingredients_of(codings(concept), concept_text(concept))
             if not ingredients:
@@ -1128,15 +1165,15 @@ class RecordBuilder:
         start, end, ongoing = self._interval(res, rt, dosages, rec.as_of, planned)
         supply = None
         if start is not None and end == start and not ongoing and not as_needed:
-            supply = self._supply_days(res, rt, dosages, mg_per_dose, per_day, text, sig)
+            supply = covered_days(self._supply_days(res, rt, dosages, mg_per_dose, per_day, text, sig))
         if planned and start is not None and end == start and not as_needed:
-            end = start + timedelta(days=(supply or self._planned_days(res, dosages, dosage_text, mg_per_dose, per_day,
-                                                                       text)) - 1)
+            end = start + timedelta(days=(supply or covered_days(self._planned_days(
+                res, dosages, dosage_text, mg_per_dose, per_day, text)) or 1) - 1)
         elif supply:
             end = start + timedelta(days=supply - 1)      # the days an order's quantity, or a fill, covers
         if as_needed and rt == "MedicationRequest" and start is not None:
             # an as-needed order counts only what was dispensed: its quantity (and refills) at most one dose a day
-            prn = self._supply_days(res, rt, dosages, mg_per_dose, per_day or 1.0, text, sig)
+            prn = covered_days(self._supply_days(res, rt, dosages, mg_per_dose, per_day or 1.0, text, sig))
             if prn and (end is None or start + timedelta(days=prn - 1) < end):
                 end, ongoing = start + timedelta(days=prn - 1), False
         if rt == "MedicationDispense" and mg_per_dose is None and start is not None:
@@ -1146,6 +1183,11 @@ class RecordBuilder:
             end = start                        # one dose covers its own day
             if note == "frequency not recorded, once daily assumed":
                 per_day, note = 1.0, "single dose"
+        if mg_per_dose is not None and not (0 < mg_per_dose <= MAX_DOSE_MG):
+            mg_per_dose, note = None, "dose not plausible, not read"        # 1e300 mg: an entry error
+            rec.skipped_implausible += 1
+        if per_day is not None and not (0 < per_day <= MAX_PER_DAY):
+            per_day = None
         if mg_per_dose is not None and per_day is None and rt != "MedicationAdministration" and not as_needed:
             per_day, note = 1.0, note or "frequency not recorded, once daily assumed"
         if as_needed:
@@ -1255,8 +1297,9 @@ class RecordBuilder:
                 if vp.get("end") and not dr.get("expectedSupplyDuration"):
                     end = max(filter(None, [end, parse_date(vp.get("end"))]), default=None)
             supply = _duration_days(dr["expectedSupplyDuration"]) if isinstance(dr.get("expectedSupplyDuration"), dict) else None
-            if supply and start:
-                end = max(filter(None, [end, start + timedelta(days=supply * (1 + _repeats(dr)) - 1)]), default=None)
+            covered = covered_days(supply * (1 + _repeats(dr))) if supply else None
+            if covered and start:
+                end = max(filter(None, [end, start + timedelta(days=covered - 1)]), default=None)
             ongoing = status in ("active", "on-hold", "unknown", None)
         elif rt == "MedicationStatement":
             ep = res.get("effectivePeriod") if isinstance(res.get("effectivePeriod"), dict) else {}
@@ -1390,8 +1433,10 @@ class RecordBuilder:
         period, unit = rep.get("period"), rep.get("periodUnit")
         if isinstance(period, (int, float)) and period > 0 and unit in _UNIT_DAYS:
             freq = rep.get("frequency") if isinstance(rep.get("frequency"), int) and rep.get("frequency") > 0 else 1
-            return freq / (period * _UNIT_DAYS[unit])
-        if isinstance(rep.get("frequency"), int) and rep["frequency"] > 0 and not period:
+            days = period * _UNIT_DAYS[unit]
+            per_day = freq / days if days > 0 and math.isfinite(days) else math.inf
+            return per_day if per_day <= MAX_PER_DAY else None      # 5e-324 s, 1e12 a day: not a frequency
+        if isinstance(rep.get("frequency"), int) and 0 < rep["frequency"] <= MAX_PER_DAY and not period:
             return float(rep["frequency"])   # "n times" with no period: per day is the common EHR reading
         for c in codings(timing.get("code")):
             if isinstance(c.get("code"), str) and c["code"].upper() in self.timing_codes:
@@ -1547,8 +1592,9 @@ def _duration_days(q: dict) -> int | None:
     return days if 0 < days < 36500 else None
 
 
-_STRENGTH_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\b(?!\s*/)", re.I)
-_CONC_RE = re.compile(r"(\d+(?:\.\d+)?)\s*mg\s*/\s*(\d+(?:\.\d+)?)?\s*ml\b", re.I)
+# a number starts only where no digit or point precedes it, and has bounded digits: linear time on any text
+_STRENGTH_RE = re.compile(r"(?<![\d.])(\d{1,7}(?:\.\d{1,6})?)\s{0,3}mg\b(?!\s*/)", re.I)
+_CONC_RE = re.compile(r"(?<![\d.])(\d{1,7}(?:\.\d{1,6})?)\s{0,3}mg\s{0,3}/\s{0,3}(\d{1,7}(?:\.\d{1,6})?)?\s{0,3}ml\b", re.I)
 
 
 # a dose or quantity unit that counts tablets, capsules or the like (UCUM annotations and EHR words)
