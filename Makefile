@@ -35,8 +35,9 @@ $(FHIR_SERVER_DIR)/node_modules/.installed: $(FHIR_SERVER_DIR)/package-lock.json
 	cd $(FHIR_SERVER_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# local testing: client JWT authentication off and CORS for any origin (the banner says so); production sets neither
 run: install
-	$(VENV)/bin/cds-service serve
+	CDS_AUTH=$${CDS_AUTH:-off} CDS_CORS_ORIGINS=$${CDS_CORS_ORIGINS:-*} $(VENV)/bin/cds-service serve
 
 test: install-test
 	$(PY) -m pytest

@@ -149,7 +149,7 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "CDS_DATA_DIR": data_dir, "CDS_AS_OF": AS_OF.isoformat(), "CDS_WORKERS": str(workers),
-               "CDS_BENCH_ENDPOINT": "true", "CDS_LOG_LEVEL": "WARNING"}
+               "CDS_BENCH_ENDPOINT": "true", "CDS_LOG_LEVEL": "WARNING", "CDS_AUTH": "off"}
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "serve", "--port", str(self.port)],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

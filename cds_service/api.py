@@ -297,9 +297,10 @@ def install_handlers(app: Flask) -> None:
                 and "Access-Control-Allow-Origin" in resp.headers:
             # Chromium's private-network preflight: a hosted https sandbox calling a service on localhost
             resp.headers["Access-Control-Allow-Private-Network"] = "true"
-        resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
-        resp.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-        resp.headers["Access-Control-Max-Age"] = "600"
+        if "Access-Control-Allow-Origin" in resp.headers:            # CORS only for the configured origins
+            resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+            resp.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            resp.headers["Access-Control-Max-Age"] = "600"
         resp.headers["X-Request-Id"] = g.get("request_id", "")
         resp.headers["Cache-Control"] = "no-store"
         if request.method != "OPTIONS":

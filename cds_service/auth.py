@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 ALLOWED_ALGORITHMS = ("ES384", "RS384")
 REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]
+# CDS Hooks 2.0 (Trusting CDS Clients): the JWT's expiration time SHOULD be no more than 5 minutes after issue
+MAX_LIFETIME_S = 300
 
 
 class AuthError(Exception):
@@ -167,6 +169,8 @@ class ClientAuthenticator:
         now = time.time()
         if not isinstance(claims.get("iat"), (int, float)) or claims["iat"] > now + self.leeway:
             raise AuthError("iat in the future")
+        if not isinstance(claims.get("exp"), (int, float)) or claims["exp"] - claims["iat"] > MAX_LIFETIME_S + self.leeway:
+            raise AuthError("lifetime too long (exp - iat over 5 minutes)")
         if not isinstance(claims.get("jti"), str) or not claims["jti"]:
             raise AuthError("no jti")
         if not self.jti.first_use(iss, claims["jti"], float(claims["exp"])):

@@ -56,8 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     _check_port_free(settings.host, settings.port)
     app = create_app(settings)                         # settings, catalog and store checked before the banner
+    auth = "client JWTs required" if settings.auth_required else "client JWT authentication OFF (CDS_AUTH=off): local testing only"
     print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
-          f"({max(1, settings.workers)} workers); discovery at /cds-services", file=sys.stderr, flush=True)
+          f"({max(1, settings.workers)} workers, {auth}); discovery at /cds-services", file=sys.stderr, flush=True)
     try:
         Server().run()
     finally:

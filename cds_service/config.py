@@ -31,11 +31,11 @@ class Settings:
     fhir_page_size: int = 200              # _count in the prefetch templates
     fhir_allowlist: str = ""               # comma-separated fhirServer URL prefixes; empty: any server
     max_body_bytes: int = 10 * 1024 * 1024
-    cors_origins: str = "*"                # "*" or a comma-separated list of allowed origins
+    cors_origins: str = ""                 # "*" or a comma-separated list of allowed origins; empty: no CORS
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
     log_level: str = "INFO"
     bench_endpoint: bool = False           # adds POST /cds-services/_parse-only (benchmark floor)
-    auth: str = "auto"                     # required | off | auto (off only when bound to loopback)
+    auth: str = "required"                 # required | off (off only when asked for: local testing)
     trusted_issuers: str = ""              # JSON: issuer -> JWKS URL (or list of allowed JWKS URLs)
     public_base_url: str = ""              # e.g. https://cds.example.org (the JWT aud behind a proxy)
     snooze: str = "on"                     # on | off: a card overridden or acted on stays away for that patient
@@ -63,8 +63,14 @@ class Settings:
                 raise ValueError(f"CDS_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         s = cls(**values)
-        if s.auth not in ("auto", "required", "off"):
-            raise ValueError("CDS_AUTH must be required, off or auto")
+        if s.auth == "auto":
+            raise ValueError("CDS_AUTH=auto is gone (it switched authentication off behind a proxy on the same host): "
+                             "set CDS_AUTH=required, or CDS_AUTH=off for local testing")
+        if s.auth not in ("required", "off"):
+            raise ValueError("CDS_AUTH must be required or off")
+        if s.auth == "off" and (s.trusted_issuers.strip() or s.public_base_url.strip()):
+            raise ValueError("CDS_AUTH=off with CDS_TRUSTED_ISSUERS or CDS_PUBLIC_BASE_URL set: that is a production "
+                             "configuration with authentication off; set CDS_AUTH=required (or unset them to test locally)")
         if s.snooze not in ("on", "off"):
             raise ValueError("CDS_SNOOZE must be on or off")
         if s.as_of:
@@ -98,10 +104,7 @@ class Settings:
 
     @property
     def auth_required(self) -> bool:
-        if self.auth == "auto":
-            from .fhir_client import _is_loopback
-            return not _is_loopback(self.host)
-        return self.auth == "required"
+        return self.auth != "off"
 
     def evaluation_date(self) -> date:
         return date.fromisoformat(self.as_of) if self.as_of else date.today()
@@ -121,10 +124,12 @@ ENV_DOC = {
     "fhir_page_size": "_count used in prefetch templates",
     "fhir_allowlist": "Comma-separated URL prefixes of FHIR servers the fallback may contact (empty: any)",
     "max_body_bytes": "Largest request body accepted, in bytes (larger: 413)",
-    "cors_origins": "Allowed CORS origins: * or a comma-separated list",
+    "cors_origins": "Allowed CORS origins (browser clients such as the CDS Hooks sandbox): * or a comma-separated "
+                    "list; empty (the default): no CORS headers",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",
     "log_level": "Log level",
-    "auth": "Client JWT authentication: required, off, or auto (off only when bound to a loopback address)",
+    "auth": "Client JWT authentication: required (the default) or off (local testing only; refused with trusted "
+            "issuers or a public URL configured)",
     "trusted_issuers": "JSON object: trusted JWT issuer -> JWKS URL (or list of allowed JWKS URLs for jku)",
     "public_base_url": "The service's public base URL, used as the expected JWT aud behind a proxy",
     "snooze": "on (default) or off: a card the clinician overrode or acted on stays away for that patient for "

@@ -50,7 +50,7 @@ def catalog():
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING")
+    return Settings(auth="off", cors_origins="*", data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING")
 
 
 @pytest.fixture
@@ -92,7 +92,8 @@ class LiveServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.env = {**os.environ, "CDS_DATA_DIR": str(data_dir), "CDS_AS_OF": AS_OF.isoformat(),
-                    "CDS_WORKERS": "2", "CDS_LOG_LEVEL": "INFO", **(env or {})}
+                    "CDS_WORKERS": "2", "CDS_LOG_LEVEL": "INFO", "CDS_AUTH": "off", "CDS_CORS_ORIGINS": "*",
+                    **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / f"server-{self.port}.log"
 

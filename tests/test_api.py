@@ -136,7 +136,7 @@ def test_unknown_service_404_and_get_on_service_405(client, request_for):
 
 
 def test_oversize_body_gets_413(tmp_path, request_for):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=512))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=512))
     resp = app.test_client().post(SERVICE_URL, json=request_for(FULL))
     is_outcome(resp, 413)
 
@@ -232,7 +232,7 @@ def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, mon
     from cds_service import api, create_app
     from cds_service.config import Settings
     monkeypatch.setattr(api, "PRUNE_EVERY", 1)
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",
                               **({"snooze": "off"} if snooze == "off" else {"snooze_secrets": snooze})))
     issue_cards(app, "ancient", days_ago=40)
     issue_cards(app, "recent", days_ago=5)
@@ -317,7 +317,7 @@ def test_cors_header_on_errors_too(client):
 
 
 def test_cors_allowlist_reflects_only_listed_origins(tmp_path):
-    app = create_app(Settings(data_dir=str(tmp_path), cors_origins="https://ehr.example.org"))
+    app = create_app(Settings(auth="off", data_dir=str(tmp_path), cors_origins="https://ehr.example.org"))
     c = app.test_client()
     assert c.get("/cds-services", headers={"Origin": "https://ehr.example.org"}).headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
     assert "Access-Control-Allow-Origin" not in c.get("/cds-services", headers={"Origin": "https://evil.example"}).headers
@@ -370,7 +370,7 @@ def test_non_finite_numbers_and_lone_surrogates_are_400(client, raw):
 
 
 def test_a_chunked_body_over_the_limit_is_413(tmp_path):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=2048, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), max_body_bytes=2048, log_level="WARNING"))
     client = app.test_client()
     big = json.dumps({"hook": "patient-view", "context": {"pad": "x" * 5000}}).encode()
     # no Content-Length, as a chunked upload arrives through the server

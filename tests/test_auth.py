@@ -69,7 +69,7 @@ def jwks():
 @pytest.fixture
 def auth_client(tmp_path, jwks):
     trusted = {ISS: [jwks.base + "/jwks.json", jwks.base + "/rotated.json"]}
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), auth="required",
+    app = create_app(Settings(cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), auth="required",
                               trusted_issuers=json.dumps(trusted), public_base_url=BASE, log_level="WARNING"))
     return app.test_client()
 
@@ -233,20 +233,47 @@ def test_401_carries_cors_headers(auth_client):
 
 def test_required_auth_without_trusted_issuers_refuses_to_start(tmp_path):
     with pytest.raises(ValueError, match="CDS_TRUSTED_ISSUERS"):
-        create_app(Settings(data_dir=str(tmp_path), auth="required"))
+        create_app(Settings(cors_origins="*", data_dir=str(tmp_path), auth="required"))
 
 
-def test_auto_is_off_on_loopback_and_required_elsewhere():
-    assert Settings(host="127.0.0.1").auth_required is False
-    assert Settings(host="0.0.0.0").auth_required is True
-    assert Settings(host="127.0.0.1", auth="required").auth_required is True
+def test_authentication_is_required_by_default_even_on_loopback():
+    """The usual reverse proxy on the same host: binding to 127.0.0.1 must not switch authentication off."""
+    assert Settings.from_env({"CDS_HOST": "127.0.0.1"}).auth_required is True
+    assert Settings.from_env({"CDS_HOST": "127.0.0.1", "CDS_AUTH": "off"}).auth_required is False
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"CDS_AUTH": "auto"}, "CDS_AUTH=auto is gone"),
+    ({"CDS_AUTH": "off", "CDS_TRUSTED_ISSUERS": json.dumps({ISS: "https://ehr.test/jwks.json"})}, "production"),
+    ({"CDS_AUTH": "off", "CDS_PUBLIC_BASE_URL": "https://cds.example.org"}, "production"),
+])
+def test_authentication_cannot_be_switched_off_beside_a_production_configuration(env, says):
+    with pytest.raises(ValueError, match=says):
+        Settings.from_env(env)
+
+
+def test_a_token_living_longer_than_five_minutes_is_refused(auth_client):
+    now = int(time.time())
+    assert_401(call(auth_client, token(iat=now, exp=now + 74 * 365 * 86400)))      # 74 years
+    assert_401(call(auth_client, token(iat=now, exp=now + 3600)))
+    assert call(auth_client, token(iat=now, exp=now + 300)).status_code == 200
+
+
+def test_cors_answers_only_the_configured_origins(tmp_path):
+    from cds_service import create_app as make
+    app = make(Settings(auth="off", data_dir=str(tmp_path)))                        # no CDS_CORS_ORIGINS
+    resp = app.test_client().options(SERVICE_URL, headers={"Origin": "https://evil.example",
+                                                            "Access-Control-Request-Method": "POST",
+                                                            "Access-Control-Request-Private-Network": "true"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    assert "Access-Control-Allow-Private-Network" not in resp.headers
 
 
 def test_a_token_replayed_to_another_replica_is_refused(tmp_path, jwks, postgres):
     """Two service instances on one PostgreSQL database: the replay cache is shared."""
     url = postgres.new_database()
     trusted = json.dumps({ISS: [jwks.base + "/jwks.json"]})
-    replicas = [create_app(Settings(data_dir=str(tmp_path / f"replica{n}"), as_of=AS_OF.isoformat(), auth="required",
+    replicas = [create_app(Settings(cors_origins="*", data_dir=str(tmp_path / f"replica{n}"), as_of=AS_OF.isoformat(), auth="required",
                                     trusted_issuers=trusted, public_base_url=BASE, database_url=url,
                                     log_level="WARNING")).test_client() for n in (1, 2)]
     t = token()
@@ -272,7 +299,7 @@ SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 
 def pinned_client(tmp_path, jwks_value, jku=(SANDBOX_JKU,)):
     trusted = {ISS: {"jwks": jwks_value, "jku": list(jku)}}
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), auth="required",
+    app = create_app(Settings(cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), auth="required",
                               trusted_issuers=json.dumps(trusted), public_base_url=BASE, log_level="WARNING"))
     return app.test_client()
 

@@ -97,7 +97,7 @@ def test_a_killed_writer_loses_no_acknowledged_feedback(store_url):
 
 def test_the_service_stores_feedback_in_postgresql(tmp_path, postgres):
     url = postgres.new_database()
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url, log_level="WARNING"))
     body = {"feedback": [{"card": "pg-card", "outcome": "accepted", "acceptedSuggestions": [{"id": "s1"}],
                           "outcomeTimestamp": "2026-06-30T10:00:00Z"}]}
     client = app.test_client()
@@ -109,7 +109,7 @@ def test_the_service_stores_feedback_in_postgresql(tmp_path, postgres):
 
 def test_bad_database_url_refuses_to_start(tmp_path):
     with pytest.raises(ValueError, match="CDS_DATABASE_URL"):
-        create_app(Settings(data_dir=str(tmp_path), database_url="mysql://nope"))
+        create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), database_url="mysql://nope"))
 
 
 def test_issued_cards_are_found_within_their_window_and_forgotten_after(store_url):

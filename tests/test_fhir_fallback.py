@@ -33,7 +33,7 @@ def strip_ids(body: dict) -> list:
 
 @pytest.fixture
 def fallback_client(tmp_path):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
     return app.test_client()
 
 
@@ -247,7 +247,7 @@ def bare_request(base: str, token: bool = True) -> dict:
 
 @pytest.mark.parametrize("mode", ["401", "403", "500", "garbage", "not-fhir", "redirect", "huge", "next-off-server"])
 def test_fhir_failures_give_412_quickly(tmp_path, faults, mode):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
                               fhir_max_bytes=1_000_000, log_level="WARNING"))
     faults.mode = mode
     start = time.monotonic()
@@ -261,7 +261,7 @@ def test_fhir_failures_give_412_quickly(tmp_path, faults, mode):
 
 
 def test_slow_server_beyond_the_deadline_gives_412_at_the_deadline(tmp_path, faults):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=1.0, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=1.0, log_level="WARNING"))
     faults.mode = "slow"
     start = time.monotonic()
     resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base))
@@ -270,7 +270,7 @@ def test_slow_server_beyond_the_deadline_gives_412_at_the_deadline(tmp_path, fau
 
 
 def test_endless_next_links_stop_at_the_page_cap(tmp_path, faults):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_max_pages=5, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_max_pages=5, log_level="WARNING"))
     faults.mode = "endless-next"
     body = bare_request(faults.base)
     body["prefetch"] = {"patient": {"resourceType": "Patient", "id": "pat-9", "gender": "male", "birthDate": "1950-01-01"}}
@@ -280,7 +280,7 @@ def test_endless_next_links_stop_at_the_page_cap(tmp_path, faults):
 
 
 def test_paginated_prefetch_is_completed_from_next_links(tmp_path, faults, json_log):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="INFO"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="INFO"))
     body = copy.deepcopy(fixture_request("patients/no-risk-factors-negative.json"))
     body.update(fhirServer=faults.base, fhirAuthorization=AUTH)
     pid = body["context"]["patientId"]
@@ -307,7 +307,7 @@ def test_token_is_never_sent_over_plain_http_off_loopback(fallback_client):
 
 def test_parallel_fetch_takes_about_one_query_not_nine(tmp_path, faults):
     """Nine missing keys against a server that takes 0.3 s per answer: parallel, not serial."""
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=3.0, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=3.0, log_level="WARNING"))
     original = faults.httpd.RequestHandlerClass.do_GET
 
     def slow_get(handler):
@@ -322,19 +322,19 @@ def test_parallel_fetch_takes_about_one_query_not_nine(tmp_path, faults):
 
 
 def test_fhir_server_off_the_allowlist_is_never_contacted(tmp_path, faults):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist="https://ehr.example.org/fhir",
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist="https://ehr.example.org/fhir",
                               log_level="WARNING"))
     resp = app.test_client().post(SERVICE_URL, json=bare_request(faults.base, token=False))
     assert resp.status_code == 412 and "allowlist" in resp.get_json()["issue"][0]["diagnostics"]
     assert faults.seen == []
-    allowed = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=faults.base,
+    allowed = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=faults.base,
                                   log_level="WARNING"))
     assert allowed.test_client().post(SERVICE_URL, json=bare_request(faults.base, token=False)).status_code == 200
 
 
 def test_connection_refused_gives_412_quickly(tmp_path):
     from .conftest import free_port
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING"))
     start = time.monotonic()
     resp = app.test_client().post(SERVICE_URL, json=bare_request(f"http://127.0.0.1:{free_port()}"))
     assert resp.status_code == 412 and time.monotonic() - start < 2.5
@@ -344,13 +344,13 @@ def test_userinfo_trick_never_reaches_the_server_behind_the_at_sign(tmp_path, fa
     """`http://allowed@other` sends the query to `other`: the allowlist compares parsed parts."""
     from .conftest import free_port
     allowed = f"http://127.0.0.1:{free_port()}"
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=allowed,
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_allowlist=allowed,
                               log_level="WARNING"))
     trick = faults.base.replace("http://", f"{allowed}@")
     resp = app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False))
     assert resp.status_code == 400 and "fhirServer" in resp.get_json()["issue"][0]["diagnostics"]
     assert faults.seen == []
-    open_app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
+    open_app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING"))
     assert open_app.test_client().post(SERVICE_URL, json=bare_request(trick, token=False)).status_code == 400
     assert faults.seen == []                     # credentials in the URL are refused outright, allowlist or not
 
@@ -391,7 +391,7 @@ def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tm
     try:
         for s in slow:
             s.mode = "trickle"
-        app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+        app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
                                   log_level="WARNING"))
         client = app.test_client()
         with ThreadPoolExecutor(6) as pool:
@@ -417,7 +417,7 @@ def test_trickling_servers_hold_no_thread_past_the_deadline_and_starve_no_one(tm
 
 def test_a_declared_oversize_response_is_refused_before_reading(tmp_path, faults):
     faults.mode = "declared-huge"
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=2.0,
                               fhir_max_bytes=1_000_000, log_level="WARNING"))
     resp, seconds = timed(lambda: app.test_client().post(SERVICE_URL, json=bare_request(faults.base)))
     assert resp.status_code == 412 and seconds < 1.0
@@ -453,7 +453,7 @@ def test_hostile_servers_streaming_without_end_stay_within_the_memory_budget(tmp
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         servers.append(httpd)
     try:
-        app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=10.0,
+        app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), fhir_timeout=10.0,
                                   log_level="WARNING"))
         client = app.test_client()
         fhir = app.extensions["cds"]["services"].kit.resolver.client

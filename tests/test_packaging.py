@@ -80,6 +80,7 @@ def test_the_wheel_works_from_any_directory_with_no_environment(tmp_path):
     (target / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     env["CDS_DATA_DIR"] = str(tmp_path / "data")
+    env["CDS_AUTH"] = "off"                                     # local testing: asked for explicitly
     work = tmp_path / "elsewhere"
     work.mkdir()
     python = str(venv / "bin" / "python")

@@ -29,7 +29,7 @@ def database_url(request, tmp_path):
 
 
 def make_client(tmp_path, database_url: str, secrets: str):
-    settings = Settings(data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), database_url=database_url,
+    settings = Settings(auth="off", cors_origins="*", data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), database_url=database_url,
                         snooze_secrets=secrets, log_level="WARNING")
     return create_app(settings).test_client()
 
@@ -128,7 +128,7 @@ def test_snooze_is_on_by_default_with_a_secret_kept_in_the_store(tmp_path, datab
 
 
 def test_snooze_can_be_switched_off(tmp_path):
-    settings = Settings(data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), snooze="off", log_level="WARNING")
+    settings = Settings(auth="off", cors_origins="*", data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), snooze="off", log_level="WARNING")
     client = create_app(settings).test_client()
     p = ra_patient("off")
     card = invoke(client, p)[0]

@@ -82,7 +82,7 @@ def check_isolated(client):
 
 def test_a_locked_sqlite_store(tmp_path):
     db = tmp_path / "feedback.sqlite3"
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=f"sqlite:///{db}",
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=f"sqlite:///{db}",
                               snooze_secrets="s1", log_level="WARNING"))
     client = app.test_client()
     issue_cards(app, ENTRY["feedback"][0]["card"])
@@ -102,7 +102,7 @@ def test_a_locked_sqlite_store(tmp_path):
 
 def test_a_frozen_postgresql_store(tmp_path, postgres):
     url = postgres.new_database()
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url,
+    app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url,
                               snooze_secrets="s1", log_level="WARNING"))
     client = app.test_client()
     issue_cards(app, ENTRY["feedback"][0]["card"])
@@ -125,6 +125,6 @@ def test_a_frozen_postgresql_store(tmp_path, postgres):
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_probes_need_no_credentials(tmp_path, path):
-    app = create_app(Settings(data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",
+    app = create_app(Settings(cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",
                               auth="required", trusted_issuers='{"https://i.example": "https://i.example/jwks"}'))
     assert app.test_client().get(path).status_code == 200
