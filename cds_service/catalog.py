@@ -318,6 +318,59 @@ def _walk_nodes(node, path: tuple, lines: dict, file: str, problems: _Problems, 
             _walk_nodes(item, path + (i,), lines, file, problems, depth - 1)
 
 
+def _template_problem(file: str, path: tuple, name: str, exc: jinja2.TemplateError) -> None:
+    """A template error on the line of the file where it is: the template's first line (the one after `|` for a
+    block) plus the line Jinja names."""
+    collecting = _problems.get()
+    if collecting is None:
+        raise CatalogError(f"{file} {name}: template: {exc}")
+    start = collecting.lines.get(file, {}).get(path)
+    lineno = getattr(exc, "lineno", None)
+    line = start + lineno if start and lineno else start
+    collecting.add(file, line, f"{name}: template: {exc.message or exc}")
+
+
+def _check_everywhere(raw: dict, manifest: dict, citations: set[str], problems: _Problems) -> None:
+    """What a typo anywhere in the catalog could hide: every `system` is a code system the catalog knows, by its
+    canonical URI (a near miss is named with the one likely meant), and every citation id, under `citations`,
+    `citation` or a bare-id `source`, is in citations.yaml."""
+    import difflib
+
+    canonical = sorted(KNOWN_SYSTEMS)
+
+    def walk(file: str, node: Any, path: tuple) -> None:
+        if isinstance(node, dict):
+            system = node.get("system")
+            own = path[-1:] == ("override_reasons",)             # the service's own code system for its reasons
+            if isinstance(system, str) and system not in KNOWN_SYSTEMS and not own:
+                meant = SYSTEM_ALIASES.get(system) or next(iter(difflib.get_close_matches(system, canonical, 1, 0.8)), None)
+                hint = f" (did you mean {meant!r}?)" if meant else f" (known: {', '.join(canonical[:7])}, ...)"
+                problems.add(file, _line(file, path + ("system",)), f"unknown code system {system!r}{hint}")
+            for key, value in node.items():
+                ids = value if key == "citations" and isinstance(value, list) else [value] if key == "citation" else \
+                    [value] if key == "source" and file != "citations.yaml" and isinstance(value, str) \
+                    and _CITATION_ID.fullmatch(value) and value not in _SOURCE_KINDS else []
+                for c in ids:
+                    if isinstance(c, str) and c not in citations:
+                        problems.add(file, _line(file, path + (key,)), f"{key}: unknown citation id {c!r}")
+                walk(file, value, path + (key,))
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(file, item, path + (i,))
+
+    def _line(file: str, path: tuple) -> int | None:
+        lines = problems.lines.get(file, {})
+        return next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+
+    walk("catalog.yaml", manifest, ())
+    for name, data in raw.items():
+        walk(f"{name}.yaml", data, ())
+
+
+_CITATION_ID = re.compile(r"[a-z][a-z0-9_]{1,40}")
+_SOURCE_KINDS = {"reference", "derived"}       # a code's provenance, not a citation
+
+
 def _require(cond: bool, where: str, msg: str) -> None:
     if not cond:
         collecting = _problems.get()
@@ -398,6 +451,8 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     else:
         manifest, raw = _read_and_check(base, problems)
         blob = pickle.dumps((manifest, raw, problems.lines, problems.anchors)) if stamp else None
+    if cached is None:
+        _check_everywhere(raw, manifest, {c["id"] for c in raw["citations"]["citations"] if isinstance(c, dict)}, problems)
     token = _problems.set(problems)
     try:
         catalog = _build(base, manifest, raw)
@@ -768,7 +823,7 @@ def _build_indexes(cat: Catalog) -> None:
         cat.templates["detail"] = env.from_string(cat.card["detail"])
         cat.templates["detail"].render(**_sample_detail_context())   # every variable defined, or refuse now
     except jinja2.TemplateError as exc:
-        _require(False, "card.yaml detail", f"template: {exc}")
+        _template_problem("card.yaml", ("detail",), "detail", exc)
     _check_format_templates(cat.card)
 
 
@@ -837,7 +892,7 @@ def _check_orders(cat: Catalog) -> None:
         cat.templates["order_detail"].render(orders=["x"], why="x", exposure=["x"], risk=NS(label="x", reasons=["x"]),
                                              guards=["x"], kidney=NS(latest="x", caution="x"), context=["x"])
     except jinja2.TemplateError as exc:
-        _require(False, "orders.yaml card.detail", f"template: {exc}")
+        _template_problem("orders.yaml", ("card", "detail"), "card.detail", exc)
 
 
 def _sample_detail_context() -> dict:

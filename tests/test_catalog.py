@@ -302,7 +302,7 @@ def test_every_problem_is_reported_at_once_on_its_line(tmp_path):
 
 
 @pytest.mark.parametrize("file, old, new, message", [
-    ("card.yaml", "{{ context.workup }}", "{{ context.wrokup }}", "card.yaml: detail: template: .*wrokup"),
+    ("card.yaml", "{{ context.workup }}", "{{ context.wrokup }}", r"card.yaml:\d+: detail: template: .*wrokup"),
     ("card.yaml", 'dxa_none: "No DXA in the last {days} days', 'dxa_none: "No DXA in the last {dayz} days',
      r"context.dxa_none: unknown placeholder\(s\) \['dayz'\]"),
     ("observations.yaml", "    below: 0.1\n", "    below: low\n", r"rules\[tsh_suppressed\].below: 'low' is not of type 'number'"),
@@ -324,3 +324,22 @@ def test_loader_refuses_an_unverified_order_code(tmp_path):
     (cards / "detection.yaml").write_text(yaml.safe_dump(det, sort_keys=False))
     with pytest.raises(CatalogError, match="not verified"):
         load_catalog(cards)
+
+
+@pytest.mark.parametrize("file, old, new, message", [
+    ("detection.yaml", "  - system: http://loinc.org\n", "  - system: http://loinc.og\n",
+     r"cards/detection.yaml:4: unknown code system 'http://loinc.og' \(did you mean 'http://loinc.org'\?\)"),
+    ("value_sets.yaml", "system: http://hl7.org/fhir/sid/icd-10-cm\n", "system: http://hl7.org/fhir/sid/icd10-cm\n",
+     r"cards/value_sets.yaml:\d+: unknown code system 'http://hl7.org/fhir/sid/icd10-cm' \(did you mean "
+     r"'http://hl7.org/fhir/sid/icd-10-cm'\?\)"),
+    ("causes.yaml", "  - source: frax\n", "  - source: fraxx\n",
+     r"cards/causes.yaml:\d+: source: unknown citation id 'fraxx'"),
+    ("card.yaml", "  - {{ a.detail }}\n", "  - {{ a.detail }\n", r"cards/card.yaml:107: detail: template: unexpected '}'"),
+])
+def test_a_typo_anywhere_is_named_on_its_line(tmp_path, file, old, new, message):
+    """A misspelled code-system URI or citation id in any file (not only where a cause's codes are checked) and a
+    template error, each on the line of the file where it is."""
+    cards = _edit_text(tmp_path, file, old, new)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(cards)
+    assert any(re.fullmatch(message, p) for p in err.value.problems), err.value.problems
