@@ -82,6 +82,9 @@ class Settings:
             raise ValueError(f"the port must be 1-65535 (CDS_PORT or --port), not {s.port}")
         if s.workers < 1 or s.threads < 1:
             raise ValueError("CDS_WORKERS and CDS_THREADS must be at least 1")
+        if any(len(secret) < MIN_SECRET_CHARS for secret in s.snooze_secret_list):
+            raise ValueError(f"every CDS_SNOOZE_SECRETS secret needs at least {MIN_SECRET_CHARS} characters "
+                             "(e.g. python3 -c 'import secrets; print(secrets.token_hex(32))')")
         if s.snooze_days <= 0:
             raise ValueError("CDS_SNOOZE_DAYS must be a positive number of days")
         if s.feedback_days <= 0:
@@ -108,6 +111,9 @@ class Settings:
 
     def evaluation_date(self) -> date:
         return date.fromisoformat(self.as_of) if self.as_of else date.today()
+
+
+MIN_SECRET_CHARS = 32          # an HMAC key guessed offline from the card-to-patient links must not be short
 
 
 ENV_DOC = {

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 from .sqlite_util import ThreadLocalSQLite
 
 
@@ -29,6 +29,8 @@ def normalize_feedback(body: object) -> list[dict]:
     """Validate a 2.0 feedback body (and tolerate the older shapes); return normalized entries."""
     if not isinstance(body, dict) or not isinstance(body.get("feedback"), list) or not body["feedback"]:
         raise BadRequest("The body must be an object with a non-empty 'feedback' array.")
+    if len(body["feedback"]) > MAX_ENTRIES:
+        raise PayloadTooLarge(f"At most {MAX_ENTRIES} feedback entries per request (this one has {len(body['feedback'])}).")
     out = []
     for n, item in enumerate(body["feedback"]):
         where = f"feedback[{n}]"
@@ -37,6 +39,8 @@ def normalize_feedback(body: object) -> list[dict]:
         card = item.get("card")
         if not isinstance(card, str) or not card.strip():
             raise BadRequest(f"{where}.card (the card uuid) is required.")
+        if len(card) > 100:
+            raise BadRequest(f"{where}.card is not a card uuid this service issued.")
         outcome = item.get("outcome")
         if outcome not in ("accepted", "overridden"):
             raise BadRequest(f"{where}.outcome must be 'accepted' or 'overridden'.")
@@ -49,6 +53,8 @@ def normalize_feedback(body: object) -> list[dict]:
         if raw_acc is not None:
             if not isinstance(raw_acc, list):
                 raise BadRequest(f"{where}.acceptedSuggestions must be an array.")
+            if len(raw_acc) > MAX_ENTRIES:
+                raise PayloadTooLarge(f"{where}.acceptedSuggestions: at most {MAX_ENTRIES} (a card has a few).")
             for s in raw_acc:
                 sid = s.get("id") if isinstance(s, dict) else None     # AcceptedSuggestion objects, as 2.0 says
                 if not isinstance(sid, str) or not sid.strip():
@@ -77,10 +83,15 @@ def normalize_feedback(body: object) -> list[dict]:
                 raise BadRequest(f"{where}.overrideReason.reason must be a Coding with a code.")
             if comment is not None and not isinstance(comment, str):
                 raise BadRequest(f"{where}.overrideReason.userComment must be a string.")
+            if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+                raise PayloadTooLarge(f"{where}.overrideReason.userComment: at most {MAX_COMMENT_CHARS} characters.")
         out.append({"card": card, "outcome": outcome, "outcomeTimestamp": ts, "acceptedSuggestions": accepted,
                     "reason": reason, "userComment": comment})
     return out
 
+
+MAX_ENTRIES = 50               # feedback entries per request, and accepted suggestions per entry
+MAX_COMMENT_CHARS = 4000       # a clinician's override comment
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -213,7 +224,9 @@ class SQLiteFeedbackStore:
     def set_snooze(self, patient_key: str, until: str, signature: str, card_uuid: str) -> None:
         self._connect().execute(
             "INSERT INTO snoozes VALUES (?,?,?,?) ON CONFLICT (patient_key) DO UPDATE SET until = excluded.until,"
-            " signature = excluded.signature, card_uuid = excluded.card_uuid", (patient_key, until, signature, card_uuid))
+            " signature = excluded.signature, card_uuid = excluded.card_uuid"
+            " WHERE excluded.until > snoozes.until",                # older feedback never shortens a snooze
+            (patient_key, until, signature, card_uuid))
 
     def secret(self, name: str) -> str:
         """A secret kept with the store, made (32 random bytes) the first time it is asked for: every worker and
@@ -388,7 +401,8 @@ class PostgresFeedbackStore:
 
     def set_snooze(self, patient_key: str, until: str, signature: str, card_uuid: str) -> None:
         self._execute("INSERT INTO snoozes VALUES (%s,%s,%s,%s) ON CONFLICT (patient_key) DO UPDATE SET"
-                      " until = excluded.until, signature = excluded.signature, card_uuid = excluded.card_uuid",
+                      " until = excluded.until, signature = excluded.signature, card_uuid = excluded.card_uuid"
+                      " WHERE excluded.until > snoozes.until",      # older feedback never shortens a snooze
                       (patient_key, until, signature, card_uuid))
 
     def secret(self, name: str) -> str:

@@ -19,6 +19,9 @@ from .engine import Assessment
 log = logging.getLogger(__name__)
 
 
+CLOCK_SKEW = timedelta(minutes=5)
+
+
 class SnoozeBook:
     def __init__(self, store, secrets: list[str], days: int, timeout: float = 0.5):
         if not secrets:
@@ -83,9 +86,12 @@ class SnoozeBook:
             if card is None or not card[0]:
                 continue                    # not a card this service issued (or issued while snooze was off)
             patient_key, signature = card
-            at = datetime.fromisoformat(e["outcomeTimestamp"].replace("Z", "+00:00"))
+            at = datetime.fromisoformat(e["outcomeTimestamp"].upper().replace("Z", "+00:00"))
             if at.tzinfo is None:
                 at = at.replace(tzinfo=timezone.utc)
+            # a caller's clock is not trusted past now (plus skew): a timestamp in 2199 or 9999 snoozes from now
+            now = datetime.now(timezone.utc)
+            at = min(at, now + CLOCK_SKEW)
             until = (at + timedelta(days=self.days)).astimezone(timezone.utc)
             self._store("set_snooze", patient_key, until.isoformat(), signature, e["card"])
             done += 1

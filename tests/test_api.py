@@ -226,7 +226,7 @@ def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_win
     is_outcome(client.post(FEEDBACK, json={"feedback": [{**OVERRIDDEN, "card": "old-card"}]}), 404)
 
 
-@pytest.mark.parametrize("snooze", ["off", "secret-1"])
+@pytest.mark.parametrize("snooze", ["off", "secret-1-a-long-enough-hmac-key-abc"])
 def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, monkeypatch, snooze):
     """With snooze off or on (the snooze book then records the cards itself)."""
     from cds_service import api, create_app

@@ -83,7 +83,7 @@ def check_isolated(client):
 def test_a_locked_sqlite_store(tmp_path):
     db = tmp_path / "feedback.sqlite3"
     app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=f"sqlite:///{db}",
-                              snooze_secrets="s1", log_level="WARNING"))
+                              snooze_secrets="s1-a-long-enough-hmac-key-abcdefgh", log_level="WARNING"))
     client = app.test_client()
     issue_cards(app, ENTRY["feedback"][0]["card"])
     assert client.get("/readyz").status_code == 200
@@ -103,7 +103,7 @@ def test_a_locked_sqlite_store(tmp_path):
 def test_a_frozen_postgresql_store(tmp_path, postgres):
     url = postgres.new_database()
     app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), database_url=url,
-                              snooze_secrets="s1", log_level="WARNING"))
+                              snooze_secrets="s1-a-long-enough-hmac-key-abcdefgh", log_level="WARNING"))
     client = app.test_client()
     issue_cards(app, ENTRY["feedback"][0]["card"])
     assert client.post(FEEDBACK, json=ENTRY).status_code == 200
