@@ -12,19 +12,25 @@ from .config import Settings
 __version__ = "0.1.0"
 
 
-def snooze_book(settings: Settings, store):
+def service_secrets(settings: Settings, store) -> list[str]:
+    """The configured secrets (current first), or one made once and kept in the store (shared by every worker)."""
+    return settings.snooze_secret_list or [getattr(store, "store", store).secret("snooze-hmac")]
+
+
+def snooze_book(settings: Settings, store, behind=None):
     """The snooze book (on by default): keyed with the configured secrets, or with one kept in the store."""
     from .snooze import SnoozeBook
     if settings.snooze != "on":
         return None
-    secrets = settings.snooze_secret_list or [getattr(store, "store", store).secret("snooze-hmac")]
-    return SnoozeBook(store, secrets, settings.snooze_days)
+    return SnoozeBook(store, service_secrets(settings, store), settings.snooze_days, behind=behind)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory: build the catalog, engine, FHIR client and feedback store once."""
     from . import api, logs
     from .catalog import load_catalog
+    from .behind import BehindTheResponse
+    from .card_ids import CardIds
     from .feedback import GuardedStore, open_store
     from .fhir_client import FhirClient
     from .record import warm_models
@@ -38,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     warm_models()
     client = FhirClient(max_pages=settings.fhir_max_pages, max_bytes=settings.fhir_max_bytes)
     store = GuardedStore(open_store(settings.resolved_database_url))      # deadlines: a stuck store never stalls us
+    behind = BehindTheResponse()                                           # store writes after the response
     authenticator = None
     if settings.auth_required:
         from .auth import ClientAuthenticator, JtiStore, SharedJtiStore, parse_trusted_issuers
@@ -60,7 +67,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         "services": ServiceRegistry(catalog, client, settings.fhir_timeout, settings.fhir_page_size,
                                     settings.fhir_allowlist_prefixes),
         "feedback": store,
-        "snooze": snooze_book(settings, store),
+        "behind": behind,
+        "card_ids": CardIds(service_secrets(settings, store)),
+        "snooze": snooze_book(settings, store, behind),
     }
     app.register_blueprint(api.bp)
     app.wsgi_app = api.SlashTolerant(app.wsgi_app)

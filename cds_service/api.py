@@ -119,11 +119,11 @@ def invoke(service_id: str):
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
     result = service.invoke(body, cds["settings"].evaluation_date())
     g.timings.update(result.timings)
+    for card in result.response["cards"]:
+        card["uuid"] = cds["card_ids"].new()                  # proves its issue to feedback: nothing is written
     snoozing = bool(cds.get("snooze")) and service.snoozable
     snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment) \
         if snoozing else False
-    if not snoozing:
-        _remember_issued(result.response["cards"])            # (the snooze book records them with the patient)
     if result.response["cards"]:
         _forget_old_notes()
     for card in result.response["cards"]:
@@ -147,16 +147,22 @@ def feedback(service_id: str):
         metrics.FEEDBACK.labels(e["outcome"]).inc()
     store = _cds()["feedback"]
     days = _cds()["settings"].feedback_days
-    since = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
+    now = datetime.now(timezone.utc)
+    window = (now - timedelta(days=days), now + timedelta(minutes=5))
+    stamped = {e["card"] for e in entries if _issued_within(e["card"], window)}
     try:
-        issued = store.call("issued_since", sorted({e["card"] for e in entries}), since)
+        # cards stamped by this service prove their own issue; others (issued before the stamps) by their notes
+        others = sorted({e["card"] for e in entries} - stamped)
+        issued = stamped | (store.call("issued_since", others, window[0].isoformat()) if others else set())
         known = [e for e in entries if e["card"] in issued]
         stored = store.save(service_id, known) if known else 0
     except StoreUnavailable as exc:
         log.warning("feedback store unavailable", extra={"event": "store_unavailable", "error": str(exc),
                                                          "request_id": g.get("request_id")})
-        resp = json_response(operation_outcome("The feedback store is unavailable; nothing was stored. "
-                                               "Retry later.", "transient"), 503)
+        # a save past its deadline may still commit: say so; a retry is safe (each entry is stored once)
+        resp = json_response(operation_outcome("The feedback store did not confirm in time: the feedback may not "
+                                               "have been stored. Retry it; a retry is never stored twice.",
+                                               "transient"), 503)
         resp.headers["Retry-After"] = "5"
         return resp
     unknown = len(entries) - len(known)
@@ -170,6 +176,7 @@ def feedback(service_id: str):
                                                f"{days} days; nothing was stored.", "not-found"), 404)
     snoozes = 0
     if _cds().get("snooze"):
+        _cds()["behind"].drain(0.5)                # this worker's notes of just-issued cards, written first
         try:
             snoozes = _cds()["snooze"].on_feedback(known)
         except StoreUnavailable:                   # feedback is stored; the snooze is best effort
@@ -179,27 +186,20 @@ def feedback(service_id: str):
     return json_response({"stored": stored, "received": len(entries), **({"unknown": unknown} if unknown else {})})
 
 
-def _remember_issued(cards: list[dict]) -> None:
-    """Note every card handed out, so that feedback is taken only for cards this service issued. Best
-    effort within half a second: the card matters more than the note."""
-    now = datetime.now(timezone.utc).isoformat()
-    try:
-        for card in cards:
-            _cds()["feedback"].call("record_issued", card["uuid"], "", "[]", now, timeout=0.5)
-    except StoreUnavailable:
-        log.warning("issued card not recorded: store unavailable", extra={"event": "issued_store_error"})
+def _issued_within(card_uuid: str, window: tuple[datetime, datetime]) -> bool:
+    at = _cds()["card_ids"].issued_at(card_uuid)
+    return at is not None and window[0] <= at <= window[1]
 
 
 def _forget_old_notes() -> None:
-    """Every PRUNE_EVERY cards issued (with or without snooze), drop the notes of cards older than the feedback
-    window: feedback on them is refused anyway, and the table does not grow for ever."""
+    """Every PRUNE_EVERY cards issued, drop the snooze notes of cards older than the feedback window (feedback on
+    them is refused anyway, and the table does not grow for ever): behind the response, never on the card path."""
     if next(_issued_count) % PRUNE_EVERY:
         return
     before = datetime.now(timezone.utc) - timedelta(days=_cds()["settings"].feedback_days + 1)
-    try:
-        _cds()["feedback"].call("forget_issued_before", before.isoformat(), timeout=0.5)
-    except StoreUnavailable:
-        log.warning("old card notes not dropped: store unavailable", extra={"event": "issued_store_error"})
+    store = _cds()["feedback"]
+    _cds()["behind"].submit(lambda: store.call("forget_issued_before", before.isoformat(), timeout=5.0),
+                            "prune old card notes")
 
 
 PRUNE_EVERY = 1000

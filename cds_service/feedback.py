@@ -161,6 +161,20 @@ class SQLiteFeedbackStore:
         # (WAL, synchronous=NORMAL: it survives a crash of the process, not of the machine)
         self.notes = ThreadLocalSQLite(path, SCHEMA, synchronous="NORMAL", busy_timeout_ms=2000)
         self.path = self.db.path
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _same_file(self) -> None:
+        """A database file deleted or replaced under the service: open connections would go on writing to the
+        unlinked file, acknowledged and lost at restart. Refuse instead (503, and /readyz false)."""
+        if self._file_identity() != self._identity:
+            raise sqlite3.OperationalError(f"the feedback database file {self.path} was deleted or replaced")
 
     def _connect(self) -> sqlite3.Connection:
         return self.db.connection()
@@ -174,6 +188,7 @@ class SQLiteFeedbackStore:
             rows.append((service_id, e["card"], e["outcome"], e["outcomeTimestamp"],
                          orjson.dumps(e["acceptedSuggestions"]).decode(), reason.get("system"), reason.get("code"),
                          e["userComment"], digest, now))
+        self._same_file()
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -198,7 +213,12 @@ class SQLiteFeedbackStore:
         return self._connect().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
 
     def ping(self) -> None:
-        self._connect().execute("SELECT 1").fetchone()
+        """Ready means able to take a write: the file is the one opened, and a write transaction can begin (a
+        read-only file, a full disk's journal or a lock held elsewhere fail here)."""
+        self._same_file()
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
 
     # ---- snooze: which patient a card was issued for (a keyed hash), and snoozes per patient ----
     def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 import orjson
@@ -20,13 +21,18 @@ log = logging.getLogger(__name__)
 
 
 CLOCK_SKEW = timedelta(minutes=5)
+# a store that did not answer a snooze read is not asked again on the card path for this long: one card pays the
+# read's deadline, the next ones go out at healthy speed (unchecked for snooze) until the store is tried again
+SKIP_AFTER_FAILURE_S = 30.0
 
 
 class SnoozeBook:
-    def __init__(self, store, secrets: list[str], days: int, timeout: float = 0.5):
+    def __init__(self, store, secrets: list[str], days: int, timeout: float = 0.5, behind=None):
         if not secrets:
             raise ValueError("snooze needs at least one secret")
         self.store = store
+        self.behind = behind               # a BehindTheResponse: notes written after the card has gone out
+        self._skip_until = 0.0             # after a store failure, no snooze read (and no wait) until then
         self.timeout = timeout             # patient-view waits at most this for the store, then goes on
         self.secrets = [s.encode() for s in secrets]
         self.days = days
@@ -68,13 +74,20 @@ class SnoozeBook:
         if not response.get("cards"):
             return False
         now = now or datetime.now(timezone.utc)
+        if time.monotonic() < self._skip_until:
+            return False                   # the store failed just now: cards go out unchecked for a little while
         try:
             if self.is_snoozed(fhir_server, a.patient_id, a, now):
                 response["cards"] = []
                 return True
             for card in response["cards"]:
-                self.issued(card["uuid"], fhir_server, a.patient_id, a, now)
+                if self.behind is not None:                 # the card does not wait for its note
+                    self.behind.submit(lambda u=card["uuid"]: self.issued(u, fhir_server, a.patient_id, a, now),
+                                       "snooze note")
+                else:
+                    self.issued(card["uuid"], fhir_server, a.patient_id, a, now)
         except Exception as exc:                       # noqa: BLE001 - the card matters more than the snooze
+            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_S
             log.warning("snooze store unavailable: %s", type(exc).__name__, extra={"event": "snooze_store_error"})
         return False
 
