@@ -15,7 +15,13 @@ _MD_SPECIAL = "\\`*_{}[]<>()#+!|~&"           # backslash first, so escapes are 
 # A word GFM renderers would turn into a link on their own (remark-gfm finds bare URLs, www. names and
 # e-mail addresses in the text after escapes are resolved, so escaping cannot stop it): shown as code.
 _LIST_START = re.compile(r"^(\d{1,9}|)([.)-])(?= |$)")
-_LINKISH = re.compile(r"(?i)(?:https?|ftp|mailto|xmpp):|www\.|@")
+# what a renderer might link by itself: a scheme, www., an e-mail address, a protocol-relative //host, or a bare
+# domain ("evil.example", "EVIL.COM/login": linkify's fuzzy links)
+_LINKISH = re.compile(r"(?i)(?:https?|ftp|mailto|xmpp):|www\.|@|//|[a-z0-9-]\.[a-z]{2,}")
+# zero-width and bidirectional controls: "w\u200bww.evil" reads as a link to a person and hides from the checks above;
+# a right-to-left override reverses what follows. Never part of chart text a clinician needs.
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+LONGEST_WORD = 60               # a longer word is broken (a 20,000-character word would stretch the card)
 
 
 @lru_cache(maxsize=8192)
@@ -24,7 +30,9 @@ def md(text: str) -> str:
     cmark-gfm, markdown-it): punctuation that could start a link, HTML, an entity or formatting is
     escaped, and a word a renderer would link by itself (a URL, www. name or e-mail address) is set
     as code, which no renderer links or reinterprets."""
-    words = " ".join(str(text).split())
+    words = " ".join(_INVISIBLE.sub("", str(text)).split())
+    if len(words) > LONGEST_WORD and any(len(w) > LONGEST_WORD for w in words.split(" ")):
+        words = " ".join(w[i:i + LONGEST_WORD] for w in words.split(" ") for i in range(0, len(w), LONGEST_WORD))
     if _LINKISH.search(words):
         out = " ".join(_code_span(w) if _LINKISH.search(w) else _escape(w) for w in words.split(" "))
     else:

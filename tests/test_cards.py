@@ -196,7 +196,15 @@ INJECTIONS = [
     "Tom &amp; Jerry &copy; &#64; [ref][1] ![img](http://evil.example/i.png) | a | b | # heading > quote",
     "WWW.EVIL.EXAMPLE/path?q=1&r=2 ftp://files.example/x xmpp:foo@bar.example a`b`c@d.example ``x``",
     "1. not a list - or this + nor this \\ backslash",
+    # issue 21: what linkify still linked, and invisible characters
+    "evil.example bare and EVIL.COM/login?x=1 and sub.evil.co.uk:8080/p",
+    "//evil.example/x protocol-relative and \\\\evil.example\\share",
+    "w\u200bww.evil.example and ev\u200cil.example hidden by zero-width characters",
+    "\u202eevil.example\u202c reversed and \ufeffbom.example",
 ]
+
+
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 class _Text(HTMLParser):
@@ -230,8 +238,14 @@ def test_chart_text_shows_as_recorded_and_never_becomes_a_link(text):
     for render in (cmarkgfm.github_flavored_markdown_to_html,
                    MarkdownIt("commonmark", {"linkify": True}).enable(["linkify", "strikethrough", "table"]).render):
         shown, tags = _shown(render(md(text)))
-        assert shown == " ".join(text.split()), render
+        assert shown == " ".join(_INVISIBLE.sub("", text).split()), render        # as recorded, controls removed
         assert tags <= {"p", "code"}, (tags, render)
+
+
+def test_a_very_long_word_is_broken_and_invisible_controls_removed():
+    from cds_service.cards import LONGEST_WORD, md
+    out = md("x" * 20_000 + " \u202eevil")
+    assert max(len(w) for w in out.split(" ")) <= LONGEST_WORD and "\u202e" not in out
 
 
 def test_chart_text_cannot_inject_markdown_or_html(service):
