@@ -48,6 +48,22 @@ def catalog():
     return load_catalog()
 
 
+@pytest.fixture(scope="module")
+def registry(catalog):
+    """The hook services, called in-process (no HTTP, no store)."""
+    from cds_service.fhir_client import FhirClient
+    from cds_service.services import ServiceRegistry
+    return ServiceRegistry(catalog, FhirClient())
+
+
+def view(registry, bundle: dict):
+    """(card or None, assessment) at chart open for a patient's Bundle."""
+    from cds_service.bundles import request_from_bundle
+    result = registry.get("secondary-osteoporosis").invoke(request_from_bundle(bundle), AS_OF)
+    cards = result.response["cards"]
+    return (cards[0] if cards else None), result.assessment
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(auth="off", cors_origins="*", data_dir=str(tmp_path / "data"), as_of=AS_OF.isoformat(), fhir_timeout=2.0, log_level="WARNING")

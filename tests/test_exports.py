@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
-from cds_service.bundles import request_from_bundle
-from cds_service.fhir_client import FhirClient
-from cds_service.services import ServiceRegistry, explain
+from cds_service.services import explain
 from cds_service.survey import BY_TEXT, COMPUTED, SUSPECTED, run as survey
 
 from .conftest import AS_OF, ROOT
+from .conftest import view as view_bundle
 
 sys.path.insert(0, str(ROOT))
 from fixtures.generate import ICD, SCT, UCUM, Patient, day  # noqa: E402
@@ -28,16 +27,9 @@ CPT = "http://www.ama-assn.org/go/cpt"
 ICD10_DX = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
-@pytest.fixture(scope="module")
-def registry(catalog):
-    return ServiceRegistry(catalog, FhirClient())
-
-
 def view(registry, p: Patient):
     """(card or None, assessment) at chart open."""
-    result = registry.get("secondary-osteoporosis").invoke(request_from_bundle(p.bundle()), AS_OF)
-    cards = result.response["cards"]
-    return (cards[0] if cards else None), result.assessment
+    return view_bundle(registry, p.bundle())
 
 
 def plain(card: dict) -> str:

@@ -10,10 +10,9 @@ from datetime import timedelta
 import pytest
 
 from cds_service.bundles import request_from_bundle
-from cds_service.fhir_client import FhirClient
-from cds_service.services import ServiceRegistry
 
 from .conftest import AS_OF, ROOT
+from .conftest import view as view_bundle
 
 sys.path.insert(0, str(ROOT))
 from fixtures.generate import ICD, SCT, Patient, egfr  # noqa: E402
@@ -23,16 +22,9 @@ CPT = "http://www.ama-assn.org/go/cpt"
 ALENDRONATE = ("alendronate sodium 70 MG Oral Tablet", "46041")
 
 
-@pytest.fixture(scope="module")
-def registry(catalog):
-    return ServiceRegistry(catalog, FhirClient())
-
-
 def view(registry, p: Patient):
     """(card or None, assessment) at chart open."""
-    result = registry.get("secondary-osteoporosis").invoke(request_from_bundle(p.bundle()), AS_OF)
-    cards = result.response["cards"]
-    return (cards[0] if cards else None), result.assessment
+    return view_bundle(registry, p.bundle())
 
 
 def sign(registry, p: Patient, drafts: list[dict], hook: str = "order-sign", instance: str = "h1"):
