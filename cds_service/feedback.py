@@ -162,6 +162,9 @@ class SQLiteFeedbackStore:
         self.notes = ThreadLocalSQLite(path, SCHEMA, synchronous="NORMAL", busy_timeout_ms=2000)
         self.path = self.db.path
         self._identity = self._file_identity()
+        # one writer at a time in this process, in arrival order: SQLite's busy handler polls with growing sleeps,
+        # so 16 threads saving at once could leave one past the busy timeout while the file was never idle long
+        self._write_lock = threading.Lock()
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -190,6 +193,11 @@ class SQLiteFeedbackStore:
                          e["userComment"], digest, now))
         self._same_file()
         conn = self._connect()
+        with self._write_lock:
+            return self._insert(conn, rows)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> int:
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.executemany(

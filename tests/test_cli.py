@@ -230,3 +230,20 @@ def test_check_catalog_for_a_reviewers_ci(tmp_path):
     assert lines[-1] == "cds-service check-catalog: the catalog has 2 problem(s)"
     serve = cli("serve", env={"CDS_CARDS_DIR": str(cards), "CDS_DATA_DIR": str(tmp_path / "d")})
     assert serve.returncode == 2 and "'min_dayz' was unexpected" in serve.stderr and "serving" not in serve.stderr
+
+
+def test_maintainer_tools_answer_help_and_never_overwrite_reviewed_content_without_force(tmp_path):
+    """tools/import_reference.py rerun 'as its docstring said' replaced 12,288 reviewed catalog lines."""
+    tool = [sys.executable, "tools/import_reference.py"]
+    assert subprocess.run(tool + ["--help"], cwd=ROOT, capture_output=True, text=True).stdout.startswith("usage:")
+    reviewed = tmp_path / "cards"
+    reviewed.mkdir()
+    (reviewed / "causes.yaml").write_text("# reviewed\n")
+    refused = subprocess.run(tool + ["--out", str(reviewed)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "without --force" in refused.stderr
+    assert (reviewed / "causes.yaml").read_text() == "# reviewed\n"
+    fresh = subprocess.run(tool + ["--out", str(tmp_path / "import")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert fresh.returncode == 0 and (tmp_path / "import" / "causes.yaml").exists()
+    vs = subprocess.run([sys.executable, "tools/import_value_sets.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert vs.returncode == 0 and "--force" in vs.stdout

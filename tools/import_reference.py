@@ -1,10 +1,13 @@
-"""One-time import of ../shared/reference/cause-catalog-reference.yaml into cards/.
+"""One-time import of ../shared/reference/cause-catalog-reference.yaml into a catalog folder.
 
 The reference is the verified code source; cards/ is the reviewed, versioned catalog the
-service runs.  This script writes cards/causes.yaml, cards/value_sets.yaml and
-cards/detection.yaml from the reference plus the rule choices below (stable ids, firing
-policy, exposure rules, code roles).  After import, clinicians edit cards/ directly; rerun
-only to re-import a new reference version, then review the diff.
+service runs.  This script writes causes.yaml, value_sets.yaml, detection.yaml and citations.yaml
+from the reference plus the rule choices below (stable ids, firing policy, exposure rules, code
+roles).  After the first import clinicians edited cards/ directly, so a rerun would throw their
+work away: it writes to build/import/ by default, to compare with cards/ (`diff -r build/import
+cards`), and into cards/ only with --out cards --force.
+
+    .venv/bin/python tools/import_reference.py [REFERENCE.yaml] [--out DIR] [--force]
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared/reference/cause-catalog-reference.yaml"
+REF = ROOT.parent / "shared/reference/cause-catalog-reference.yaml"
+OUT = ROOT / "build" / "import"
+OUTPUTS = ("causes.yaml", "value_sets.yaml", "detection.yaml", "citations.yaml")
 
 # reference id -> stable cause id (issue #3: these ids are used as-is downstream)
 STABLE_IDS = {
@@ -314,7 +319,7 @@ def main() -> None:
               "# Imported from shared/reference/cause-catalog-reference.yaml by tools/import_reference.py,\n"
               "# then reviewed. Codes keep the reference's `verified` flag; `role: supporting` codes are shown\n"
               "# as context and never fire a cause; `match: prefix` ICD-10-CM codes match their descendants.\n")
-    (ROOT / "cards/causes.yaml").write_text(header + yaml.safe_dump({"causes": causes}, sort_keys=False, width=120, allow_unicode=True))
+    (OUT / "causes.yaml").write_text(header + yaml.safe_dump({"causes": causes}, sort_keys=False, width=120, allow_unicode=True))
 
     # value-set expansions that the catalog matches on, plus those used by detection lists
     det = ref["existing_dxa_detection"]
@@ -328,7 +333,7 @@ def main() -> None:
             entry["note"] = "expansion omitted in the reference (large); load it from VSAC before relying on it"
         entry["codes"] = [{"system": x["system"], "code": x["code"], "display": x.get("display", "")} for x in stored]
         vs_out.append(entry)
-    (ROOT / "cards/value_sets.yaml").write_text(
+    (OUT / "value_sets.yaml").write_text(
         "# VSAC value-set expansions as found in the reference (some are partial: stored_codes < code_counts).\n"
         + yaml.safe_dump({"value_sets": vs_out}, sort_keys=False, width=160, allow_unicode=True))
 
@@ -355,14 +360,38 @@ def main() -> None:
                            **({"note": w["note"]} if w.get("note") else {})}
                           for w in ref["workup"][tier]] for tier in ("baseline", "cause_directed", "imaging")},
     }
-    (ROOT / "cards/detection.yaml").write_text(
+    (OUT / "detection.yaml").write_text(
         "# Workup tests, existing-DXA / existing-treatment detection and index conditions (from the reference).\n"
         + yaml.safe_dump(detection, sort_keys=False, width=120, allow_unicode=True))
-    (ROOT / "cards/citations.yaml").write_text(
+    (OUT / "citations.yaml").write_text(
         "# Guideline citations (ids are used by causes, rules and cards).\n"
         + yaml.safe_dump({"citations": ref["citations"]}, sort_keys=False, width=160, allow_unicode=True))
     print(f"{len(causes)} causes, {len(vs_out)} value sets")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    import argparse
+    global REF, OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Reviewed catalog files are never overwritten without --force.")
+    ap.add_argument("reference", nargs="?", default=str(REF), help="the reference YAML (default: %(default)s)")
+    ap.add_argument("--out", default=str(OUT), help="folder to write (default: %(default)s)")
+    ap.add_argument("--force", action="store_true", help="overwrite catalog files already in --out")
+    args = ap.parse_args(argv)
+    REF, OUT = Path(args.reference), Path(args.out)
+    existing = [name for name in OUTPUTS if (OUT / name).exists()]
+    if existing and not args.force:
+        print(f"import_reference: {OUT} already holds {', '.join(existing)} (reviewed content?): "
+              "refusing to overwrite without --force", file=sys.stderr)
+        return 2
+    if not REF.exists():
+        print(f"import_reference: no reference at {REF}", file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
     main()
+    print(f"import_reference: wrote {', '.join(OUTPUTS)} to {OUT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

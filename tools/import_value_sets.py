@@ -1,10 +1,10 @@
 """Fill cards/value_sets.yaml with published VSAC expansions, recording where each came from.
 
-    python tools/import_value_sets.py GIT_DIR [--commit REV] OID [OID ...]
+    python tools/import_value_sets.py GIT_DIR --repository OWNER/NAME [--commit REV] [--force] OID [OID ...]
 
 GIT_DIR is a clone of a public eCQM content repository (e.g. cqframework/ecqm-content-qicore-2024)
 whose `input/vocabulary/valueset/external/valueset-<OID>.json` files hold VSAC expansions. Each
-OID's entry in value_sets.yaml is created or replaced by the expansion as published, with its
+OID's entry in value_sets.yaml is created (or, with --force, replaced) by the expansion as published, with its
 VSAC version and `source` (repository, commit, path), so a reviewer can check every code. The
 catalog test refuses a value set with codes but no source unless it matches the reference.
 """
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("oids", nargs="+")
     ap.add_argument("--commit", default="HEAD")
     ap.add_argument("--repository", required=True, help="owner/name of the public repository, recorded as the source")
+    ap.add_argument("--force", action="store_true", help="replace a value set already in the catalog by a different one")
     a = ap.parse_args(argv)
     commit = git(a.git_dir, "rev-parse", a.commit).strip()
     data = yaml.safe_load(VALUE_SETS.read_text())
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             "source": {"repository": a.repository, "commit": commit, "path": path},
             "code_counts": dict(counts), "stored_codes": len(codes), "codes": codes,
         }
+        if oid in entries and entries[oid] != entry and not a.force:
+            print(f"{oid}: already in {VALUE_SETS.name} with other content (reviewed?): refusing to replace it "
+                  "without --force", file=sys.stderr)
+            return 2
         entries[oid] = entry
         print(f"{oid} {entry['name']} v{entry['version']}: {len(codes)} codes {dict(counts)}")
     data["value_sets"] = list(entries.values())
