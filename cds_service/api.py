@@ -119,11 +119,12 @@ def invoke(service_id: str):
     g.hook = body.get("hook") if isinstance(body, dict) and isinstance(body.get("hook"), str) else None
     result = service.invoke(body, cds["settings"].evaluation_date())
     g.timings.update(result.timings)
+    client = _client_id()
     for card in result.response["cards"]:
-        card["uuid"] = cds["card_ids"].new()                  # proves its issue to feedback: nothing is written
+        card["uuid"] = cds["card_ids"].new(client=client)     # proves its issue (to this client): nothing is written
     snoozing = bool(cds.get("snooze")) and service.snoozable
-    snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment) \
-        if snoozing else False
+    snoozed = cds["snooze"].apply(result.response, body.get("fhirServer") or "", result.assessment,
+                                  client=client) if snoozing else False
     if result.response["cards"]:
         _forget_old_notes()
     for card in result.response["cards"]:
@@ -186,8 +187,13 @@ def feedback(service_id: str):
     return json_response({"stored": stored, "received": len(entries), **({"unknown": unknown} if unknown else {})})
 
 
+def _client_id() -> str:
+    """The authenticated client (its JWT issuer), or "" with authentication off."""
+    return str((g.get("client") or {}).get("iss") or "")
+
+
 def _issued_within(card_uuid: str, window: tuple[datetime, datetime]) -> bool:
-    at = _cds()["card_ids"].issued_at(card_uuid)
+    at = _cds()["card_ids"].issued_at(card_uuid, _client_id())
     return at is not None and window[0] <= at <= window[1]
 
 

@@ -6,11 +6,12 @@ could not be written made later feedback a permanent 404), each card uuid is a U
 that carries the second it was issued and a 64-bit MAC under the service's secret:
 
     bits 0-57   issue time (36 bits, seconds since 1970) and 22 random bits
-    bits 58-121 HMAC-SHA256(key, those 58 bits), first 64 bits
+    bits 58-121 HMAC-SHA256(key, those 58 bits and the client the card was issued to), first 64 bits
     (the version 8 and the RFC 9562 variant take the remaining 6 bits)
 
 A uuid whose MAC does not verify under any configured secret (current first, older ones still read) was not
-issued here. Secrets rotate like the snooze secrets they are derived from (with a label of their own).
+issued here; nor was it issued to a client other than the one sending feedback on it (the authenticated JWT
+issuer: a client cannot act on another client's cards). Secrets rotate like the snooze secrets they are derived from (with a label of their own).
 """
 from __future__ import annotations
 
@@ -32,18 +33,18 @@ class CardIds:
             raise ValueError("card ids need at least one secret")
         self.keys = [hmac.new(s.encode(), _LABEL, hashlib.sha256).digest() for s in secrets]
 
-    def new(self, now: float | None = None) -> str:
-        """A fresh card uuid stamped with `now` (seconds since 1970; default: the clock)."""
+    def new(self, now: float | None = None, client: str = "") -> str:
+        """A fresh card uuid stamped with `now` (seconds since 1970; default: the clock), for `client`."""
         issued = int(time.time() if now is None else now) & ((1 << _TIME_BITS) - 1)
         payload = (issued << _RANDOM_BITS) | random.randbits(_RANDOM_BITS)
-        bits = (payload << _MAC_BITS) | self._mac(self.keys[0], payload)          # 122 bits
+        bits = (payload << _MAC_BITS) | self._mac(self.keys[0], payload, client)  # 122 bits
         # spread them around the version (bits 48-51) and variant (bits 64-65) of a 128-bit uuid
         high48, mid12, low62 = bits >> 74, (bits >> 62) & 0xFFF, bits & ((1 << 62) - 1)
         value = (high48 << 80) | (0x8 << 76) | (mid12 << 64) | (0b10 << 62) | low62
         return str(uuid.UUID(int=value))
 
-    def issued_at(self, value: str) -> datetime | None:
-        """When the card with this uuid was issued, if this service issued it; else None."""
+    def issued_at(self, value: str, client: str = "") -> datetime | None:
+        """When the card with this uuid was issued, if this service issued it to `client`; else None."""
         try:
             u = uuid.UUID(value)
         except (ValueError, AttributeError, TypeError):
@@ -53,12 +54,12 @@ class CardIds:
         n = u.int
         bits = ((n >> 80) << 74) | (((n >> 64) & 0xFFF) << 62) | (n & ((1 << 62) - 1))
         payload, mac = bits >> _MAC_BITS, bits & ((1 << _MAC_BITS) - 1)
-        if not any(hmac.compare_digest(self._mac(key, payload).to_bytes(8, "big"), mac.to_bytes(8, "big"))
+        if not any(hmac.compare_digest(self._mac(key, payload, client).to_bytes(8, "big"), mac.to_bytes(8, "big"))
                    for key in self.keys):
             return None
         return datetime.fromtimestamp(payload >> _RANDOM_BITS, timezone.utc)
 
     @staticmethod
-    def _mac(key: bytes, payload: int) -> int:
-        digest = hmac.new(key, payload.to_bytes(8, "big"), hashlib.sha256).digest()
+    def _mac(key: bytes, payload: int, client: str) -> int:
+        digest = hmac.new(key, payload.to_bytes(8, "big") + client.encode(), hashlib.sha256).digest()
         return int.from_bytes(digest[:8], "big")

@@ -41,22 +41,24 @@ class SnoozeBook:
         call = getattr(self.store, "call", None)          # a GuardedStore: with this book's deadline
         return call(method, *args, timeout=self.timeout) if call else getattr(self.store, method)(*args)
 
-    def patient_keys(self, fhir_server: str, patient_id: str) -> list[str]:
-        """The patient's key under every configured secret, the current one first."""
-        msg = f"{fhir_server.rstrip('/')}|{patient_id}".encode()
+    def patient_keys(self, fhir_server: str, patient_id: str, client: str = "") -> list[str]:
+        """The patient's key under every configured secret, the current one first: bound to the authenticated
+        client (JWT issuer) and the FHIR server, so one client's feedback never snoozes another client's cards."""
+        msg = ((f"{client}\n" if client else "") + f"{fhir_server.rstrip('/')}|{patient_id}").encode()
         return [hmac.new(secret, msg, hashlib.sha256).hexdigest() for secret in self.secrets]
 
     @staticmethod
     def signature(a: Assessment) -> list[str]:
         """What the card was about: its causes, its fractures, and whether it named a treatment gap."""
         out = {f"cause:{f.cause.id}" for f in a.findings}
-        out |= {f"fracture:{e.reference}" for e in a.context.fractures}
+        # a fracture's record id is the chart's own: kept as a digest, never in clear beside the patient key
+        out |= {"fracture:" + hashlib.sha256(e.reference.encode()).hexdigest()[:24] for e in a.context.fractures}
         if a.context.treatment_gap:
             out.add("treatment_gap")
         return sorted(out)
 
-    def is_snoozed(self, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> bool:
-        found = self._store("snooze_for", self.patient_keys(fhir_server, patient_id))
+    def is_snoozed(self, fhir_server: str, patient_id: str, a: Assessment, now: datetime, client: str = "") -> bool:
+        found = self._store("snooze_for", self.patient_keys(fhir_server, patient_id, client))
         if found is None:
             return False
         until, signature = found
@@ -64,11 +66,13 @@ class SnoozeBook:
             return False
         return set(self.signature(a)) <= set(orjson.loads(signature))    # nothing new since the snooze
 
-    def issued(self, card_uuid: str, fhir_server: str, patient_id: str, a: Assessment, now: datetime) -> None:
-        self._store("record_issued", card_uuid, self.patient_keys(fhir_server, patient_id)[0],
+    def issued(self, card_uuid: str, fhir_server: str, patient_id: str, a: Assessment, now: datetime,
+               client: str = "") -> None:
+        self._store("record_issued", card_uuid, self.patient_keys(fhir_server, patient_id, client)[0],
                     orjson.dumps(self.signature(a)).decode(), now.isoformat())
 
-    def apply(self, response: dict, fhir_server: str, a: Assessment, now: datetime | None = None) -> bool:
+    def apply(self, response: dict, fhir_server: str, a: Assessment, now: datetime | None = None,
+              client: str = "") -> bool:
         """Drop the card when the patient is snoozed (True), else remember whom it was issued for.
         A store that fails is logged and the card goes out: snooze never costs a clinician a card."""
         if not response.get("cards"):
@@ -77,15 +81,15 @@ class SnoozeBook:
         if time.monotonic() < self._skip_until:
             return False                   # the store failed just now: cards go out unchecked for a little while
         try:
-            if self.is_snoozed(fhir_server, a.patient_id, a, now):
+            if self.is_snoozed(fhir_server, a.patient_id, a, now, client):
                 response["cards"] = []
                 return True
             for card in response["cards"]:
                 if self.behind is not None:                 # the card does not wait for its note
-                    self.behind.submit(lambda u=card["uuid"]: self.issued(u, fhir_server, a.patient_id, a, now),
-                                       "snooze note")
+                    self.behind.submit(lambda u=card["uuid"]: self.issued(u, fhir_server, a.patient_id, a, now,
+                                                                          client), "snooze note")
                 else:
-                    self.issued(card["uuid"], fhir_server, a.patient_id, a, now)
+                    self.issued(card["uuid"], fhir_server, a.patient_id, a, now, client)
         except Exception as exc:                       # noqa: BLE001 - the card matters more than the snooze
             self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_S
             log.warning("snooze store unavailable: %s", type(exc).__name__, extra={"event": "snooze_store_error"})

@@ -128,3 +128,20 @@ def test_a_deleted_database_file_is_not_ready_and_feedback_is_refused_not_lost(t
     assert "may not have been stored" in resp.get_json()["issue"][0]["diagnostics"]
     assert client.post(SERVICE_URL, json=positive("https://other.example.org/fhir")).get_json()["cards"]   # cards go on
 
+
+
+def test_a_card_issued_to_one_client_is_not_another_clients_to_act_on():
+    """Issue 21: feedback naming another EHR's card (or sent with no client) must not touch it."""
+    ids = CardIds([SECRET])
+    card = ids.new(client="https://ehr-a.example.org")
+    assert ids.issued_at(card, "https://ehr-a.example.org") is not None
+    assert ids.issued_at(card, "https://ehr-b.example.org") is None and ids.issued_at(card, "") is None
+
+
+def test_snooze_keys_are_bound_to_the_client_and_the_fhir_server():
+    from cds_service.snooze import SnoozeBook
+    book = SnoozeBook(store=None, secrets=[SECRET], days=182)
+    keys = {book.patient_keys(server, "p-1", client)[0]
+            for client in ("", "https://ehr-a.example.org", "https://ehr-b.example.org")
+            for server in ("", "https://fhir-a.example.org", "https://fhir-b.example.org")}
+    assert len(keys) == 9

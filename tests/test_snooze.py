@@ -179,3 +179,15 @@ def test_feedback_has_a_size_limit_with_a_clear_413(tmp_path, body, says):
     client = make_client(tmp_path, f"sqlite:///{tmp_path / 'feedback.sqlite3'}", "secret-2026-a-long-enough-hmac-key")
     resp = client.post(SERVICE_URL + "/feedback", json=body)
     assert resp.status_code == 413 and says in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_fracture_record_ids_are_never_stored_in_clear(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    client = make_client(tmp_path, url, "secret-2026-a-long-enough-hmac-key")
+    p = ra_patient("fracture-ids")
+    fracture = p.condition(ICD, "S72.001A", "Fracture of unspecified part of neck of right femur, initial encounter",
+                           onset=100)
+    override(client, invoke(client, p)[0])
+    client.application.extensions["cds"]["behind"].drain()
+    dump = "\n".join(sqlite3.connect(tmp_path / "feedback.sqlite3").iterdump())
+    assert "snoozes" in dump and fracture["id"] not in dump
