@@ -42,6 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "cds_service.http_server.JsonErrorWorker")   # gthread, JSON error answers
             self.cfg.set("preload_app", True)          # load and validate the catalog once, before forking
             self.cfg.set("timeout", 60)
+            # workers recycled now and then, at staggered times: a burst's memory is given back, never all at once
+            self.cfg.set("max_requests", 20000)
+            self.cfg.set("max_requests_jitter", 5000)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)            # our own JSON request log has no patient data

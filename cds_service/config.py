@@ -31,6 +31,7 @@ class Settings:
     fhir_page_size: int = 200              # _count in the prefetch templates
     fhir_allowlist: str = ""               # comma-separated fhirServer URL prefixes; empty: any server
     max_body_bytes: int = 10 * 1024 * 1024
+    shed_after: float = 10.0               # a request that waited this many seconds for a thread: 503 at once
     cors_origins: str = ""                 # "*" or a comma-separated list of allowed origins; empty: no CORS
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
     log_level: str = "INFO"
@@ -80,6 +81,8 @@ class Settings:
                 raise ValueError(f"CDS_AS_OF={s.as_of!r} is not a date (YYYY-MM-DD)") from None
         if not 1 <= s.port <= 65535:
             raise ValueError(f"the port must be 1-65535 (CDS_PORT or --port), not {s.port}")
+        if not s.shed_after > 0:
+            raise ValueError("CDS_SHED_AFTER must be a positive number of seconds")
         if s.workers < 1 or s.threads < 1:
             raise ValueError("CDS_WORKERS and CDS_THREADS must be at least 1")
         if any(len(secret) < MIN_SECRET_CHARS for secret in s.snooze_secret_list):
@@ -130,6 +133,8 @@ ENV_DOC = {
     "fhir_page_size": "_count used in prefetch templates",
     "fhir_allowlist": "Comma-separated URL prefixes of FHIR servers the fallback may contact (empty: any)",
     "max_body_bytes": "Largest request body accepted, in bytes (larger: 413)",
+    "shed_after": "Seconds a request may wait for a worker thread before it is answered 503 with Retry-After (its "
+                  "client has given up); a backlog over 16 waiting requests per thread is answered 503 at once",
     "cors_origins": "Allowed CORS origins (browser clients such as the CDS Hooks sandbox): * or a comma-separated "
                     "list; empty (the default): no CORS headers",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",

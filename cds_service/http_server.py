@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import selectors
+import threading
 import time
 from functools import partial
 
@@ -35,6 +36,11 @@ _STATUS = [
 HEAD_DEADLINE_S = 10.0     # a client has this long to send its request line and headers
 HEAD_MAX_BYTES = 1 << 20   # past this the parser decides (431/414), as it would anyway
 BODY_READ_TIMEOUT_S = 10.0  # each body read waits at most this (the app bounds the whole body too)
+# load shedding: a request that waited longer than this for a thread is answered 503 at once (its client has given
+# up: EHRs wait seconds for a CDS service), and with more than BACKLOG_PER_THREAD requests per thread already
+# waiting a new one is answered 503 before it queues. Either way with Retry-After, and the worker stays responsive.
+SHED_AFTER_S = 10.0          # the default of CDS_SHED_AFTER
+BACKLOG_PER_THREAD = 16
 
 
 class JsonErrorWorker(ThreadWorker):
@@ -44,14 +50,44 @@ class JsonErrorWorker(ThreadWorker):
 
     def init_process(self):
         self._heads: dict = {}                 # conn -> (bytes so far, deadline)
+        self._waiting = 0                      # requests handed to the thread pool and not yet started
+        self._waiting_lock = threading.Lock()
         super().init_process()
+
+    @property
+    def shed_after(self) -> float:
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", None) or {}
+        settings = extensions.get("cds", {}).get("settings")
+        return settings.shed_after if settings is not None else SHED_AFTER_S
+
+    def _submit(self, conn):
+        """Hand a request to the thread pool, unless too many wait already (503 now, on the event loop)."""
+        if self._waiting >= max(1, self.cfg.threads) * BACKLOG_PER_THREAD:
+            self.nr_conns -= 1
+            self._shed(conn, "backlog")
+            return
+        conn.queued_at = time.monotonic()
+        with self._waiting_lock:
+            self._waiting += 1
+        super().enqueue_req(conn)
+
+    def _shed(self, conn, why: str) -> None:
+        log.warning("request shed", extra={"event": "http_shed", "status": 503, "error": why})
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(1.0)
+            conn.sock.sendall(_json_answer(503, "Service Unavailable", "transient",
+                                           "The service is overloaded: retry in a moment.", retry_after=1))
+        except OSError:
+            pass
+        conn.close()
 
     def enqueue_req(self, conn):
         if self.cfg.is_ssl or getattr(conn, "is_http2", False):
-            return super().enqueue_req(conn)   # TLS and HTTP/2 are read as gunicorn reads them
+            return self._submit(conn)          # TLS and HTTP/2 are read as gunicorn reads them
         buffered = conn.parser.unreader.buf.getvalue() if conn.parser is not None else b""
         if b"\r\n\r\n" in buffered:
-            return super().enqueue_req(conn)   # a pipelined request already read in full
+            return self._submit(conn)          # a pipelined request already read in full
         if conn.parser is not None:
             conn.parser.unreader.buf = io.BytesIO()
         conn.sock.setblocking(False)
@@ -75,7 +111,7 @@ class JsonErrorWorker(ThreadWorker):
         if b"\r\n\r\n" in data or len(data) >= HEAD_MAX_BYTES or data.startswith(b"PRI * HTTP/2"):
             self._forget_head(conn)
             conn.prebuffered = bytes(data)
-            super().enqueue_req(conn)
+            self._submit(conn)
 
     def _forget_head(self, conn) -> None:
         self._heads.pop(conn, None)
@@ -103,6 +139,14 @@ class JsonErrorWorker(ThreadWorker):
                 conn.close()
 
     def handle(self, conn):
+        queued = getattr(conn, "queued_at", None)
+        if queued is not None:
+            conn.queued_at = None
+            with self._waiting_lock:
+                self._waiting -= 1
+            if time.monotonic() - queued > self.shed_after:
+                self._shed(conn, "waited")     # its client has given up: answering now frees the thread
+                return False                   # (gunicorn then counts the connection closed)
         data = getattr(conn, "prebuffered", None)
         if data is not None:
             conn.prebuffered = None
@@ -133,9 +177,10 @@ class JsonErrorWorker(ThreadWorker):
             pass                                    # the client is gone: nothing to answer
 
 
-def _json_answer(status: int, reason: str, code: str, text: str) -> bytes:
+def _json_answer(status: int, reason: str, code: str, text: str, retry_after: int | None = None) -> bytes:
     body = orjson.dumps(operation_outcome(text, code))
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n{retry}"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n\r\n").encode("latin-1")
     return head + body
 
