@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadT
 
 from . import metrics
 from .auth import AuthError
-from .errors import BadRequest, ServiceError, operation_outcome
+from .errors import BadRequest, ServiceError, TooManyRequests, operation_outcome
 from .feedback import StoreUnavailable, normalize_feedback
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,9 @@ def invoke(service_id: str):
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str):
     service_id = _service(service_id).id
+    per_minute = _cds()["settings"].feedback_per_minute
+    _cds().setdefault("feedback_rate", RateLimit(per_minute, max(1, per_minute // 5))).take(
+        _client_id() or request.remote_addr or "")
     entries = normalize_feedback(_read_json())
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
@@ -185,6 +189,33 @@ def feedback(service_id: str):
     g.counts = {"feedback_entries": len(entries), "feedback_new": stored, "feedback_unknown": unknown,
                 "snoozes_set": snoozes}
     return json_response({"stored": stored, "received": len(entries), **({"unknown": unknown} if unknown else {})})
+
+
+class RateLimit:
+    """A token bucket per client (its JWT issuer, else its address), per worker: `rate` requests a minute with
+    bursts of `burst`. Feedback is a few clicks a minute per clinician; a client posting thousands is refused
+    with 429 before its body is read."""
+
+    def __init__(self, per_minute: int, burst: int):
+        self.rate, self.burst = per_minute / 60.0, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[client] = (tokens, now)
+                raise TooManyRequests("Too much feedback from this client: retry in a moment.",
+                                      retry_after=max(1, int((1 - tokens) / self.rate) + 1))
+            self._buckets[client] = (tokens - 1, now)
+            if len(self._buckets) > 10_000:          # bounded: the oldest clients are forgotten
+                for key in list(self._buckets)[:1000]:
+                    del self._buckets[key]
+
+
 
 
 def _client_id() -> str:
@@ -326,7 +357,10 @@ def install_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
-        return json_response(operation_outcome(exc.diagnostics, exc.code), exc.status)
+        resp = json_response(operation_outcome(exc.diagnostics, exc.code), exc.status)
+        if isinstance(exc, TooManyRequests):
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

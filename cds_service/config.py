@@ -43,6 +43,7 @@ class Settings:
     snooze_secrets: str = ""               # comma-separated HMAC secrets, current first; empty: one kept in the store
     snooze_days: int = 182                 # how long an overridden or accepted card stays away
     feedback_days: int = 30                # feedback is taken for cards issued within this many days
+    feedback_per_minute: int = 600         # feedback posts a minute per client and worker (bursts of a fifth)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -90,6 +91,8 @@ class Settings:
                              "(e.g. python3 -c 'import secrets; print(secrets.token_hex(32))')")
         if s.snooze_days <= 0:
             raise ValueError("CDS_SNOOZE_DAYS must be a positive number of days")
+        if s.feedback_per_minute <= 0:
+            raise ValueError("CDS_FEEDBACK_PER_MINUTE must be a positive number")
         if s.feedback_days <= 0:
             raise ValueError("CDS_FEEDBACK_DAYS must be a positive number of days")
         return s
@@ -151,5 +154,7 @@ ENV_DOC = {
     "snooze_days": "Days an overridden or accepted card stays away for that patient (unless something new appears)",
     "feedback_days": "Days after a card is issued during which feedback on it is accepted (feedback for a card this "
                      "service did not issue, or issued earlier, is refused with 404)",
+    "feedback_per_minute": "Feedback posts a minute per client (JWT issuer, else address) and worker, in bursts of a "
+                           "fifth of it; more: 429 with Retry-After",
     "bench_endpoint": "Add POST /cds-services/_parse-only, the benchmark's parse-and-return-nothing floor",
 }

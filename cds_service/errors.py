@@ -29,6 +29,16 @@ class PayloadTooLarge(ServiceError):
     status, code = 413, "too-costly"
 
 
+class TooManyRequests(ServiceError):
+    """A client over its feedback rate: 429 with Retry-After."""
+    status, code = 429, "throttled"
+    retry_after = 1
+
+    def __init__(self, diagnostics: str, retry_after: int = 1):
+        super().__init__(diagnostics)
+        self.retry_after = retry_after
+
+
 class PrefetchUnavailable(ServiceError):
     """Data a rule needs is missing from prefetch and the FHIR server could not supply it (412)."""
 

@@ -145,3 +145,17 @@ def test_snooze_keys_are_bound_to_the_client_and_the_fhir_server():
             for client in ("", "https://ehr-a.example.org", "https://ehr-b.example.org")
             for server in ("", "https://fhir-a.example.org", "https://fhir-b.example.org")}
     assert len(keys) == 9
+
+
+def test_a_client_posting_feedback_in_bulk_is_throttled_with_429(tmp_path):
+    """Feedback had no count limit (1.1 M rows accepted): past a burst of 120, a client gets 429 and Retry-After."""
+    app = make_app(tmp_path, "off")
+    FEEDBACK_BURST = app.extensions["cds"]["settings"].feedback_per_minute // 5            # 120 by default
+    client = app.test_client()
+    card = client.post(SERVICE_URL, json=positive()).get_json()["cards"][0]
+    statuses = [client.post(SERVICE_URL + "/feedback", json=feedback(card["uuid"])).status_code
+                for _ in range(FEEDBACK_BURST + 5)]
+    assert set(statuses[:FEEDBACK_BURST]) == {200} and statuses[-1] == 429
+    throttled = client.post(SERVICE_URL + "/feedback", json=feedback(card["uuid"]))
+    assert throttled.status_code == 429 and int(throttled.headers["Retry-After"]) >= 1
+    assert throttled.get_json()["resourceType"] == "OperationOutcome"

@@ -68,6 +68,7 @@ def check(resp, allowed=(200, 400, 412, 413)):
 @given(body=JSON)
 def test_any_json_body(client, body):
     check(client.post(SERVICE_URL, json=body))
+    client.application.extensions["cds"].pop("feedback_rate", None)   # every example reaches the parser (no 429)
     check(client.post(SERVICE_URL + "/feedback", json=body))
 
 
