@@ -273,29 +273,13 @@ def test_a_request_that_waited_past_its_clients_patience_is_shed_with_503(tmp_pa
     """Issue 21: one worker, one thread, held for 2.5 s by a FHIR server that answers slowly; a request queued
     behind it for longer than CDS_SHED_AFTER (1 s here) is answered 503 with Retry-After when a thread frees,
     instead of being worked on for a client that has gone; the next request is served normally."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_GET(self):
-            time.sleep(2.5)
-            body = json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": []}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-    fhir = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=fhir.serve_forever, daemon=True).start()
+    fhir = SlowFhir(delay=2.5)
     server = LiveServer(tmp_path, env={"CDS_WORKERS": "1", "CDS_THREADS": "1", "CDS_SHED_AFTER": "1",
                                        "CDS_FHIR_TIMEOUT": "5"}).start()
     try:
         slow = {"hook": "patient-view", "hookInstance": "shed-1", "context": {"patientId": "p-1", "userId": "Practitioner/1"},
-                "fhirServer": f"http://127.0.0.1:{fhir.server_address[1]}"}
+                "fhirServer": fhir.base}
         with ThreadPoolExecutor(2) as pool:
             holding = pool.submit(requests.post, server.base + SERVICE_URL, json=slow, timeout=15)
             time.sleep(0.5)                                  # the one thread is now waiting on the FHIR server
@@ -310,4 +294,4 @@ def test_a_request_that_waited_past_its_clients_patience_is_shed_with_503(tmp_pa
         assert again.status_code == 200 and again.json()["cards"]
     finally:
         server.kill(signal.SIGTERM)
-        fhir.shutdown()
+        fhir.httpd.shutdown()
