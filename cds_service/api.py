@@ -144,9 +144,7 @@ def invoke(service_id: str):
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str):
     service_id = _service(service_id).id
-    per_minute = _cds()["settings"].feedback_per_minute
-    _cds().setdefault("feedback_rate", RateLimit(per_minute, max(1, per_minute // 5))).take(
-        _client_id() or request.remote_addr or "")
+    _feedback_rate().take(_client_id() or request.remote_addr or "")
     entries = normalize_feedback(_read_json())
     for e in entries:
         metrics.FEEDBACK.labels(e["outcome"]).inc()
@@ -216,6 +214,13 @@ class RateLimit:
                     del self._buckets[key]
 
 
+def _feedback_rate() -> RateLimit:
+    """This app's feedback rate limit (CDS_FEEDBACK_PER_MINUTE, bursts of a fifth), made on first use."""
+    rate = _cds().get("feedback_rate")
+    if rate is None:
+        per_minute = _cds()["settings"].feedback_per_minute
+        rate = _cds().setdefault("feedback_rate", RateLimit(per_minute, max(1, per_minute // 5)))
+    return rate
 
 
 def _client_id() -> str:
