@@ -330,10 +330,8 @@ class Measurement:
         if unit is _IMPLAUSIBLE:
             unit = ""
             self._record.skipped_implausible += 1       # an entry or transmission error: never evidence
-        elif value is not None and comparator.startswith("<"):
-            value = value * (1 - 1e-9) if comparator == "<" else value
-        elif value is not None and comparator.startswith(">"):
-            value = value * (1 + 1e-9) if comparator == ">" else value
+        elif value is not None and comparator in ("<", ">"):
+            value *= (1 - 1e-9) if comparator == "<" else (1 + 1e-9)
         self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text, comparator)
         return self._quantity
 
@@ -860,7 +858,7 @@ class RecordBuilder:
         text = concept.get("text") if isinstance(concept, dict) else None
         if not isinstance(text, str) or not text.strip():
             return "confirmed"
-        return self._text_certainty(normalize_text(text[:_MAX_CUE_TEXT]))
+        return self._text_certainty(normalize_text(text[:MAX_TEXT_CHARS]))
 
     def _cue_kinds(self, text: str) -> str:
         """What the cues at the very start ("R/O ...", "FH: ...", "History of ...") or the very end ("... ruled out",
@@ -893,14 +891,14 @@ class RecordBuilder:
         return site
 
     def _section_matches(self, text: str) -> tuple[str, ...]:
-        low = normalize_text(text[:_MAX_CUE_TEXT])
+        low = normalize_text(text[:MAX_TEXT_CHARS])
         return tuple(name for name, rx in self.cat.section_text_regex.items() if self._named_unhedged(rx, low))
 
     def _fracture_text(self, text: str) -> str | None:
         rx = self.cat.fracture_text_regex
         if rx is None:
             return None
-        low = normalize_text(text[:_MAX_CUE_TEXT])
+        low = normalize_text(text[:MAX_TEXT_CHARS])
         m = self._named_unhedged(rx, low)
         return self.cat.fracture_text_sites[m.group(0)] if m else None
 
@@ -908,7 +906,7 @@ class RecordBuilder:
         rx = self.cat.fracture_procedure_regex
         if rx is None:
             return None
-        m = rx.search(normalize_text(text[:_MAX_CUE_TEXT]))
+        m = rx.search(normalize_text(text[:MAX_TEXT_CHARS]))
         return self.cat.fracture_procedure_sites[m.group(0)] if m else None
 
     def _named_unhedged(self, rx: re.Pattern, low: str):
@@ -926,7 +924,7 @@ class RecordBuilder:
 
     def _high_energy(self, text: str) -> bool:
         return self.high_energy_regex is not None and self.high_energy_regex.search(
-            normalize_text(text[:_MAX_CUE_TEXT])) is not None
+            normalize_text(text[:MAX_TEXT_CHARS])) is not None
 
     def _concept_matches(self, rt: str, concept: Any) -> tuple[tuple, bool, tuple]:
         """(cause matches, whether it shapes the card's context, its (system, code) pairs)."""
@@ -950,7 +948,7 @@ class RecordBuilder:
         puts it in the past or gives it to someone else ("no celiac disease", "FH: rheumatoid arthritis",
         "?Cushing's", "Graves disease - resolved")."""
         cat = self.cat
-        low = normalize_text(text[:_MAX_CUE_TEXT])
+        low = normalize_text(text[:MAX_TEXT_CHARS])
         out: list[tuple[str, str]] = []
         for m in cat.condition_text_regex.finditer(low):
             if cat.cues_before_regex.search(low, max(0, m.start() - _CUE_WINDOW), m.start()) \
@@ -1038,7 +1036,7 @@ class RecordBuilder:
         return list(self._result_name(text)) if text else []
 
     def _read_result_name(self, text: str) -> tuple[str, ...]:
-        low = normalize_text(text[:_MAX_CUE_TEXT])
+        low = normalize_text(text[:MAX_TEXT_CHARS])
         for m in _LOINC_IN_TEXT.finditer(low):
             if m.group(1) in self.wanted_loincs:
                 return (m.group(1),)
@@ -1149,7 +1147,7 @@ class RecordBuilder:
             dosages = [res["dosage"]] if isinstance(res.get("dosage"), dict) else []
         dosages = [d for d in as_list(dosages) if isinstance(d, dict)]
         dosage_text = " ".join(d[k] for d in dosages for k in ("text", "patientInstruction")
-                               if isinstance(d.get(k), str))[:_MAX_CUE_TEXT]
+                               if isinstance(d.get(k), str))[:MAX_TEXT_CHARS]
         route_text = " ".join(concept_text(d.get("route")) for d in dosages)
         form_text = concept_text((med_res or {}).get("form"))
         full_text = " ".join([text, dosage_text, route_text, form_text]).lower()
@@ -1555,12 +1553,13 @@ def _range_unit(res: dict) -> str:
                     if isinstance(unit, str) and unit:
                         return unit
     return ""
+
+
 # ICD-10-CM chapter XX transport accidents (V00-V99): the injury that day was high-energy
 _TRANSPORT_ACCIDENT = re.compile(r"[Vv]\d\d")
 # cues are read within this many characters of a name (a coded entry's text: of its start and end), and text is
-# matched on its first _MAX_CUE_TEXT characters: linear time whatever a record carries
+# matched on its first MAX_TEXT_CHARS characters: linear time whatever a record carries
 _CUE_WINDOW = 40
-_MAX_CUE_TEXT = 2000
 
 
 def _plausible(value: float, spec: dict) -> tuple[float | None, str]:
