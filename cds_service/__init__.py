@@ -17,12 +17,12 @@ def service_secrets(settings: Settings, store) -> list[str]:
     return settings.snooze_secret_list or [getattr(store, "store", store).secret("snooze-hmac")]
 
 
-def snooze_book(settings: Settings, store, behind=None):
-    """The snooze book (on by default): keyed with the configured secrets, or with one kept in the store."""
+def snooze_book(settings: Settings, store, secrets: list[str], behind=None):
+    """The snooze book (on by default), keyed with the service secrets."""
     from .snooze import SnoozeBook
     if settings.snooze != "on":
         return None
-    return SnoozeBook(store, service_secrets(settings, store), settings.snooze_days, behind=behind)
+    return SnoozeBook(store, secrets, settings.snooze_days, behind=behind)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     client = FhirClient(max_pages=settings.fhir_max_pages, max_bytes=settings.fhir_max_bytes)
     store = GuardedStore(open_store(settings.resolved_database_url))      # deadlines: a stuck store never stalls us
     behind = BehindTheResponse()                                           # store writes after the response
+    secrets = service_secrets(settings, store)                             # read from the store once, if kept there
     authenticator = None
     if settings.auth_required:
         from .auth import ClientAuthenticator, JtiStore, SharedJtiStore, parse_trusted_issuers
@@ -68,8 +69,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                                     settings.fhir_allowlist_prefixes),
         "feedback": store,
         "behind": behind,
-        "card_ids": CardIds(service_secrets(settings, store)),
-        "snooze": snooze_book(settings, store, behind),
+        "card_ids": CardIds(secrets),
+        "snooze": snooze_book(settings, store, secrets, behind),
     }
     app.register_blueprint(api.bp)
     app.wsgi_app = api.SlashTolerant(app.wsgi_app)

@@ -49,10 +49,6 @@ class BehindTheResponse:
             return False
         return done.wait(timeout)
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
-
     def _started(self) -> queue.Queue:
         # the thread is started in the process that uses it: gunicorn forks workers after the app is made
         if self._queue is None or self._pid != os.getpid():

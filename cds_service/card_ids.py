@@ -11,7 +11,8 @@ that carries the second it was issued and a 64-bit MAC under the service's secre
 
 A uuid whose MAC does not verify under any configured secret (current first, older ones still read) was not
 issued here; nor was it issued to a client other than the one sending feedback on it (the authenticated JWT
-issuer: a client cannot act on another client's cards). Secrets rotate like the snooze secrets they are derived from (with a label of their own).
+issuer: a client cannot act on another client's cards). Secrets rotate like the snooze secrets they are derived
+from (with a label of their own).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from datetime import datetime, timezone
 
 _LABEL = b"cds-card-uuid-v1"
 _TIME_BITS, _RANDOM_BITS, _MAC_BITS = 36, 22, 64
-_PAYLOAD_BITS = _TIME_BITS + _RANDOM_BITS
 
 
 class CardIds:

@@ -263,13 +263,13 @@ class Catalog:
         return out
 
 
+ICD_MAX_KEY = 8      # the longest ICD-10-CM code without its dot is 7 characters: longer prefixes never match
+
+
 def icd_prefix_match(code: str, prefixes: set[str]) -> bool:
     """True when an ICD-10-CM code equals or descends from one of `prefixes` (dotless keys)."""
     key = icd_key(code)
     return any(key[:n] in prefixes for n in range(3, min(len(key), ICD_MAX_KEY) + 1))
-
-
-ICD_MAX_KEY = 8      # the longest ICD-10-CM code without its dot is 7 characters: longer prefixes never match
 
 
 def _read(path: Path, problems: _Problems | None = None) -> Any:
@@ -347,11 +347,8 @@ def _check_everywhere(raw: dict, manifest: dict, citations: set[str], problems: 
                 hint = f" (did you mean {meant!r}?)" if meant else f" (known: {', '.join(canonical[:7])}, ...)"
                 problems.add(file, _line(file, path + ("system",)), f"unknown code system {system!r}{hint}")
             for key, value in node.items():
-                ids = value if key == "citations" and isinstance(value, list) else [value] if key == "citation" else \
-                    [value] if key == "source" and file != "citations.yaml" and isinstance(value, str) \
-                    and _CITATION_ID.fullmatch(value) and value not in _SOURCE_KINDS else []
-                for c in ids:
-                    if isinstance(c, str) and c not in citations:
+                for c in _citation_ids(file, key, value):
+                    if c not in citations:
                         problems.add(file, _line(file, path + (key,)), f"{key}: unknown citation id {c!r}")
                 walk(file, value, path + (key,))
         elif isinstance(node, list):
@@ -369,6 +366,19 @@ def _check_everywhere(raw: dict, manifest: dict, citations: set[str], problems: 
 
 _CITATION_ID = re.compile(r"[a-z][a-z0-9_]{1,40}")
 _SOURCE_KINDS = {"reference", "derived"}       # a code's provenance, not a citation
+
+
+def _citation_ids(file: str, key: str, value: Any) -> list[str]:
+    """The citation ids a catalog entry names: `citations: [...]`, `citation: id`, and a `source` that is a bare id
+    (not "reference", "derived", "vsac:...", free text, or the sources of citations.yaml itself)."""
+    if key == "citations" and isinstance(value, list):
+        return [c for c in value if isinstance(c, str)]
+    if key == "citation" and isinstance(value, str):
+        return [value]
+    if key == "source" and file != "citations.yaml" and isinstance(value, str) and _CITATION_ID.fullmatch(value) \
+            and value not in _SOURCE_KINDS:
+        return [value]
+    return []
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -446,13 +456,12 @@ def load_catalog(cards_dir: str | Path | None = None) -> Catalog:
     problems = _Problems(base)
     stamp = _files_stamp(base)
     cached = _VALIDATED.get(stamp) if stamp else None
-    if cached is not None:                          # the same files, parsed and schema-checked before
+    if cached is not None:                          # the same files, parsed and checked before
         manifest, raw, problems.lines, problems.anchors = pickle.loads(cached)
     else:
         manifest, raw = _read_and_check(base, problems)
-        blob = pickle.dumps((manifest, raw, problems.lines, problems.anchors)) if stamp else None
-    if cached is None:
         _check_everywhere(raw, manifest, {c["id"] for c in raw["citations"]["citations"] if isinstance(c, dict)}, problems)
+        blob = pickle.dumps((manifest, raw, problems.lines, problems.anchors)) if stamp else None
     token = _problems.set(problems)
     try:
         catalog = _build(base, manifest, raw)

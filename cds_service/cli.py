@@ -94,10 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .services import ServiceRegistry, explain, explain_context
 
     settings = Settings.from_env()
-    try:
-        as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
-    except ValueError:
-        raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
+    as_of = _as_of(args, settings)
     services = ServiceRegistry(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
                                settings.fhir_page_size)
     book = None
@@ -153,18 +150,21 @@ def _check_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_of(args: argparse.Namespace, settings: Settings) -> date:
+    """--as-of, else CDS_AS_OF, else today."""
+    try:
+        return date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
+    except ValueError:
+        raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
+
+
 def _input_files(names: list[str]) -> list[str]:
     """Files as named; a folder stands for every *.json in it, in name order; "-" is standard input."""
+    from .survey import bundle_files
+
     out: list[str] = []
     for name in names:
-        p = Path(name)
-        if name != "-" and p.is_dir():
-            found = [str(f) for f in sorted(p.glob("*.json"))]
-            if not found:
-                raise ValueError(f"{name} holds no *.json files")
-            out += found
-        else:
-            out.append(name)
+        out += [str(f) for f in bundle_files([name])] if name != "-" and Path(name).is_dir() else [name]
     return out
 
 
@@ -173,10 +173,7 @@ def _codes(args: argparse.Namespace) -> int:
     from .survey import run
 
     settings = Settings.from_env()
-    try:
-        as_of = date.fromisoformat(args.as_of) if args.as_of else settings.evaluation_date()
-    except ValueError:
-        raise ValueError(f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)") from None
+    as_of = _as_of(args, settings)
     return run(load_catalog(settings.cards_dir or None), args.paths, args.unmatched, args.csv, as_of=as_of)
 
 

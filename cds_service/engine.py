@@ -652,8 +652,10 @@ class Engine:
             pes = [m.daily_mg * next(i for i in m.ingredients if i.cause_id == "glucocorticoids").prednisone_equivalent_factor
                    for m in ms if m.daily_mg is not None and next(i for i in m.ingredients
                                                                   if i.cause_id == "glucocorticoids").prednisone_equivalent_factor]
-            span = num(min(pes)) if pes and num(min(pes)) == num(max(pes)) else f"{num(min(pes or [0]))} to {num(max(pes or [0]))}"
-            extra = f"; {span} mg/day prednisone-equivalent" if pes else "; dose not recorded"
+            extra = "; dose not recorded"
+            if pes:
+                low, high = num(min(pes)), num(max(pes))
+                extra = f"; {low if low == high else f'{low} to {high}'} mg/day prednisone-equivalent"
             ev.append(_fills_line(label, ms, rec.as_of, 365, extra))
         tier = None
         cites = []

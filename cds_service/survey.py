@@ -119,6 +119,11 @@ class CodeSurvey:
     def _medication_row(self, system: str, code: str, display: str, text: str, patient: str) -> None:
         """A drug code the catalog lists gets its meaning; one it does not, whose product name the engine read
         in the text instead, gets a "Medication, by text" row (the code to add, and what its text said)."""
+        for kind in ("Medication", BY_TEXT):         # seen before: its meaning is known, only the patient is new
+            row = self.rows.get((kind, system, code))
+            if row is not None:
+                row.patients.add(patient)
+                return
         if self.builder._ingredients_coded(system, code):
             self._row(("Medication", system, code), display, lambda: self._meaning("Medication", system, code, ""),
                       patient)
