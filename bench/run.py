@@ -4,7 +4,8 @@
 
 Prints a table and writes bench/results/latest.json. Sections:
   engine    p50/p95/p99 at ~40/400/4000 resources vs orjson-parsing the same body (the floor)
-  http      wrk against `cds-service serve` at concurrency 1/4/16 vs a parse-only endpoint
+  http      wrk against `cds-service serve` at concurrency 1/4/16 vs a parse-only endpoint, and at 4 with the
+            feedback store frozen (held under an exclusive lock)
   fallback  wall time with 8 missing keys vs the slowest single query; bytes fetched per call
   startup   cold start to the first answer; worker RSS before/after 10,000 requests
 All load is on loopback, bounded in count and time.
@@ -12,6 +13,7 @@ All load is on loopback, bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -20,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -220,6 +223,18 @@ def _merge_wrk(runs: list[dict]) -> dict:
             "slices": len(runs)}
 
 
+@contextlib.contextmanager
+def store_frozen(path: str):
+    """Hold the SQLite feedback store under an exclusive lock: every read and write of it blocks."""
+    holder = sqlite3.connect(path, timeout=10, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed for the HTTP benchmark (Debian package 'wrk'; `make bench` installs it)")
@@ -240,6 +255,17 @@ def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
                 svc, floor = _merge_wrk(service_runs), _merge_wrk(floor_runs)
                 rows.append({"concurrency": conns, "service": svc, "floor": floor,
                              "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2)})
+            # The feedback store frozen (its SQLite file held under an exclusive lock by another process, as a
+            # stuck PostgreSQL or a full disk would hold it): c=4 service slices alternate with floor slices, so
+            # the two service/floor ratios compare within one run. The card path must not wait on the store.
+            frozen_runs, frozen_floor = [], []
+            with store_frozen(os.path.join(tmp, "feedback.sqlite3")):
+                for _ in range(rounds):
+                    frozen_runs.append(run_wrk(server.base + SERVICE, body_file, 4, seconds))
+                    frozen_floor.append(run_wrk(server.base + FLOOR, body_file, 4, seconds))
+            svc, floor = _merge_wrk(frozen_runs), _merge_wrk(frozen_floor)
+            rows.append({"concurrency": 4, "store": "frozen", "service": svc, "floor": floor,
+                         "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2)})
             # p50/p95 of single patient-view calls over HTTP (sequential, one connection)
             s = requests.Session()
             lat = []
@@ -422,8 +448,12 @@ def main() -> int:
         print(f"{'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8} {'floor req/s':>12} {'floor p50':>10} {'service/floor':>14}")
         for r in rows:
             s, f = r["service"], r["floor"]
-            print(f"{r['concurrency']:>4} {s['rps']:>8.1f} {s['p50_ms']:>6.2f}ms {s['p99_ms']:>6.2f}ms {f['rps']:>12.1f} "
+            print(f"{str(r['concurrency']) + (' store frozen' if r.get('store') == 'frozen' else ''):>4} {s['rps']:>8.1f} {s['p50_ms']:>6.2f}ms {s['p99_ms']:>6.2f}ms {f['rps']:>12.1f} "
                   f"{f['p50_ms']:>8.2f}ms {r['ratio_rps_service_floor']:>13.2f}x")
+        healthy = next(r for r in rows if r["concurrency"] == 4 and "store" not in r)
+        frozen = next(r for r in rows if r.get("store") == "frozen")
+        print(f"store frozen vs healthy at c=4 (each against its own floor slices): "
+              f"{frozen['ratio_rps_service_floor'] / healthy['ratio_rps_service_floor']:.2f}x")
         print(f"single calls, one connection: p50 {single['p50_ms']:.2f} ms, p95 {single['p95_ms']:.2f} ms (n={single['n']})")
     if "fallback" in only:
         fb = results["fallback"] = bench_fallback(args.quick)
