@@ -139,6 +139,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _request(args: argparse.Namespace) -> int:
+    """The patient-view request an EHR would send for a patient Bundle: what to POST with curl or a test client."""
+    from .bundles import request_from_bundle
+    from .errors import ServiceError
+
+    name = args.bundle
+    try:
+        data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        raise ValueError(f"{name} is not a FHIR Bundle")
+    try:
+        body = request_from_bundle(data)
+    except ServiceError as exc:
+        raise ValueError(f"{name}: {exc.diagnostics}") from None
+    if args.fhir_server:
+        body["fhirServer"] = args.fhir_server
+    sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def _check_catalog(args: argparse.Namespace) -> int:
     """For a content reviewer's CI: exit 0 and a summary, or every problem and exit 2."""
     from .catalog import DEFAULT_CARDS_DIR, load_catalog
@@ -198,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     codes.add_argument("--csv", action="store_true", help="CSV instead of a tab-separated table")
     codes.add_argument("--as-of", help="evaluation date for the rows read from the record (default: today)")
     codes.set_defaults(func=_codes)
+    req = sub.add_parser("request", help="print the patient-view request for a patient Bundle (to POST it)")
+    req.add_argument("bundle", help="FHIR R4 Bundle holding one Patient and their resources, or - for stdin")
+    req.add_argument("--fhir-server", default=None, help="fhirServer to name in the request (for the fallback)")
+    req.set_defaults(func=_request)
     check = sub.add_parser("check-catalog", help="validate a catalog folder (default: the one the service uses)")
     check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")
     check.set_defaults(func=_check_catalog)

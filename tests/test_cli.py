@@ -154,6 +154,9 @@ def cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subpro
      "cannot open the feedback store at PostgreSQL 127.0.0.1:1/cds"),
     (["evaluate", "{empty}"], {}, "holds no *.json files"),
     (["codes", "{empty}"], {}, "holds no *.json files"),
+    (["request", "README.md"], {}, "README.md is not valid JSON"),
+    (["request", "fixtures/orders/anastrozole.json"], {}, "is not a FHIR Bundle"),
+    (["request", "{empty}/none.json"], {}, "No such file"),
 ])
 def test_config_and_cli_errors_are_one_line_and_exit_2(tmp_path, args, env, says):
     (tmp_path / "empty").mkdir()
@@ -247,3 +250,17 @@ def test_maintainer_tools_answer_help_and_never_overwrite_reviewed_content_witho
     assert fresh.returncode == 0 and (tmp_path / "import" / "causes.yaml").exists()
     vs = subprocess.run([sys.executable, "tools/import_value_sets.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert vs.returncode == 0 and "--force" in vs.stdout
+
+
+def test_request_writes_the_patient_view_an_ehr_would_send_and_evaluate_reads_it(tmp_path):
+    bundle = FIXTURES / "patients" / "glucocorticoids-positive.json"
+    out = cli("request", str(bundle), "--fhir-server", "https://ehr.example.org/fhir")
+    assert out.returncode == 0, out.stderr
+    request = json.loads(out.stdout)
+    assert request["hook"] == "patient-view" and request["context"]["patientId"] == "glucocorticoids-positive"
+    assert request["fhirServer"] == "https://ehr.example.org/fhir"
+    assert request["prefetch"]["medicationRequests"]["entry"]
+    (tmp_path / "request.json").write_text(out.stdout)
+    via_request = json.loads(evaluate(str(tmp_path / "request.json")).stdout)
+    via_bundle = json.loads(evaluate(str(bundle)).stdout)
+    assert [c["summary"] for c in via_request["cards"]] == [c["summary"] for c in via_bundle["cards"]] != []
