@@ -8,6 +8,7 @@ Prints a table and writes bench/results/latest.json. Sections:
             feedback store frozen (held under an exclusive lock)
   fallback  wall time with 8 missing keys vs the slowest single query; bytes fetched per call
   startup   cold start to the first answer; worker RSS before/after 10,000 requests
+  screen    `cds-service screen` on a synthetic Bulk Data export vs `evaluate` alone and the orjson parse floor
 All load is on loopback, bounded in count and time.
 """
 from __future__ import annotations
@@ -280,6 +281,67 @@ def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
     return rows, single
 
 
+# ---- population screening ---------------------------------------------------------------------------
+def write_synthetic_export(folder: Path, patients: int, size: int = 400) -> int:
+    """`patients` synthetic ~400-resource patients as a Bulk Data export (one NDJSON file per type); bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handles: dict[str, object] = {}
+    try:
+        for i in range(patients):
+            req = patient_request(size, seed=10_000 + i)
+            for value in req["prefetch"].values():
+                for res in ([e["resource"] for e in value.get("entry", [])] if value.get("resourceType") == "Bundle"
+                            else [value]):
+                    rt = res["resourceType"]
+                    if rt not in handles:
+                        handles[rt] = open(folder / f"{rt}.000.ndjson", "wb")
+                    handles[rt].write(orjson.dumps(res) + b"\n")
+    finally:
+        for h in handles.values():
+            h.close()
+    return sum(f.stat().st_size for f in folder.glob("*.ndjson"))
+
+
+def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
+    """`cds-service screen` on a synthetic export, beside two baselines from the same run on the same patients:
+    `evaluate` alone (each patient's request parsed and run in one process, no grouping, no output) and the orjson
+    parse-only floor (every NDJSON line parsed, nothing else)."""
+    from cds_service.screening import screen
+
+    n = patients or (300 if quick else 3000)
+    with tempfile.TemporaryDirectory() as tmp:
+        export = Path(tmp) / "export"
+        raw = write_synthetic_export(export, n)
+        t = time.perf_counter()
+        for f in sorted(export.glob("*.ndjson")):
+            with open(f, "rb") as fh:
+                for line in fh:
+                    orjson.loads(line)
+        parse_s = time.perf_counter() - t
+        service = ServiceRegistry(load_catalog(), FhirClient()).get("secondary-osteoporosis")
+        sample = min(n, 300 if quick else 1000)
+        bodies = [orjson.dumps(patient_request(400, seed=10_000 + i)) for i in range(sample)]
+        t = time.perf_counter()
+        for body in bodies:
+            service.invoke(orjson.loads(body), AS_OF)
+        evaluate_rate = sample / (time.perf_counter() - t)
+        runs = {}
+        for w in sorted({1, workers}):
+            out = Path(tmp) / f"out{w}"
+            summary = screen(export, out, AS_OF, workers=w)
+            runs[w] = summary
+        one, many = runs[1], runs[workers]
+        return {"patients": n, "raw_mb": round(raw / 1e6, 1), "workers": workers,
+                "evaluate_alone_per_s": round(evaluate_rate, 1),
+                "screen_1_worker_per_s": one["patients_per_second"],
+                "screen_per_s": many["patients_per_second"],
+                "screen_per_core_per_s": round(many["patients_per_second"] / workers, 1),
+                "ratio_screen_1_worker_to_evaluate": round(one["patients_per_second"] / evaluate_rate, 2),
+                "raw_mb_per_s_per_core": round(raw / 1e6 / many["seconds"] / workers, 1),
+                "orjson_parse_only_mb_per_s": round(raw / 1e6 / parse_s, 1),
+                "peak_rss_mb": round(many["peak_rss_bytes"] / 1e6), "seconds": many["seconds"]}
+
+
 # ---- FHIR fallback ----------------------------------------------------------------------------------
 class StubFhir:
     """A loopback FHIR stub answering each search after a fixed delay (Observation is the slowest)."""
@@ -419,12 +481,13 @@ def bench_startup_memory(quick: bool, workers: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    ap.add_argument("--only", choices=["engine", "http", "fallback", "startup"], action="append")
+    ap.add_argument("--only", choices=["engine", "http", "fallback", "startup", "screen"], action="append")
+    ap.add_argument("--screen-patients", type=int, default=None, help="patients in the screening export (3000)")
     args = ap.parse_args()
     workers = len(os.sched_getaffinity(0))
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": {
         "cores": workers, "python": platform.python_version(), "platform": platform.platform()}}
-    only = set(args.only or ["engine", "http", "fallback", "startup"])
+    only = set(args.only or ["engine", "http", "fallback", "startup", "screen"])
     if "engine" in only:
         results["engine"] = bench_engine(args.quick)
         print("\nEngine (in process): patient-view on a parsed request vs parsing the same body (p50 unless named)")
@@ -467,6 +530,14 @@ def main() -> int:
               f"before {st['rss_kb_before']} KB, after {st['rss_kb_after']} KB, max growth {st['rss_growth_kb_max']} KB")
         print(f"  RSS after each fifth: {st['rss_kb_by_fifth']} KB; growth over the last four fifths "
               f"{st['rss_growth_kb_last_four_fifths_max']} KB")
+    if "screen" in only:
+        sc = results["screen"] = bench_screen(args.quick, workers, args.screen_patients)
+        print(f"\nPopulation screen: {sc['patients']:,} synthetic ~400-resource patients, {sc['raw_mb']} MB of NDJSON")
+        print(f"  evaluate alone (one process): {sc['evaluate_alone_per_s']:.0f} patients/s; screen with 1 worker: "
+              f"{sc['screen_1_worker_per_s']:.0f}/s ({sc['ratio_screen_1_worker_to_evaluate']:.2f}x of evaluate)")
+        print(f"  screen with {sc['workers']} workers: {sc['screen_per_s']:.0f}/s ({sc['screen_per_core_per_s']:.0f}/s per "
+              f"core), {sc['raw_mb_per_s_per_core']:.1f} MB/s per core (orjson parse-only floor "
+              f"{sc['orjson_parse_only_mb_per_s']:.0f} MB/s on one core); peak RSS {sc['peak_rss_mb']} MB")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

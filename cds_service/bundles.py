@@ -50,6 +50,10 @@ def bundle_resources(bundle: dict) -> list[dict]:
     return resources
 
 
+def _canonical(resource: dict) -> tuple[str, str]:
+    return resource["resourceType"], resource["id"]
+
+
 def _rewrite(node, refs: dict[str, str]):
     if isinstance(node, dict):
         out = {}
@@ -65,8 +69,10 @@ def _rewrite(node, refs: dict[str, str]):
 
 
 def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
-    """A CDS Hooks patient-view request whose prefetch holds the Bundle's resources."""
-    resources = bundle_resources(bundle)
+    """A CDS Hooks patient-view request whose prefetch holds the Bundle's resources, in one canonical order
+    (type, then id): the engine lists evidence in the order it reads it, so a patient's lines from `evaluate`
+    and from `screen` (whose export arrives in any order, in any partition) are the same."""
+    resources = sorted(bundle_resources(bundle), key=_canonical)
     patients = [r for r in resources if r.get("resourceType") == "Patient"]
     if len(patients) != 1:
         raise BadRequest(f"The Bundle must hold exactly one Patient (found {len(patients)}).")

@@ -1,8 +1,10 @@
-"""cds-service: the secondary-osteoporosis CDS Hooks service (serve), the same engine offline (evaluate), a site's
-code survey (codes) and the catalog check for content reviewers (check-catalog)."""
+"""cds-service: the secondary-osteoporosis CDS Hooks service (serve), the same engine offline (evaluate), over a
+whole Bulk Data export (screen), the request for a patient Bundle (request), a site's code survey (codes) and the
+catalog check for content reviewers (check-catalog)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -91,7 +93,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .catalog import load_catalog
     from .errors import ServiceError, operation_outcome
     from .fhir_client import FhirClient
-    from .services import ServiceRegistry, explain, explain_context
+    from .services import ServiceRegistry, evaluation_line
 
     settings = Settings.from_env()
     as_of = _as_of(args, settings)
@@ -102,24 +104,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .feedback import open_store
         from .snooze import SnoozeBook
         book = SnoozeBook(open_store(settings.resolved_database_url), settings.snooze_secret_list, settings.snooze_days)
+
+    def snoozed(body: dict, result) -> bool:
+        return book is not None and book.is_snoozed(body.get("fhirServer") or "", result.assessment.patient_id,
+                                                    result.assessment, datetime.now(timezone.utc))
     failures = 0
     for name in _input_files(args.files):
         try:
             data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
             body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
-            # the service for the request's hook (patient-view, order-select, order-sign)
-            service = services.for_hook(body.get("hook")) if isinstance(body, dict) else None
-            result = (service or services.get("secondary-osteoporosis")).invoke(body, as_of)
-            snoozed = False
-            if book is not None and result.response["cards"] and (service is None or service.snoozable):
-                snoozed = book.is_snoozed(body.get("fhirServer") or "", result.assessment.patient_id,
-                                          result.assessment, datetime.now(timezone.utc))
-            line = dict(result.response)
-            if snoozed:
-                line["cards"] = []
-            if args.explain:
-                line["findings"] = explain(result.assessment)
-                line["context"] = explain_context(result.assessment) | {"snoozed": snoozed}
+            line = evaluation_line(services, body, as_of, args.explain, snoozed)
         except OSError as exc:
             failures += 1
             message = f"cannot read {name}: {exc.strerror or type(exc).__name__}"
@@ -158,6 +152,36 @@ def _request(args: argparse.Namespace) -> int:
     if args.fhir_server:
         body["fhirServer"] = args.fhir_server
     sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _screen(args: argparse.Namespace) -> int:
+    """Every patient of a Bulk Data export: findings, worklist, report and summary in --out."""
+    from .screening import progress_bar, screen
+
+    settings = Settings.from_env()
+    as_of = _as_of(args, settings)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {workers}")
+    if args.engine != "local":
+        raise ValueError(f"--engine {args.engine} is not available")
+    try:
+        summary = screen(args.export, args.out, as_of, workers, settings.cards_dir or None, progress_bar())
+    except KeyboardInterrupt:
+        print("cds-service screen: interrupted; no output was written", file=sys.stderr)
+        return 130
+    problems = [f"{len(summary['malformed_lines'])} unreadable line(s)" if summary["malformed_lines"] else "",
+                f"{len(summary['failed_patients'])} patient(s) failed" if summary["failed_patients"] else "",
+                f"{sum(summary['resources_without_patient'].values())} resource(s) without a patient"
+                if summary["resources_without_patient"] else ""]
+    cards = sum(summary["cards"].values())
+    print(f"cds-service screen: {summary['patients']:,} patients, {cards:,} with a card, "
+          f"{summary['patients_per_second']:,} patients/s; wrote {args.out}/"
+          "{findings.ndjson,worklist.csv,worklist.parquet,report.html,summary.json}", file=sys.stderr)
+    if any(problems):
+        print("cds-service screen: warning: " + ", ".join(p for p in problems if p)
+              + " (summary.json and report.html list them)", file=sys.stderr)
     return 0
 
 
@@ -224,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     req.add_argument("bundle", help="FHIR R4 Bundle holding one Patient and their resources, or - for stdin")
     req.add_argument("--fhir-server", default=None, help="fhirServer to name in the request (for the fallback)")
     req.set_defaults(func=_request)
+    scr = sub.add_parser("screen", help="screen every patient of a FHIR Bulk Data export (findings, worklist, report)")
+    scr.add_argument("export", help="Bulk Data export folder (Type.*.ndjson[.gz]) or its completion manifest")
+    scr.add_argument("--out", required=True, help="folder for findings.ndjson, worklist.csv/.parquet, report.html, summary.json")
+    scr.add_argument("--as-of", default=None, help="evaluation date YYYY-MM-DD (default: today or CDS_AS_OF)")
+    scr.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    scr.add_argument("--engine", choices=["local"], default="local",
+                     help="local: DuckDB and worker processes on this machine")
+    scr.set_defaults(func=_screen)
     check = sub.add_parser("check-catalog", help="validate a catalog folder (default: the one the service uses)")
     check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")
     check.set_defaults(func=_check_catalog)

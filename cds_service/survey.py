@@ -83,9 +83,13 @@ class CodeSurvey:
             self.unreadable.append(f"{path}: {type(exc).__name__}")
             return
         self.files += 1
+        self.add_bundle(data, str(path))
+
+    def add_bundle(self, data: object, name: str) -> None:
+        """Every coding of one patient's Bundle (the patient is its Patient's id, else `name`)."""
         entries = data.get("entry") if isinstance(data, dict) else None
         resources = [e["resource"] for e in entries or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
-        patient = next((str(r.get("id")) for r in resources if r.get("resourceType") == "Patient"), str(path))
+        patient = next((str(r.get("id")) for r in resources if r.get("resourceType") == "Patient"), name)
         for res in resources:
             rt = res.get("resourceType")
             if rt in ("Condition", "Procedure", "Observation"):

@@ -105,7 +105,7 @@ def test_cli_commands_run_as_written(block):
     for command in block:
         done = _bash(command, _env())
         assert done.returncode == 0, (command, done.stderr[-2000:])
-        assert done.stdout.strip(), command
+        assert (done.stdout + done.stderr).strip(), command          # every command says what it did
 
 
 @pytest.mark.parametrize("block", [b for _, _, b in ALL_BLOCKS if kind(b) == "score"], ids=" ; ".join)

@@ -16,7 +16,7 @@ SERVICES: tuple[type[CdsService], ...] = (SecondaryOsteoporosis, BoneProtectionA
 
 __all__ = ["CdsService", "Invocation", "ServiceRegistry", "Toolkit", "SERVICES", "SecondaryOsteoporosis",
            "BoneProtectionAtOrderSign", "BoneProtectionAtOrderSelect", "explain", "explain_context",
-           "validate_request"]
+           "validate_request", "evaluation_line"]
 
 
 class ServiceRegistry:
@@ -41,3 +41,22 @@ class ServiceRegistry:
 
     def discovery(self) -> dict:
         return {"services": [s.discovery() for s in self]}
+
+
+def evaluation_line(services: ServiceRegistry, body: object, as_of, explain_it: bool, snoozed=None) -> dict:
+    """One line of `cds-service evaluate` (and of `cds-service screen`'s findings.ndjson): the service's
+    response for a request, and with `explain_it` the patient, findings and context. `snoozed(body, result)`
+    says whether the service's own store would have suppressed the cards. Both commands build their lines here,
+    so a population screen and a single evaluation can never disagree."""
+    service = services.for_hook(body.get("hook")) if isinstance(body, dict) else None    # the service for its hook
+    result = (service or services.get("secondary-osteoporosis")).invoke(body, as_of)
+    is_snoozed = bool(snoozed and result.response["cards"] and (service is None or service.snoozable)
+                      and snoozed(body, result))
+    line = dict(result.response)
+    if is_snoozed:
+        line["cards"] = []
+    if explain_it:
+        line["patient"] = result.assessment.patient_id
+        line["findings"] = explain(result.assessment)
+        line["context"] = explain_context(result.assessment) | {"snoozed": is_snoozed}
+    return line

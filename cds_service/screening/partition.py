@@ -1,0 +1,173 @@
+"""Group a Bulk Data export by patient with DuckDB: it reads NDJSON and gzip in C++, keeps only the types the
+engine reads, extracts each resource's patient (the Patient compartment: `subject`, `patient`, `beneficiary`), and
+sorts by patient with spill to disk, so memory stays flat whatever the export's size. The rows come back in
+patient order, one patient's resources together: the caller never holds more than a batch."""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from .export import ExportFile
+
+# what the engine reads (bundles.PREFETCH_KEY and the Patient), and what the screen reads beside it
+ENGINE_TYPES = ("Patient", "Condition", "Procedure", "Observation", "MedicationRequest", "MedicationStatement",
+                "MedicationAdministration", "MedicationDispense")
+SIDE_TYPES = ("Medication", "Encounter")
+MAX_LINE_BYTES = 64 * 1024 * 1024        # a resource larger than this is reported as a malformed line
+
+_LINES = ("read_csv(?, columns={'line': 'VARCHAR'}, delim=chr(1), quote='', escape='', header=false, "
+          "auto_detect=false, strict_mode=false, null_padding=true, max_line_size=" + str(MAX_LINE_BYTES) + ")")
+_PATIENT = ("CASE WHEN rt IS NULL THEN NULL WHEN rt = 'Patient' THEN json_extract_string(line, '$.id') ELSE nullif(regexp_extract(coalesce("
+            "json_extract_string(line, '$.subject.reference'), json_extract_string(line, '$.patient.reference'), "
+            "json_extract_string(line, '$.beneficiary.reference')), '(?:^|/)Patient/([^/]+)$', 1), '') END")
+
+
+@dataclass
+class LoadReport:
+    """What the load found besides patients: every line that could not be read, with file and 1-based line."""
+    malformed_lines: list[dict] = field(default_factory=list)
+    resources_without_patient: Counter = field(default_factory=Counter)
+    skipped_types: Counter = field(default_factory=Counter)
+    resources: int = 0
+    input_bytes: int = 0
+    filtered_bytes: int = 0
+
+
+class ExportGroups:
+    """The export loaded into a DuckDB database under `workdir` (deleted with it), grouped by patient."""
+
+    def __init__(self, files: list[ExportFile], workdir: Path, memory_limit: str = "1GB", threads: int | None = None):
+        import duckdb
+
+        self.workdir = workdir
+        self.con = duckdb.connect(str(workdir / "screen.duckdb"))
+        self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        self.con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
+        self.con.execute("SET preserve_insertion_order = false")
+        if threads:
+            self.con.execute(f"SET threads = {int(threads)}")
+        self.con.execute("CREATE TABLE res (file VARCHAR, rt VARCHAR, pid VARCHAR, line VARCHAR)")
+        self.con.execute("CREATE TABLE bad (file VARCHAR, n BIGINT)")
+        self.con.execute("CREATE TABLE enc (pid VARCHAR, start VARCHAR, location VARCHAR)")
+        self.files = files
+        self.report = LoadReport()
+
+    # ---- load ------------------------------------------------------------------------------------
+    def load(self) -> LoadReport:
+        for f in self.files:
+            self.report.input_bytes += f.path.stat().st_size
+            if f.type not in ENGINE_TYPES and f.type not in SIDE_TYPES:
+                self.report.skipped_types[f.type] += self._count_lines(f)
+                continue
+            self.report.filtered_bytes += f.path.stat().st_size
+            source = self._readable(f)
+            self.con.execute(
+                f"INSERT INTO res SELECT ?, rt, {_PATIENT}, line FROM (SELECT line, CASE WHEN json_valid(line) THEN "
+                f"json_extract_string(line, '$.resourceType') END AS rt FROM {_LINES} WHERE trim(line) <> '')",
+                [str(f.path), str(source)])
+        self.con.execute("INSERT INTO bad SELECT file, count(*) FROM res WHERE rt IS NULL GROUP BY file")
+        for file, _n in self.con.execute("SELECT file, n FROM bad ORDER BY file").fetchall():
+            self.report.malformed_lines += _malformed_lines(Path(file))
+        self.con.execute("DELETE FROM res WHERE rt IS NULL")
+        for rt, n in self.con.execute("SELECT rt, count(*) FROM res WHERE pid IS NULL AND rt NOT IN ('Medication') "
+                                      "GROUP BY rt ORDER BY rt").fetchall():
+            self.report.resources_without_patient[rt] = n
+        self.con.execute(
+            "INSERT INTO enc SELECT pid, coalesce(json_extract_string(line, '$.period.start'), "
+            "json_extract_string(line, '$.actualPeriod.start')), coalesce(json_extract_string(line, "
+            "'$.location[0].location.display'), json_extract_string(line, '$.serviceProvider.display')) "
+            "FROM res WHERE rt = 'Encounter' AND pid IS NOT NULL")
+        self.con.execute("DELETE FROM res WHERE rt = 'Encounter'")
+        self.report.resources = self.con.execute("SELECT count(*) FROM res WHERE rt <> 'Medication'").fetchone()[0]
+        return self.report
+
+    def _readable(self, f: ExportFile) -> Path:
+        """The file itself, or for a truncated or corrupt .gz the lines before the damage (the damage reported)."""
+        if not f.compressed:
+            return f.path
+        try:
+            self.con.execute(f"SELECT count(*) FROM {_LINES}", [str(f.path)]).fetchone()
+            return f.path
+        except Exception:  # noqa: BLE001 - duckdb raises IOException/InvalidInputException for a damaged stream
+            pass
+        rescued = self.workdir / f"rescued-{len(os.listdir(self.workdir))}.ndjson"
+        n = 0
+        with open(rescued, "wb") as out:
+            try:
+                with gzip.open(f.path, "rb") as src:
+                    for n, raw in enumerate(src, 1):
+                        if raw.endswith(b"\n"):
+                            out.write(raw)
+                        else:                      # the last line, cut off mid-resource
+                            self.report.malformed_lines.append(
+                                {"file": str(f.path), "line": n, "error": "line cut off: the gzip stream ends inside it"})
+            except (EOFError, OSError, zlib.error) as exc:
+                self.report.malformed_lines.append(
+                    {"file": str(f.path), "line": n + 1, "error": f"gzip stream unreadable from here: {exc}"})
+        return rescued
+
+    def _count_lines(self, f: ExportFile) -> int:
+        try:
+            return self.con.execute(f"SELECT count(*) FROM {_LINES} WHERE trim(line) <> ''",
+                                    [str(f.path)]).fetchone()[0]
+        except Exception:  # noqa: BLE001 - a damaged file of a type not read: counted as far as it goes
+            return 0
+
+    # ---- read back -------------------------------------------------------------------------------
+    def medications(self) -> dict[str, str]:
+        """Medication resources by id, for the records that reference them."""
+        rows = self.con.execute("SELECT json_extract_string(line, '$.id'), line FROM res WHERE rt = 'Medication'")
+        return {mid: line for mid, line in rows.fetchall() if mid}
+
+    def encounters(self) -> list[tuple[str, str | None, str | None]]:
+        return self.con.execute("SELECT pid, start, location FROM enc").fetchall()
+
+    def patient_count(self) -> int:
+        return self.con.execute("SELECT count(DISTINCT pid) FROM res WHERE pid IS NOT NULL "
+                                "AND rt <> 'Medication'").fetchone()[0]
+
+    def patients(self, batch_rows: int = 20_000) -> Iterator[tuple[str, list[str]]]:
+        """(patient id, that patient's resource lines), in patient-id order, streamed in batches."""
+        cur = self.con.execute("SELECT pid, line FROM res WHERE pid IS NOT NULL AND rt <> 'Medication' "
+                               "ORDER BY pid")
+        current, lines = None, []
+        while rows := cur.fetchmany(batch_rows):
+            for pid, text in rows:
+                if pid != current:
+                    if current is not None:
+                        yield current, lines
+                    current, lines = pid, []
+                lines.append(text)
+        if current is not None:
+            yield current, lines
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _malformed_lines(path: Path) -> list[dict]:
+    """The lines of one file that are not JSON resources, with 1-based line numbers in the decompressed text."""
+    out = []
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as src:
+            for n, raw in enumerate(src, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    value = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    out.append({"file": str(path), "line": n, "error": f"not JSON: {exc}"[:300]})
+                    continue
+                if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+                    out.append({"file": str(path), "line": n, "error": "not a FHIR resource (no resourceType)"})
+    except (EOFError, OSError, zlib.error):
+        pass                                   # a damaged stream is reported where it was rescued
+    return out

@@ -1,0 +1,78 @@
+"""One patient of an export through the same engine as `cds-service evaluate`: the function every screening
+engine (local worker processes, Spark executors) calls. A worker loads the catalog once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+import orjson
+
+from ..bundles import request_from_bundle
+from ..catalog import load_catalog
+from ..fhir_client import FhirClient
+from ..services import ServiceRegistry, evaluation_line
+
+
+
+@dataclass
+class Screened:
+    """A patient's findings line (exactly `evaluate --explain`'s) and the worklist facts beside it."""
+    patient: str
+    line: bytes | None            # the findings.ndjson line, None when the evaluation failed
+    error: str | None = None
+    age: int | None = None
+    sex: str | None = None
+
+
+class PatientScreen:
+    """The engine, loaded once per process, and the export's Medications for the records that reference them."""
+
+    def __init__(self, cards_dir: str | None, as_of: date, medications: dict[str, str], catalog=None):
+        self.services = ServiceRegistry(catalog or load_catalog(cards_dir or None), FhirClient())
+        self.as_of = as_of
+        self.medications = medications
+
+    def __call__(self, patient: str, lines: list[str]) -> Screened:
+        try:
+            resources = [orjson.loads(text) for text in lines]
+            wanted = {ref[len("Medication/"):] for r in resources for ref in _medication_refs(r)}
+            resources += [orjson.loads(self.medications[m]) for m in sorted(wanted) if m in self.medications]
+            bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+            line = evaluation_line(self.services, request_from_bundle(bundle), self.as_of, True)
+            person = next((r for r in resources if r.get("resourceType") == "Patient"), {})
+            return Screened(patient, orjson.dumps(line), age=_age(person.get("birthDate"), self.as_of),
+                            sex=person.get("gender") if isinstance(person.get("gender"), str) else None)
+        except Exception as exc:  # noqa: BLE001 - one patient's failure is reported, never the run's end
+            message = getattr(exc, "diagnostics", None) or f"{type(exc).__name__}: {exc}"
+            return Screened(patient, None, error=str(message)[:300])
+
+
+def _medication_refs(resource: dict) -> list[str]:
+    ref = resource.get("medicationReference")
+    if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith("Medication/"):
+        return [ref["reference"]]
+    return []
+
+
+def _age(birth: object, as_of: date) -> int | None:
+    if not isinstance(birth, str) or len(birth) < 4 or not birth[:4].isdigit():
+        return None
+    try:
+        born = date.fromisoformat(birth[:10]) if len(birth) >= 10 else date(int(birth[:4]), 7, 1)
+    except ValueError:
+        return None
+    return as_of.year - born.year - ((as_of.month, as_of.day) < (born.month, born.day))
+
+
+# ---- process-pool plumbing: one PatientScreen per worker process ----------------------------------
+_SCREEN: PatientScreen | None = None
+
+
+def init_worker(cards_dir: str | None, as_of: date, medications: dict[str, str]) -> None:
+    global _SCREEN
+    _SCREEN = PatientScreen(cards_dir, as_of, medications)
+
+
+def screen_batch(batch: list[tuple[str, list[str]]]) -> list[Screened]:
+    assert _SCREEN is not None, "init_worker was not called in this process"
+    return [_SCREEN(patient, lines) for patient, lines in batch]

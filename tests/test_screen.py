@@ -1,0 +1,267 @@
+"""`cds-service screen`: a Bulk Data export screened patient by patient with the engine `evaluate` runs.
+
+The labelled development corpora (../shared/dev-corpus, and its messy/ EHR-style exports) are written as Bulk Data
+exports by tools/bundles_to_bulk.py; every patient's findings line must be exactly what `cds-service evaluate
+--explain` prints for that patient's exported resources, whatever the files' order, split or compression."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from cds_service.screening import screen
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+from bundles_to_bulk import convert  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "dev-corpus"
+AS_OF = date(2026, 6, 30)
+
+
+def _strip_uuids(node):
+    if isinstance(node, dict):
+        return {k: _strip_uuids(v) for k, v in node.items() if k != "uuid"}
+    if isinstance(node, list):
+        return [_strip_uuids(v) for v in node]
+    return node
+
+
+def _lines(path: Path) -> dict[str, dict]:
+    out = {}
+    for raw in path.read_text().splitlines():
+        line = json.loads(raw)
+        out[line["patient"]] = _strip_uuids(line)
+    return out
+
+
+def _export_resources(export: Path) -> list[dict]:
+    resources = []
+    for f in sorted(export.glob("*.ndjson*")):
+        text = gzip.decompress(f.read_bytes()).decode() if f.name.endswith(".gz") else f.read_text()
+        resources += [json.loads(x) for x in text.splitlines() if x.strip()]
+    return resources
+
+
+def _patient_bundles(export: Path, folder: Path, seed: int) -> list[Path]:
+    """One Bundle per patient from the export's own lines (their Medications added), shuffled: what a user hands
+    `evaluate` for one patient of the export."""
+    resources = _export_resources(export)
+    meds = {r["id"]: r for r in resources if r["resourceType"] == "Medication"}
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    for r in resources:
+        if r["resourceType"] == "Patient":
+            by_patient[r["id"]].append(r)
+            continue
+        for key in ("subject", "patient"):
+            ref = (r.get(key) or {}).get("reference", "")
+            if ref.startswith("Patient/"):
+                by_patient[ref[len("Patient/"):]].append(r)
+                mid = (r.get("medicationReference") or {}).get("reference", "")
+                if mid.startswith("Medication/") and mid[11:] in meds and meds[mid[11:]] not in by_patient[ref[8:]]:
+                    by_patient[ref[8:]].append(meds[mid[11:]])
+                break
+    folder.mkdir()
+    paths = []
+    for pid, rs in sorted(by_patient.items()):
+        random.Random(seed).shuffle(rs)
+        p = folder / f"{len(paths):04d}.json"
+        p.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in rs]}))
+        paths.append(p)
+    return paths
+
+
+def _evaluate(paths: list[Path], as_of: date) -> dict[str, dict]:
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--explain", "--as-of", as_of.isoformat(),
+                           *map(str, paths)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = {}
+    for raw in done.stdout.splitlines():
+        line = json.loads(raw)
+        out[line["patient"]] = _strip_uuids(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    if not CORPUS.is_dir():
+        pytest.fail("../shared/dev-corpus is needed beside the project")
+    tmp = tmp_path_factory.mktemp("bulk")
+    dev, messy = tmp / "dev", tmp / "messy"
+    convert(sorted((CORPUS / "data").glob("*.json")), dev, compress=True, files_per_type=2)
+    convert(sorted((CORPUS / "messy" / "data").glob("*.json")), messy)
+    return {"dev": dev, "messy": messy}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["dev", "messy"])
+def test_every_findings_line_is_what_evaluate_prints_for_that_patient(corpora, name, tmp_path):
+    export = corpora[name]
+    summary = screen(export, tmp_path / "out", AS_OF, workers=2)
+    screened = _lines(tmp_path / "out" / "findings.ndjson")
+    expected = _evaluate(_patient_bundles(export, tmp_path / "bundles", seed=7), AS_OF)
+    assert summary["patients"] == len(expected) == len(screened) > 40
+    assert summary["failed_patients"] == [] and summary["malformed_lines"] == []
+    differing = [p for p in expected if screened.get(p) != expected[p]]
+    assert not differing, f"{len(differing)} patients differ, e.g. {differing[:3]}"
+    assert sum(bool(line["cards"]) for line in screened.values()) == sum(summary["cards"].values()) > 0
+
+
+@pytest.mark.integration
+def test_partitioning_order_and_compression_do_not_change_a_line(corpora, tmp_path):
+    """The messy corpus again as one uncompressed file per type, its lines shuffled, screened in one process."""
+    export = tmp_path / "shuffled"
+    export.mkdir()
+    for f in corpora["messy"].glob("*.ndjson"):
+        lines = f.read_text().splitlines()
+        random.Random(3).shuffle(lines)
+        (export / f.name.replace(".000", "")).write_text("\n".join(lines) + "\n")
+    screen(corpora["messy"], tmp_path / "a", AS_OF, workers=1)
+    screen(export, tmp_path / "b", AS_OF, workers=1)
+    assert _lines(tmp_path / "a" / "findings.ndjson") == _lines(tmp_path / "b" / "findings.ndjson")
+
+
+@pytest.mark.integration
+def test_the_worklist_agrees_with_the_labels_as_score_py_does(tmp_path):
+    """Each labelled patient screened on its own as_of: the worklist lists every patient whose card fired, and
+    scored as score.py scores, the screen finds every labelled positive and fires on no negative."""
+    rows = list(csv.DictReader(open(CORPUS / "messy" / "labels.csv", newline="", encoding="utf-8")))
+    by_date = defaultdict(list)
+    for r in rows:
+        by_date[r["as_of"]].append(r)
+    tp = fn = tn = fp = 0
+    for as_of, group in sorted(by_date.items()):
+        export, out = tmp_path / f"e{as_of}", tmp_path / f"o{as_of}"
+        convert([CORPUS / "messy" / r["file"] for r in group], export)
+        screen(export, out, date.fromisoformat(as_of), workers=1)
+        lines = _lines(out / "findings.ndjson")
+        listed = {w["patient"]: w for w in csv.DictReader(open(out / "worklist.csv", newline=""))}
+        for r in group:
+            line = lines[r["patient_id"]]
+            fired = bool(line["cards"])
+            assert (r["patient_id"] in listed and listed[r["patient_id"]]["indicator"] != "") == fired
+            got = {f["cause"] for f in line["findings"]}
+            want = {c for c in r["causes"].split(";") if c and c != "other"}
+            if r["should_alert"] == "yes":
+                ok = fired or bool(want & got)
+                tp, fn = tp + ok, fn + (not ok)
+            elif r["should_alert"] == "no":
+                tn, fp = tn + (not fired), fp + fired
+    assert (tp, fn, tn, fp) == (30, 0, 10, 0)
+
+
+def _write(folder: Path, name: str, lines: list[str], gz: bool = False) -> None:
+    data = ("\n".join(lines) + "\n").encode()
+    (folder / name).write_bytes(gzip.compress(data) if gz else data)
+
+
+def _patient(pid: str, birth: str = "1950-01-01", sex: str = "female") -> str:
+    return json.dumps({"resourceType": "Patient", "id": pid, "birthDate": birth, "gender": sex})
+
+
+def _condition(cid: str, pid: str | None, code: str = "M05.79", display: str = "Rheumatoid arthritis") -> str:
+    res = {"resourceType": "Condition", "id": cid, "clinicalStatus": {"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code, "display": display}]},
+        "onsetDateTime": "2020-01-01"}
+    if pid:
+        res["subject"] = {"reference": f"Patient/{pid}"}
+    return json.dumps(res)
+
+
+def test_bad_input_is_counted_with_file_and_line_and_never_stops_the_run(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export, "Patient.000.ndjson", [_patient("p1"), "{not json", "", _patient("p2"), "[1, 2]"])
+    _write(export, "Condition.000.ndjson.gz", [_condition("c1", "p1"), _condition("c2", None)], gz=True)
+    whole = gzip.compress(("\n".join(_condition(f"t{i}", "p2") for i in range(200)) + "\n").encode())
+    (export / "Condition.001.ndjson.gz").write_bytes(whole[: len(whole) * 2 // 3])         # a truncated download
+    _write(export, "Condition.002.ndjson", [_condition("g1", "ghost")])                    # a patient not exported
+    _write(export, "Claim.000.ndjson", ['{"resourceType": "Claim", "id": "x"}'] * 3)       # a type not read
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "screen", str(export), "--out", str(out),
+                           "--as-of", "2026-06-30", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr and "Traceback" not in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    bad = {(Path(m["file"]).name, m["line"]) for m in summary["malformed_lines"]}
+    assert ("Patient.000.ndjson", 2) in bad and ("Patient.000.ndjson", 5) in bad
+    assert any(name == "Condition.001.ndjson.gz" for name, _ in bad)                          # the truncation
+    assert summary["resources_without_patient"] == {"Condition": 1}
+    assert summary["skipped_types"] == {"Claim": 3}
+    assert [f["patient"] for f in summary["failed_patients"]] == ["ghost"]                  # no Patient resource
+    assert summary["patients"] == 3
+    lines = _lines(out / "findings.ndjson")
+    assert set(lines) == {"p1", "p2"} and any(f["cause"] == "rheumatoid_arthritis" for f in lines["p1"]["findings"])
+    report = (out / "report.html").read_text()
+    assert "Condition.001.ndjson.gz" in report and "ghost" in report
+
+
+def test_an_unusable_export_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for export in (tmp_path / "empty", tmp_path / "missing"):
+        done = subprocess.run([sys.executable, "-m", "cds_service.cli", "screen", str(export), "--out",
+                               str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert len([x for x in done.stderr.splitlines() if not x.startswith("{")]) == 1, done.stderr
+
+
+def test_a_manifest_with_relative_and_file_urls(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export, "a.ndjson", [_patient("p1")])
+    _write(export, "b.ndjson", [_condition("c1", "p1")])
+    manifest = {"output": [{"type": "Patient", "url": "a.ndjson"},
+                           {"type": "Condition", "url": (export / "b.ndjson").as_uri()}]}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    summary = screen(export / "manifest.json", tmp_path / "out", AS_OF)
+    assert summary["patients"] == 1 and summary["resources"] == 2
+
+
+def test_outputs_worklist_parquet_and_a_self_contained_report(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export, "Patient.ndjson", [_patient("p1", "1948-03-02"), _patient("p2", "1990-01-01", "male")])
+    _write(export, "Condition.ndjson", [_condition("c1", "p1"),
+                                        _condition("f1", "p1", "S72.001A", "Fracture of unspecified part of neck of right femur")])
+    _write(export, "Encounter.ndjson", [json.dumps({"resourceType": "Encounter", "id": f"e{i}", "subject": {
+        "reference": f"Patient/p{1 + i % 2}"}, "period": {"start": f"2026-0{1 + i % 5}-1{i % 9}"},
+        "serviceProvider": {"display": "Bone clinic" if i % 2 else "Primary care"}}) for i in range(8)])
+    out = tmp_path / "out"
+    summary = screen(export, out, AS_OF)
+    rows = list(csv.DictReader(open(out / "worklist.csv", newline="")))
+    assert [r["patient"] for r in rows] == ["p1"]
+    row = rows[0]
+    assert row["priority"] == "2" and row["age"] == "78" and row["treatment_gap"] == "True"
+    assert row["next_step"].startswith("Start osteoporosis treatment") and "rheumatoid_arthritis" in row["causes"]
+    parquet = duckdb.sql(f"SELECT patient, age FROM '{out / 'worklist.parquet'}'").fetchall()
+    assert parquet == [("p1", 78)]
+    burden = summary["alert_burden"]
+    assert burden["chart_openings"] == 8 and burden["cards_per_1000_openings"] == 500.0
+    report = (out / "report.html").read_text()
+    assert "<svg" in report and "Alert burden" in report
+    assert "<script" not in report and "src=" not in report and "http" not in report.split("</style>")[0]
+
+
+def test_an_interrupted_run_leaves_no_output_that_looks_complete(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export, "Patient.ndjson", [_patient(f"p{i}") for i in range(40)])
+
+    def interrupt(done, total, elapsed):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        screen(export, tmp_path / "out", AS_OF, progress=interrupt)
+    assert list((tmp_path / "out").iterdir()) == []
