@@ -67,11 +67,14 @@ class ExportGroups:
                 self.report.skipped_types[f.type] += self._count_lines(f)
                 continue
             self.report.filtered_bytes += f.path.stat().st_size
-            source = self._readable(f)
-            self.con.execute(
-                f"INSERT INTO res SELECT ?, rt, {_PATIENT}, line FROM (SELECT line, CASE WHEN json_valid(line) THEN "
-                f"json_extract_string(line, '$.resourceType') END AS rt FROM {_LINES} WHERE trim(line) <> '')",
-                [str(f.path), str(source)])
+            try:
+                self._insert(f.path, f.path)
+            except Exception:  # noqa: BLE001 - duckdb: a damaged .gz, an oversize line; the statement rolled back
+                try:
+                    self._insert(f.path, self._rescue(f))
+                except Exception as exc:  # noqa: BLE001 - what even the rescue cannot read: reported, never fatal
+                    self.report.malformed_lines.append(
+                        {"file": str(f.path), "line": 1, "error": f"file unreadable: {str(exc)[:200]}"})
         self.con.execute("INSERT INTO bad SELECT file, count(*) FROM res WHERE rt IS NULL GROUP BY file")
         for file, _n in self.con.execute("SELECT file, n FROM bad ORDER BY file").fetchall():
             self.report.malformed_lines += _malformed_lines(Path(file))
@@ -88,26 +91,31 @@ class ExportGroups:
         self.report.resources = self.con.execute("SELECT count(*) FROM res WHERE rt <> 'Medication'").fetchone()[0]
         return self.report
 
-    def _readable(self, f: ExportFile) -> Path:
-        """The file itself, or for a truncated or corrupt .gz the lines before the damage (the damage reported)."""
-        if not f.compressed:
-            return f.path
-        try:
-            self.con.execute(f"SELECT count(*) FROM {_LINES}", [str(f.path)]).fetchone()
-            return f.path
-        except Exception:  # noqa: BLE001 - duckdb raises IOException/InvalidInputException for a damaged stream
-            pass
+    def _insert(self, name: Path, source: Path) -> None:
+        self.con.execute(
+            f"INSERT INTO res SELECT ?, rt, {_PATIENT}, line FROM (SELECT line, CASE WHEN json_valid(line) THEN "
+            f"json_extract_string(line, '$.resourceType') END AS rt FROM {_LINES} WHERE trim(line) <> '')",
+            [str(name), str(source)])
+
+    def _rescue(self, f: ExportFile) -> Path:
+        """For a truncated or corrupt .gz, the lines before the damage (the damage reported with its line)."""
         rescued = self.workdir / f"rescued-{len(os.listdir(self.workdir))}.ndjson"
         n = 0
         with open(rescued, "wb") as out:
             try:
-                with gzip.open(f.path, "rb") as src:
+                with (gzip.open if f.compressed else open)(f.path, "rb") as src:
                     for n, raw in enumerate(src, 1):
-                        if raw.endswith(b"\n"):
+                        if len(raw) > MAX_LINE_BYTES:
+                            self.report.malformed_lines.append(
+                                {"file": str(f.path), "line": n, "error": f"line over {MAX_LINE_BYTES:,} bytes"})
+                            out.write(b"\n")                 # keeps the line count; an empty line is skipped
+                        elif raw.endswith(b"\n"):
                             out.write(raw)
-                        else:                      # the last line, cut off mid-resource
+                        elif f.compressed:                   # the last line, cut off mid-resource
                             self.report.malformed_lines.append(
                                 {"file": str(f.path), "line": n, "error": "line cut off: the gzip stream ends inside it"})
+                        else:
+                            out.write(raw + b"\n")
             except (EOFError, OSError, zlib.error) as exc:
                 self.report.malformed_lines.append(
                     {"file": str(f.path), "line": n + 1, "error": f"gzip stream unreadable from here: {exc}"})
