@@ -164,8 +164,6 @@ def _screen(args: argparse.Namespace) -> int:
     workers = args.workers or len(os.sched_getaffinity(0))
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, not {workers}")
-    if args.engine != "local":
-        raise ValueError(f"--engine {args.engine} is not available")
     try:
         summary = screen(args.export, args.out, as_of, workers, settings.cards_dir or None, progress_bar())
     except KeyboardInterrupt:

@@ -15,13 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, _wait_http, free_port
 
 DOCS = [ROOT / "README.md", ROOT / "cards" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHARED = ROOT.parent / "shared"
@@ -140,23 +138,10 @@ def demo_server(tmp_path_factory):
                             env=_env(CDS_AUTH="off", CDS_CORS_ORIGINS="*",
                                      CDS_DATA_DIR=str(tmp_path_factory.mktemp("data"))),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait(f"http://127.0.0.1:{port}/healthz", proc)
+    _wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=30)
     yield port
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=20)
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited ({proc.returncode})"
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"no answer from {url}")
 
 
 @pytest.mark.integration
@@ -192,8 +177,8 @@ def test_server_examples_start(block, tmp_path, postgres):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         for port in serving:
-            _wait(f"http://127.0.0.1:{port}/readyz", proc)
-    except AssertionError:
+            _wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=30)
+    except RuntimeError:
         os.killpg(proc.pid, signal.SIGTERM)
         raise AssertionError(proc.communicate(timeout=20)[1][-2000:]) from None
     os.killpg(proc.pid, signal.SIGTERM)

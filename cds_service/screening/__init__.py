@@ -67,9 +67,9 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
                         tally.failed.append({"patient": r.patient, "error": r.error})
                         continue
                     findings.write(r.line + b"\n")
-                    row = tally.add(orjson.loads(r.line), r.age, r.sex)
-                    if row is not None:
-                        rows.append(row)
+                    tally.add(r.facts)
+                    if r.facts.row is not None:
+                        rows.append(r.facts.row)
                 if progress:
                     progress(done, total, time.perf_counter() - started)
 

@@ -49,19 +49,46 @@ def next_step(line: dict) -> str:
     return next((x for x in labels if "DXA" in x), labels[0] if labels else "")
 
 
+def indicator_of(line: dict) -> str:
+    """The loudest card's indicator: "warning", "info", or "" when there is no card."""
+    cards = line["cards"]
+    return "warning" if any(c.get("indicator") == "warning" for c in cards) else "info" if cards else ""
+
+
 def worklist_row(line: dict, age: int | None, sex: str | None) -> dict | None:
     """The patient's worklist row, or None when there is neither a card nor a treatment gap."""
     ctx = line["context"]
     if not line["cards"] and not ctx["treatment_gap"]:
         return None
-    indicator = ("warning" if any(c.get("indicator") == "warning" for c in line["cards"])
-                 else "info" if line["cards"] else "")
     t = ctx.get("latest_t_score")
     return {"priority": priority(line), "patient": line["patient"], "age": age, "sex": sex or "",
-            "indicator": indicator, "summary": line["cards"][0]["summary"] if line["cards"] else "",
+            "indicator": indicator_of(line), "summary": line["cards"][0]["summary"] if line["cards"] else "",
             "causes": "; ".join(f["cause"] for f in line["findings"] if f["role"] == "fires"),
             "treatment_gap": bool(ctx["treatment_gap"]), "kidney_caution": bool(ctx["kidney_caution"]),
             "last_dxa": t["date"] if t else "", "next_step": next_step(line)}
+
+
+@dataclass
+class PatientFacts:
+    """What the tallies need from one findings line. Made where the line is made (the worker), so the parent
+    writes the line as it comes and never parses it back."""
+    patient: str
+    indicator: str                    # of the loudest card; "" without a card
+    found: list[str]                  # causes found, any role
+    firing: list[str]                 # causes that fire the card
+    gaps: list[str]                   # treatment gap and therapy alert kinds, in words
+    row: dict | None                  # the worklist row
+    age: int | None
+    sex: str | None
+
+
+def patient_facts(line: dict, age: int | None, sex: str | None) -> PatientFacts:
+    ctx = line["context"]
+    gaps = (["untreated fracture" if ctx["fractures"] else "untreated osteoporosis"] if ctx["treatment_gap"] else []) \
+        + [a["kind"].replace("_", " ") for a in ctx["alerts"]]
+    return PatientFacts(line["patient"], indicator_of(line), [f["cause"] for f in line["findings"]],
+                        [f["cause"] for f in line["findings"] if f["role"] == "fires"], gaps,
+                        worklist_row(line, age, sex), age, sex)
 
 
 def write_worklist_csv(rows: list[dict], path) -> None:
@@ -85,27 +112,17 @@ class Tally:
     failed: list[dict] = field(default_factory=list)
     flagged: dict[str, tuple[str, list[str]]] = field(default_factory=dict)   # patient -> (indicator, causes firing)
 
-    def add(self, line: dict, age: int | None, sex: str | None) -> dict | None:
+    def add(self, facts: PatientFacts) -> None:
         self.patients += 1
-        for f in line["findings"]:
-            self.causes_found[f["cause"]] += 1
-        row = worklist_row(line, age, sex)
-        if line["cards"]:
-            indicator = "warning" if any(c.get("indicator") == "warning" for c in line["cards"]) else "info"
-            self.cards[indicator] += 1
-            firing = [f["cause"] for f in line["findings"] if f["role"] == "fires"]
-            for cause in firing:
-                self.causes_firing[cause] += 1
-            self.flagged[line["patient"]] = (indicator, firing)
-        ctx = line["context"]
-        if ctx["treatment_gap"]:
-            self.treatment_gaps["untreated fracture" if ctx["fractures"] else "untreated osteoporosis"] += 1
-        for a in ctx["alerts"]:
-            self.treatment_gaps[a["kind"].replace("_", " ")] += 1
-        if row is not None:
-            self.flagged_age[_band(age)] += 1
-            self.flagged_sex[sex or "unknown"] += 1
-        return row
+        self.causes_found.update(facts.found)
+        if facts.indicator:
+            self.cards[facts.indicator] += 1
+            self.causes_firing.update(facts.firing)
+            self.flagged[facts.patient] = (facts.indicator, facts.firing)
+        self.treatment_gaps.update(facts.gaps)
+        if facts.row is not None:
+            self.flagged_age[_band(facts.age)] += 1
+            self.flagged_sex[facts.sex or "unknown"] += 1
 
 
 def _band(age: int | None) -> str:

@@ -11,17 +11,17 @@ from ..bundles import request_from_bundle
 from ..catalog import load_catalog
 from ..fhir_client import FhirClient
 from ..services import ServiceRegistry, evaluation_line
+from .outputs import PatientFacts, patient_facts
 
 
 
 @dataclass
 class Screened:
-    """A patient's findings line (exactly `evaluate --explain`'s) and the worklist facts beside it."""
+    """A patient's findings line (exactly `evaluate --explain`'s) and the facts the tallies take from it."""
     patient: str
     line: bytes | None            # the findings.ndjson line, None when the evaluation failed
+    facts: PatientFacts | None = None
     error: str | None = None
-    age: int | None = None
-    sex: str | None = None
 
 
 class PatientScreen:
@@ -40,8 +40,9 @@ class PatientScreen:
             bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
             line = evaluation_line(self.services, request_from_bundle(bundle), self.as_of, True)
             person = next((r for r in resources if r.get("resourceType") == "Patient"), {})
-            return Screened(patient, orjson.dumps(line), age=_age(person.get("birthDate"), self.as_of),
-                            sex=person.get("gender") if isinstance(person.get("gender"), str) else None)
+            sex = person.get("gender") if isinstance(person.get("gender"), str) else None
+            return Screened(patient, orjson.dumps(line),
+                            patient_facts(line, _age(person.get("birthDate"), self.as_of), sex))
         except Exception as exc:  # noqa: BLE001 - one patient's failure is reported, never the run's end
             message = getattr(exc, "diagnostics", None) or f"{type(exc).__name__}: {exc}"
             return Screened(patient, None, error=str(message)[:300])
