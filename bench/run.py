@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from synthetic import AS_OF, order_sign_request, patient_request, resource_count  # noqa: E402
 
-from cds_service.catalog import load_catalog  # noqa: E402
-from cds_service.fhir_client import FhirClient  # noqa: E402
-from cds_service.record import warm_models  # noqa: E402
+from cds_service.knowledge.catalog import load_catalog  # noqa: E402
+from cds_service.fhir.fhir_client import FhirClient  # noqa: E402
+from cds_service.fhir.record import warm_models  # noqa: E402
 from cds_service.services import CdsService, ServiceRegistry  # noqa: E402
 
 SERVICE = "/cds-services/secondary-osteoporosis"

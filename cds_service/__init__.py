@@ -19,7 +19,7 @@ def service_secrets(settings: Settings, store) -> list[str]:
 
 def snooze_book(settings: Settings, store, secrets: list[str], behind=None):
     """The snooze book (on by default), keyed with the service secrets."""
-    from .snooze import SnoozeBook
+    from .storage.snooze import SnoozeBook
     if settings.snooze != "on":
         return None
     return SnoozeBook(store, secrets, settings.snooze_days, behind=behind)
@@ -27,13 +27,14 @@ def snooze_book(settings: Settings, store, secrets: list[str], behind=None):
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory: build the catalog, engine, FHIR client and feedback store once."""
-    from . import api, logs
-    from .catalog import load_catalog
-    from .behind import BehindTheResponse
-    from .card_ids import CardIds
-    from .feedback import GuardedStore, open_store
-    from .fhir_client import FhirClient
-    from .record import warm_models
+    from .web import api
+    from . import logs
+    from .knowledge.catalog import load_catalog
+    from .storage.behind import BehindTheResponse
+    from .storage.card_ids import CardIds
+    from .storage.feedback import GuardedStore, open_store
+    from .fhir.fhir_client import FhirClient
+    from .fhir.record import warm_models
     from .services import ServiceRegistry
 
     settings = settings or Settings.from_env()
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     secrets = service_secrets(settings, store)                             # read from the store once, if kept there
     authenticator = None
     if settings.auth_required:
-        from .auth import ClientAuthenticator, JtiStore, SharedJtiStore, parse_trusted_issuers
+        from .web.auth import ClientAuthenticator, JtiStore, SharedJtiStore, parse_trusted_issuers
         issuers = parse_trusted_issuers(settings.trusted_issuers)
         if not issuers:
             raise ValueError("Client authentication is required but CDS_TRUSTED_ISSUERS is empty "

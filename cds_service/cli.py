@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gunicorn.app.base import BaseApplication
 
-    from .http_server import log_config
+    from .web.http_server import log_config
     from prometheus_client import multiprocess
 
     from . import create_app
@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", max(1, settings.workers))
             self.cfg.set("threads", max(1, settings.threads))
-            self.cfg.set("worker_class", "cds_service.http_server.JsonErrorWorker")   # gthread, JSON error answers
+            self.cfg.set("worker_class", "cds_service.web.http_server.JsonErrorWorker")   # gthread, JSON error answers
             self.cfg.set("preload_app", True)          # load and validate the catalog once, before forking
             self.cfg.set("timeout", 60)
             # workers recycled now and then, at staggered times: a burst's memory is given back, never all at once
@@ -89,10 +89,10 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .bundles import request_from_bundle
-    from .catalog import load_catalog
+    from .fhir.bundles import request_from_bundle
+    from .knowledge.catalog import load_catalog
     from .errors import ServiceError, operation_outcome
-    from .fhir_client import FhirClient
+    from .fhir.fhir_client import FhirClient
     from .services import ServiceRegistry, evaluation_line
 
     settings = Settings.from_env()
@@ -101,8 +101,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                settings.fhir_page_size)
     book = None
     if settings.snooze_secret_list:               # the service's own store: --explain says when a card is snoozed
-        from .feedback import open_store
-        from .snooze import SnoozeBook
+        from .storage.feedback import open_store
+        from .storage.snooze import SnoozeBook
         book = SnoozeBook(open_store(settings.resolved_database_url), settings.snooze_secret_list, settings.snooze_days)
 
     def snoozed(body: dict, result) -> bool:
@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> int:
     """The patient-view request an EHR would send for a patient Bundle: what to POST with curl or a test client."""
-    from .bundles import request_from_bundle
+    from .fhir.bundles import request_from_bundle
     from .errors import ServiceError
 
     name = args.bundle
@@ -185,7 +185,7 @@ def _screen(args: argparse.Namespace) -> int:
 
 def _check_catalog(args: argparse.Namespace) -> int:
     """For a content reviewer's CI: exit 0 and a summary, or every problem and exit 2."""
-    from .catalog import DEFAULT_CARDS_DIR, load_catalog
+    from .knowledge.catalog import DEFAULT_CARDS_DIR, load_catalog
 
     folder = args.directory or Settings.from_env().cards_dir or str(DEFAULT_CARDS_DIR)
     catalog = load_catalog(folder)
@@ -204,7 +204,7 @@ def _as_of(args: argparse.Namespace, settings: Settings) -> date:
 
 def _input_files(names: list[str]) -> list[str]:
     """Files as named; a folder stands for every *.json in it, in name order; "-" is standard input."""
-    from .survey import bundle_files
+    from .clinical.survey import bundle_files
 
     out: list[str] = []
     for name in names:
@@ -213,8 +213,8 @@ def _input_files(names: list[str]) -> list[str]:
 
 
 def _codes(args: argparse.Namespace) -> int:
-    from .catalog import load_catalog
-    from .survey import run
+    from .knowledge.catalog import load_catalog
+    from .clinical.survey import run
 
     settings = Settings.from_env()
     as_of = _as_of(args, settings)
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")
     check.set_defaults(func=_check_catalog)
     args = parser.parse_args(argv)
-    from .catalog import CatalogError
+    from .knowledge.catalog import CatalogError
     try:
         return args.func(args)
     except BrokenPipeError:                       # `cds-service codes ... | head`: the reader has what it wanted

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from cds_service import create_app
-from cds_service.bundles import bundle_resources, request_from_bundle
-from cds_service.catalog import load_catalog
+from cds_service.fhir.bundles import bundle_resources, request_from_bundle
+from cds_service.knowledge.catalog import load_catalog
 from cds_service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +51,14 @@ def catalog():
 @pytest.fixture(scope="module")
 def registry(catalog):
     """The hook services, called in-process (no HTTP, no store)."""
-    from cds_service.fhir_client import FhirClient
+    from cds_service.fhir.fhir_client import FhirClient
     from cds_service.services import ServiceRegistry
     return ServiceRegistry(catalog, FhirClient())
 
 
 def view(registry, bundle: dict):
     """(card or None, assessment) at chart open for a patient's Bundle."""
-    from cds_service.bundles import request_from_bundle
+    from cds_service.fhir.bundles import request_from_bundle
     result = registry.get("secondary-osteoporosis").invoke(request_from_bundle(bundle), AS_OF)
     cards = result.response["cards"]
     return (cards[0] if cards else None), result.assessment

@@ -230,7 +230,8 @@ def test_feedback_is_taken_for_a_card_an_invocation_issued_and_not_after_the_win
 def test_notes_of_cards_older_than_the_feedback_window_are_dropped(tmp_path, monkeypatch, snooze):
     """With snooze off or on. Pruning and the snooze notes are written behind the response; with snooze off a card
     writes nothing at all (its uuid proves its issue)."""
-    from cds_service import api, create_app
+    from cds_service import create_app
+    from cds_service.web import api
     from cds_service.config import Settings
     monkeypatch.setattr(api, "PRUNE_EVERY", 1)
     app = create_app(Settings(auth="off", cors_origins="*", data_dir=str(tmp_path), as_of=AS_OF.isoformat(), log_level="WARNING",

@@ -335,6 +335,6 @@ def test_pinned_keys_inline_or_from_a_url_of_the_deployments_choosing(tmp_path, 
     ({"jwks": {"keys": []}, "other": 1}, "must be"),
 ])
 def test_a_pinned_issuer_that_cannot_be_used_refuses_to_start(tmp_path, value, message):
-    from cds_service.auth import parse_trusted_issuers
+    from cds_service.web.auth import parse_trusted_issuers
     with pytest.raises(ValueError, match=message):
         parse_trusted_issuers(json.dumps({ISS: value}))

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cds_service import create_app
-from cds_service.card_ids import CardIds
+from cds_service.storage.card_ids import CardIds
 from cds_service.config import Settings
 
 from .conftest import AS_OF, SERVICE_URL, fixture_request
@@ -139,7 +139,7 @@ def test_a_card_issued_to_one_client_is_not_another_clients_to_act_on():
 
 
 def test_snooze_keys_are_bound_to_the_client_and_the_fhir_server():
-    from cds_service.snooze import SnoozeBook
+    from cds_service.storage.snooze import SnoozeBook
     book = SnoozeBook(store=None, secrets=[SECRET], days=182)
     keys = {book.patient_keys(server, "p-1", client)[0]
             for client in ("", "https://ehr-a.example.org", "https://ehr-b.example.org")

@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from cds_service.bundles import request_from_bundle
-from cds_service.fhir_client import FhirClient
+from cds_service.fhir.bundles import request_from_bundle
+from cds_service.fhir.fhir_client import FhirClient
 from cds_service.services import SecondaryOsteoporosis, Toolkit
 
 from .conftest import AS_OF, LABELS, ROOT, load_fixture, walk_empty
@@ -31,7 +31,7 @@ def service(catalog):
 @pytest.fixture(scope="module")
 def standard():
     """The standard firing policy (every cause with policy.fires_alone fires): a site may choose it."""
-    from cds_service.catalog import load_catalog
+    from cds_service.knowledge.catalog import load_catalog
     cat = load_catalog()
     cat.settings["firing_policy"] = "standard"
     return SecondaryOsteoporosis(Toolkit(cat, FhirClient()))
@@ -97,7 +97,7 @@ def test_the_card_is_info_unless_the_quiet_indicator_policy_names_a_warning(serv
 
 
 def test_the_standard_indicator_policy_warns_for_any_strong_cause():
-    from cds_service.catalog import load_catalog
+    from cds_service.knowledge.catalog import load_catalog
     cat = load_catalog()
     cat.settings["indicator_policy"] = "standard"
     cat.settings["firing_policy"] = "standard"          # (the quiet firing policy implies the quiet indicator)
@@ -234,7 +234,7 @@ def test_chart_text_shows_as_recorded_and_never_becomes_a_link(text):
     import cmarkgfm
     from markdown_it import MarkdownIt
 
-    from cds_service.cards import md
+    from cds_service.rendering.cards import md
     for render in (cmarkgfm.github_flavored_markdown_to_html,
                    MarkdownIt("commonmark", {"linkify": True}).enable(["linkify", "strikethrough", "table"]).render):
         shown, tags = _shown(render(md(text)))
@@ -243,7 +243,7 @@ def test_chart_text_shows_as_recorded_and_never_becomes_a_link(text):
 
 
 def test_a_very_long_word_is_broken_and_invisible_controls_removed():
-    from cds_service.cards import LONGEST_WORD, md
+    from cds_service.rendering.cards import LONGEST_WORD, md
     out = md("x" * 20_000 + " \u202eevil")
     assert max(len(w) for w in out.split(" ")) <= LONGEST_WORD and "\u202e" not in out
 
@@ -453,7 +453,7 @@ def test_repeated_records_are_one_line(service):
 # ---- the quiet firing policy (scope.firing_policy: quiet) --------------------------------------
 @pytest.fixture(scope="module")
 def quiet():
-    from cds_service.catalog import load_catalog
+    from cds_service.knowledge.catalog import load_catalog
     cat = load_catalog()
     cat.settings["firing_policy"] = "quiet"
     return SecondaryOsteoporosis(Toolkit(cat, FhirClient()))

@@ -9,7 +9,7 @@ import pytest
 import simple_icd_10_cm as icd10cm
 import yaml
 
-from cds_service.catalog import CatalogError, load_catalog
+from cds_service.knowledge.catalog import CatalogError, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "cause-catalog-reference.yaml"
@@ -97,7 +97,7 @@ def _catalog_codes(cards: Path):
     for key, group in detection["index_conditions"].items():
         for e in group:
             add(e, f"index_conditions.{key}")
-    from cds_service.codesets import SECTIONS
+    from cds_service.knowledge.codesets import SECTIONS
     for key in SECTIONS:
         for e in detection.get(key, {}).get("codes", []):
             add(e, key)

@@ -6,8 +6,8 @@ from datetime import date, timedelta
 
 import pytest
 
-from cds_service.bundles import request_from_bundle
-from cds_service.fhir_client import FhirClient
+from cds_service.fhir.bundles import request_from_bundle
+from cds_service.fhir.fhir_client import FhirClient
 from cds_service.services import SecondaryOsteoporosis, Toolkit, explain
 
 from .conftest import AS_OF, LABELS, ROOT, load_fixture
@@ -354,7 +354,7 @@ def test_a_resource_under_two_prefetch_keys_counts_once(service):
 
 # ---- validation of what drives a finding --------------------------------------------------------
 def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
-    from cds_service import record as record_mod
+    from cds_service.fhir import record as record_mod
     calls = []
     real = record_mod._model
 
@@ -383,7 +383,7 @@ def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
 
 
 def test_invalid_resources_are_never_remembered_as_valid():
-    from cds_service.record import ValidatedResources
+    from cds_service.fhir.record import ValidatedResources
     known = ValidatedResources(capacity=2)
     bad = {"resourceType": "Condition", "id": "x", "subject": {"reference": "Patient/p"}, "onsetDateTime": "not a date"}
     assert not known.is_valid(bad) and not known.is_valid(bad) and len(known) == 0
@@ -401,8 +401,8 @@ def _findings_view(result) -> list:
 def test_leaving_out_old_results_changes_no_finding_or_card(catalog):
     """Every fixture and synthetic ten-year charts, evaluated at several dates: the same findings,
     evidence and card text with the read windows as when every result is kept."""
-    from cds_service.engine import observation_windows
-    from cds_service.record import RecordBuilder
+    from cds_service.clinical.engine import observation_windows
+    from cds_service.fhir.record import RecordBuilder
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic import patient_request
     windowed = SecondaryOsteoporosis(Toolkit(catalog, FhirClient()))
@@ -443,7 +443,7 @@ def test_bmi_from_a_recent_weight_and_a_height_measured_years_ago(service):
 
 
 def test_read_windows_cover_every_code_the_rules_read(catalog):
-    from cds_service.engine import observation_windows
+    from cds_service.clinical.engine import observation_windows
     windows = observation_windows(catalog)
     for rule in catalog.observation_rules.values():
         for key in ("loinc", "calcium_loinc", "pth_loinc", "albumin_loinc", "weight_loinc", "height_loinc",

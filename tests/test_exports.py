@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cds_service.services import explain
-from cds_service.survey import BY_TEXT, COMPUTED, SUSPECTED, run as survey
+from cds_service.clinical.survey import BY_TEXT, COMPUTED, SUSPECTED, run as survey
 
 from .conftest import AS_OF, ROOT
 from .conftest import view as view_bundle

@@ -11,7 +11,7 @@ import pytest
 
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.feedback import open_store
+from cds_service.storage.feedback import open_store
 
 from .conftest import AS_OF, ROOT, SERVICE_URL, issue_cards
 
@@ -52,7 +52,7 @@ def test_concurrent_threads_lose_nothing_and_duplicates_are_idempotent(store_url
 
 WRITER = """
 import sys
-from cds_service.feedback import open_store
+from cds_service.storage.feedback import open_store
 store = open_store(sys.argv[1])
 tag, n = sys.argv[2], int(sys.argv[3])
 for i in range(n):

@@ -370,12 +370,12 @@ def test_userinfo_trick_never_reaches_the_server_behind_the_at_sign(tmp_path, fa
     ("ftp://ehr.example.org/fhir", False),
 ])
 def test_allowlist_compares_scheme_host_port_and_path(server, allowed):
-    from cds_service.allowlist import ServerAllowlist
+    from cds_service.fhir.allowlist import ServerAllowlist
     assert ServerAllowlist(("https://ehr.example.org/fhir",)).allows(server) is allowed
 
 
 def test_allowlist_handles_ipv6_and_idna():
-    from cds_service.allowlist import ServerAllowlist
+    from cds_service.fhir.allowlist import ServerAllowlist
     assert ServerAllowlist(("http://[::1]:8080/fhir",)).allows("http://[::1]:8080/fhir/Patient")
     assert not ServerAllowlist(("http://[::1]:8080/fhir",)).allows("http://[::2]:8080/fhir")
     assert ServerAllowlist(("https://bücher.example/fhir",)).allows("https://xn--bcher-kva.example/fhir")

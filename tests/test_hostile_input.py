@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cds_service import record as R
-from cds_service.bundles import request_from_bundle
+from cds_service.fhir import record as R
+from cds_service.fhir.bundles import request_from_bundle
 
 from .conftest import AS_OF, ROOT
 
@@ -118,7 +118,7 @@ def test_an_out_of_range_value_is_not_read_and_never_a_500(client, changes):
 
 
 def test_an_implausible_dose_is_said_not_read():
-    from cds_service.catalog import load_catalog
+    from cds_service.knowledge.catalog import load_catalog
     p = Patient("dose-implausible", age=66)
     _order(p, dose=1e300)
     req = request_from_bundle(p.bundle())

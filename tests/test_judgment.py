@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from cds_service.bundles import request_from_bundle
+from cds_service.fhir.bundles import request_from_bundle
 
 from .conftest import AS_OF, ROOT
 from .conftest import view as view_bundle

@@ -98,7 +98,7 @@ def test_acknowledged_feedback_survives_a_killed_server(tmp_path):
     try:
         entries = [dict(ACCEPTED, card=f"card-{i}") for i in range(20)]
         from datetime import datetime, timezone
-        from cds_service.feedback import SQLiteFeedbackStore
+        from cds_service.storage.feedback import SQLiteFeedbackStore
         issued = SQLiteFeedbackStore(tmp_path / "srv" / "feedback.sqlite3")      # the server's own store
         for e in entries:                                                          # as if it had issued them
             issued.record_issued(e["card"], "", "[]", datetime.now(timezone.utc).isoformat())
@@ -109,7 +109,7 @@ def test_acknowledged_feedback_survives_a_killed_server(tmp_path):
         server.kill(signal.SIGKILL)              # no graceful shutdown: master and workers die at once
     restarted = LiveServer(tmp_path / "srv").start()
     try:
-        from cds_service.feedback import SQLiteFeedbackStore
+        from cds_service.storage.feedback import SQLiteFeedbackStore
         store = SQLiteFeedbackStore(tmp_path / "srv" / "feedback.sqlite3")
         assert store.count() == 20
         r = requests.post(restarted.base + SERVICE_URL + "/feedback", json={"feedback": entries[:5]}, timeout=5)

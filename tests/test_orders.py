@@ -12,9 +12,9 @@ from datetime import date
 import pytest
 import requests
 
-from cds_service.catalog import RXNORM, load_catalog
-from cds_service.orders import regimen_text
-from cds_service.record import MedicationExposure
+from cds_service.knowledge.catalog import RXNORM, load_catalog
+from cds_service.clinical.orders import regimen_text
+from cds_service.fhir.record import MedicationExposure
 
 from .conftest import ROOT, LiveServer, walk_empty
 

@@ -35,7 +35,7 @@ def test_compose_services_ports_and_env_match_the_config():
     assert "fhir" in cds["depends_on"]
     settings = Settings.from_env(env)                        # the values parse as the service reads them
     assert settings.auth_required
-    from cds_service.auth import parse_trusted_issuers
+    from cds_service.web.auth import parse_trusted_issuers
     assert "https://sandbox.cds-hooks.org" in parse_trusted_issuers(settings.trusted_issuers)
 
 
@@ -84,7 +84,7 @@ def test_the_wheel_works_from_any_directory_with_no_environment(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     python = str(venv / "bin" / "python")
-    where = subprocess.run([python, "-c", "import cds_service.catalog as c; print(c.DEFAULT_CARDS_DIR)"],
+    where = subprocess.run([python, "-c", "import cds_service.knowledge.catalog as c; print(c.DEFAULT_CARDS_DIR)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert str(target) in where.stdout, where.stderr            # the installed copy, not the checkout
     out = subprocess.run([python, "-m", "cds_service.cli", "evaluate", str(FIXTURES / "patients/glucocorticoids-positive.json"),

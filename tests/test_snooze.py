@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cds_service import create_app
-from cds_service.bundles import request_from_bundle
+from cds_service.fhir.bundles import request_from_bundle
 from cds_service.config import Settings
 
 from .conftest import AS_OF, ROOT, SERVICE_URL

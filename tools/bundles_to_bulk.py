@@ -4,7 +4,7 @@ completion manifest, as a server's `$export` leaves them. For testing `cds-servi
     .venv/bin/python tools/bundles_to_bulk.py ../shared/dev-corpus/data OUT [--gzip] [--files-per-type N]
 
 What a FHIR server does on the way is done here too: `urn:uuid:` and full-URL references become `Type/id`
-(cds_service.bundles), a resource with no id gets a stable one (a digest of its content), and a compartment
+(cds_service.fhir.bundles), a resource with no id gets a stable one (a digest of its content), and a compartment
 resource that names no patient gets its Bundle's Patient as `subject` or `patient` (a server stores it that way,
 so the export shows it so). Medication resources are written once (the same id twice with different content is
 an error). Input files are read in name order and resources keep their order, so the output is reproducible."""
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cds_service.bundles import bundle_resources  # noqa: E402
+from cds_service.fhir.bundles import bundle_resources  # noqa: E402
 
 # where each type names its patient (the Patient compartment of FHIR R4)
 PATIENT_FIELD = {"Condition": "subject", "Observation": "subject", "Procedure": "subject",

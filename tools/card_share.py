@@ -21,9 +21,9 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cds_service.bundles import request_from_bundle  # noqa: E402
-from cds_service.catalog import load_catalog  # noqa: E402
-from cds_service.fhir_client import FhirClient  # noqa: E402
+from cds_service.fhir.bundles import request_from_bundle  # noqa: E402
+from cds_service.knowledge.catalog import load_catalog  # noqa: E402
+from cds_service.fhir.fhir_client import FhirClient  # noqa: E402
 from cds_service.services import SecondaryOsteoporosis, Toolkit  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cds_service.bundles import bundle_resources  # noqa: E402
+from cds_service.fhir.bundles import bundle_resources  # noqa: E402
 
 
 def main() -> int:

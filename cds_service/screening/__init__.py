@@ -39,8 +39,8 @@ SURVEY_PATIENTS = 100          # the code survey in the report reads this many p
 def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, cards_dir: str | None = None,
            progress=None) -> dict:
     """Screen every patient of `export` into the folder `out`; the summary is returned and written."""
-    from ..catalog import load_catalog
-    from ..survey import CodeSurvey
+    from ..knowledge.catalog import load_catalog
+    from ..clinical.survey import CodeSurvey
 
     started = time.perf_counter()
     files = export_files(export)

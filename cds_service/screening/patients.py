@@ -7,9 +7,9 @@ from datetime import date
 
 import orjson
 
-from ..bundles import request_from_bundle
-from ..catalog import load_catalog
-from ..fhir_client import FhirClient
+from ..fhir.bundles import request_from_bundle
+from ..knowledge.catalog import load_catalog
+from ..fhir.fhir_client import FhirClient
 from ..services import ServiceRegistry, evaluation_line
 from .outputs import PatientFacts, patient_facts
 

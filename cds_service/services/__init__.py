@@ -5,9 +5,9 @@ card) and list it in SERVICES.
 """
 from __future__ import annotations
 
-from ..catalog import Catalog
+from ..knowledge.catalog import Catalog
 from ..errors import NotFound
-from ..fhir_client import FhirClient
+from ..fhir.fhir_client import FhirClient
 from .base import CdsService, Invocation, Toolkit, validate_request
 from .patient_view import SecondaryOsteoporosis, explain, explain_context
 from .prescribing import BoneProtectionAtOrderSelect, BoneProtectionAtOrderSign

@@ -11,14 +11,15 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from ..cards import CardRenderer
-from ..catalog import Catalog
-from ..engine import Assessment, Engine, observation_windows
+from ..rendering.cards import CardRenderer
+from ..knowledge.catalog import Catalog
+from ..clinical.assessment import Assessment
+from ..clinical.engine import Engine, observation_windows
 from ..errors import BadRequest, PrefetchUnavailable
-from ..fhir_client import FhirClient
-from ..orders import ShownDrafts
-from ..prefetch import PrefetchResolver, PrefetchResult, build_templates
-from ..record import PatientRecord, RecordBuilder
+from ..fhir.fhir_client import FhirClient
+from ..clinical.orders import ShownDrafts
+from ..fhir.prefetch import PrefetchResolver, PrefetchResult, build_templates
+from ..fhir.record import PatientRecord, RecordBuilder
 
 
 @dataclass

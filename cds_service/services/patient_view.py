@@ -1,9 +1,9 @@
 """patient-view: at chart open, the recorded causes of secondary osteoporosis, the treatment gap and the workup."""
 from __future__ import annotations
 
-from ..engine import Assessment
-from ..prefetch import PrefetchResult
-from ..record import PatientRecord
+from ..clinical.assessment import Assessment
+from ..fhir.prefetch import PrefetchResult
+from ..fhir.record import PatientRecord
 from .base import CdsService
 
 

@@ -2,12 +2,12 @@
 androgen deprivation is being ordered (ACR 2022, ASCO 2019, CMS645)."""
 from __future__ import annotations
 
-from ..engine import Assessment
+from ..clinical.assessment import Assessment
 from ..errors import BadRequest
-from ..order_cards import OrderCardRenderer
-from ..orders import ProtectionAdvisor, ProtectionDecision
-from ..prefetch import PrefetchResult
-from ..record import PatientRecord, reference_of
+from ..rendering.order_cards import OrderCardRenderer
+from ..clinical.orders import ProtectionAdvisor, ProtectionDecision
+from ..fhir.prefetch import PrefetchResult
+from ..fhir.record import PatientRecord, reference_of
 from .base import CdsService, Toolkit
 
 

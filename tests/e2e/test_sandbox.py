@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.bundles import bundle_resources
-from cds_service.feedback import SQLiteFeedbackStore
+from cds_service.fhir.bundles import bundle_resources
+from cds_service.storage.feedback import SQLiteFeedbackStore
 
 from ..conftest import ROOT, FhirServer, LiveServer, load_fixture
 

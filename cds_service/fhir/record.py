@@ -20,9 +20,9 @@ from typing import Any, Iterable
 import orjson
 from pydantic import ValidationError
 
-from .catalog import (ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text,
+from ..knowledge.catalog import (ICD10CM, LOINC, Catalog, Ingredient, icd_key, icd_prefix_match, normalize_system, normalize_text,
                       words_regex)
-from .jsonutil import as_list, is_error_outcome
+from ..jsonutil import as_list, is_error_outcome
 from .sig import parse_sig
 
 _MODELS: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import jwt
 from jwt import PyJWKClient
 
-from .sqlite_util import ThreadLocalSQLite
+from ..storage.sqlite_util import ThreadLocalSQLite
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SharedJtiStore:
         self.timeout = timeout
 
     def first_use(self, iss: str, jti: str, exp: float) -> bool:
-        from .feedback import StoreUnavailable
+        from ..storage.feedback import StoreUnavailable
         first_here = self.local.first_use(iss, jti, exp)
         try:
             return self.store.call("first_use_jti", iss, jti, exp, time.time(), timeout=self.timeout) and first_here
@@ -193,7 +193,7 @@ def parse_trusted_issuers(raw: str) -> dict[str, TrustedIssuer]:
         raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object") from exc
     if not isinstance(data, dict):
         raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object")
-    from .fhir_client import _is_loopback
+    from ..fhir.fhir_client import _is_loopback
     from urllib.parse import urlsplit
 
     def acceptable(url: object) -> bool:       # https, or http on loopback (local tests only)

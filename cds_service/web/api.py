@@ -13,10 +13,10 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge as PayloadTooLarge, RequestTimeout
 
-from . import metrics
+from .. import metrics
 from .auth import AuthError
-from .errors import BadRequest, ServiceError, TooManyRequests, operation_outcome
-from .feedback import StoreUnavailable, normalize_feedback
+from ..errors import BadRequest, ServiceError, TooManyRequests, operation_outcome
+from ..storage.feedback import StoreUnavailable, normalize_feedback
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)

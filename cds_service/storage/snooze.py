@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .engine import Assessment
+from ..clinical.assessment import Assessment
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def _default_cards_dir() -> Path:
     """cards/ beside the package in a source checkout; the package data an installed wheel carries."""
-    checkout = Path(__file__).resolve().parent.parent / "cards"
+    checkout = Path(__file__).resolve().parents[2] / "cards"
     if (checkout / "catalog.yaml").is_file():
         return checkout
-    return Path(__file__).resolve().parent / "content"
+    return Path(__file__).resolve().parents[1] / "content"
 
 
 DEFAULT_CARDS_DIR = _default_cards_dir()
@@ -836,7 +836,7 @@ def _build_indexes(cat: Catalog) -> None:
     _check_format_templates(cat.card)
 
 
-# the conditions therapy.yaml rules may name (cds_service/safety.py and advice.py decide them)
+# the conditions therapy.yaml rules may name (cds_service/clinical/safety.py and advice.py decide them)
 SAFETY_WHEN = {"pregnant", "lactating", "reproductive_potential", "egfr_below", "calcium_low", "alp_low",
                "oesophageal_disorder", "gastric_surgery", "recent_cardiovascular_event"}
 ADVICE_WHEN = {"pregnancy_or_lactation", "pregnant_or_lactating", "kidney_g4_g5", "young_adult", "very_high_risk",

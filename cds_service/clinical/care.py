@@ -11,8 +11,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from .catalog import Catalog
-from .engine import AdviceLine, Assessment, CarePlan, Finding, Risk, TherapyAlert
+from ..knowledge.catalog import Catalog
+from .assessment import AdviceLine, Assessment, CarePlan, Finding, Risk, TherapyAlert
 from .safety import DrugSafety
 from .therapy import CURRENT, OVERDUE, Course
 

@@ -18,9 +18,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from .catalog import Catalog
-from .engine import AdviceLine, Assessment, Conflict, Finding, Risk
-from .record import MedicationExposure
+from ..knowledge.catalog import Catalog
+from .assessment import AdviceLine, Assessment, Conflict, Finding, Risk
+from ..fhir.record import MedicationExposure
 from .safety import DrugSafety
 
 _FREQUENCY_WORDS = ((4, "four times daily"), (3, "three times daily"), (2, "twice daily"), (1, "daily"),

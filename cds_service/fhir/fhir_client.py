@@ -19,7 +19,7 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
-from .jsonutil import as_list
+from ..jsonutil import as_list
 
 log = logging.getLogger(__name__)
 

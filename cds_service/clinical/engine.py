@@ -5,233 +5,19 @@ given, so fixtures and tests do not rot.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
 from operator import attrgetter
 
-from .catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
-from .record import CodedEntry, Measurement, MedicationExposure, PatientRecord, ckd_epi_2021, num
+from ..knowledge.catalog import CPT, ICD10CM, SNOMED, Catalog, Cause, icd_key, icd_prefix_match, normalize_system, words_regex
+from ..fhir.record import CodedEntry, MedicationExposure, PatientRecord, num
+from .assessment import Assessment, BoneContext, Evidence, Finding, Fracture
+from .care import CarePlanner
+from .rules import result_evidence
+from .rules.persistent_result import persistent_run
+from .rules.results import VALUE
+from .rules.smoking import smoking_current
 from .therapy import OVERDUE, Course, TherapyHistory, TherapyReader
-
-
-@dataclass
-class Evidence:
-    reference: str          # "ResourceType/id"
-    text: str               # what, when, dose or value
-    others: tuple[str, ...] = ()     # the other records a grouped line stands for ("24 records 2019-2026")
-    numbers: dict | None = None      # what a summary line says, as numbers (glucocorticoid days and mg)
-
-
-@dataclass
-class Finding:
-    cause: Cause
-    evidence: list[Evidence]
-    citations: list[str]
-    tier: str | None = None
-    supporting: list[Evidence] = field(default_factory=list)
-    coded: bool = False              # a diagnosis or procedure code is among the evidence
-    fires_alone: bool = True         # under the catalog's firing policy, for this patient
-    warning: bool = False            # the quiet policy's warning condition holds
-    first_seen: date | None = None   # the earliest date among its evidence (read for treated patients)
-    suspected: bool = False          # only provisional / rule-out entries: listed, never firing on its own
-    variant: dict | None = None      # the cause's variant that fits this patient (causes.yaml `variants`)
-
-    @property
-    def references(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for e in self.evidence:
-            seen.setdefault(e.reference, None)
-            for ref in e.others:
-                seen.setdefault(ref, None)
-        return list(seen)
-
-
-@dataclass
-class Fracture:
-    """A fragility fracture on record: where, when, and whether its site makes it osteoporosis by itself."""
-    reference: str
-    text: str
-    site: str                        # hip, vertebra, forearm, humerus, pelvis, unspecified
-    major: bool                      # hip or vertebra: osteoporosis whatever the T-score (AACE 2020, BHOF 2022)
-    when: date | None
-    osteoporotic: bool = False       # the code itself says osteoporotic (M80, Z87.310): a fragility fracture at any site
-
-
-@dataclass
-class BoneContext:
-    bone_diagnoses: list[Evidence] = field(default_factory=list)
-    osteoporosis: list[Evidence] = field(default_factory=list)       # diagnosis codes
-    fractures: list[Fracture] = field(default_factory=list)          # fragility fractures, healed ones included
-    normal_bmd_fractures: list[Fracture] = field(default_factory=list)   # non-hip/vertebral with a normal T-score
-    low_t_score: Evidence | None = None                              # latest DXA's lowest T-score, when <= the cut-off
-    latest_t_score: tuple[float, str, date] | None = None            # (value, site, date) of the latest DXA's lowest
-    latest_z_score: tuple[float, str, date] | None = None
-    low_z_score: Evidence | None = None                              # young adults: Z-score at or below the cut-off
-    young_adult: bool = False                                        # premenopausal woman or man under 50 (ISCD)
-    last_dxa: date | None = None
-    dxa_evidence: Evidence | None = None
-    therapy: TherapyHistory = field(default_factory=TherapyHistory)
-    treated: list[Course] = field(default_factory=list)              # courses that make the patient "on therapy"
-    treatments: list[Evidence] = field(default_factory=list)         # their records, in words
-    next_decision: str | None = None                                 # drug holiday review, denosumab dose due
-    workup_done: dict[str, Evidence] = field(default_factory=dict)
-    latest_egfr: tuple[float, date, str] | None = None               # (value, date, reference)
-    latest_frax: tuple[float, date] | None = None                    # FRAX major osteoporotic, % (2 years)
-    kidney_caution: list[Evidence] = field(default_factory=list)     # why antiresorptives need care
-    pregnant: Evidence | None = None
-    lactating: Evidence | None = None
-    end_of_life: Evidence | None = None                              # hospice, terminal or comfort care
-    deceased: bool = False
-    sections: dict[str, list[Evidence]] = field(default_factory=dict)   # other context sets on record (menopause, ...)
-    alerts_replace_gap: bool = False                                 # an overdue denosumab or an unfollowed anabolic
-
-    @property
-    def courses(self) -> list[Course]:
-        """The courses the patient is on (treated), newest start first."""
-        return sorted(self.treated, key=lambda c: c.start, reverse=True)
-
-    @property
-    def gap_fractures(self) -> list[Fracture]:
-        return [f for f in self.fractures if f not in self.normal_bmd_fractures]
-
-    @property
-    def low_bmd(self) -> Evidence | None:
-        """Low bone density as this patient is read: a T-score from 50 or after menopause, a Z-score before."""
-        return self.low_z_score if self.young_adult else self.low_t_score
-
-    @property
-    def bone_kind(self) -> str:
-        """What is on record: "osteoporosis", "fracture", "both" or (a young adult by Z-score) "low_for_age"."""
-        low_bmd = bool(self.osteoporosis or self.low_bmd)
-        if self.young_adult and not self.osteoporosis and self.low_z_score and not self.gap_fractures:
-            return "low_for_age"
-        return "both" if low_bmd and self.gap_fractures else "fracture" if self.gap_fractures else "osteoporosis"
-
-    @property
-    def treatment_gap(self) -> bool:
-        """Osteoporosis or a fragility fracture on record and no osteoporosis medicine (an overdue denosumab dose or
-        an anabolic course with no follow-on is its own, more specific alert)."""
-        return bool(self.osteoporosis or self.gap_fractures or self.low_bmd) and not self.treated \
-            and not self.alerts_replace_gap
-
-
-@dataclass
-class Assessment:
-    patient_id: str
-    as_of: date
-    in_scope: bool
-    findings: list[Finding]
-    context: BoneContext
-    record: PatientRecord
-
-    @property
-    def triggering(self) -> list[Finding]:
-        return [f for f in self.findings if f.fires_alone]
-
-    @property
-    def listed(self) -> list[Finding]:
-        return [f for f in self.findings if not f.fires_alone]
-
-    care: "CarePlan | None" = None
-
-    @property
-    def known_before_treatment(self) -> list[Finding]:
-        """For a patient on osteoporosis therapy (and no treatment gap): the firing causes already on record
-        before the current therapy began. The card leads with those that appeared since."""
-        ctx = self.context
-        if not ctx.courses or ctx.treatment_gap:
-            return []
-        since = min(c.start for c in ctx.courses)
-        return [f for f in self.triggering if f.first_seen is not None and f.first_seen < since]
-
-    @property
-    def silenced(self) -> str | None:
-        """Why no card may go to this patient at all: "deceased", "end_of_life" (hospice, comfort care), or None."""
-        ctx = self.context
-        return "deceased" if ctx.deceased else "end_of_life" if ctx.end_of_life else None
-
-    @property
-    def card_due(self) -> bool:
-        """A cause that fires on its own, untreated osteoporosis (also with no cause recorded: unexplained
-        osteoporosis is the classic indication for the secondary-cause workup), a therapy alert or a drug-safety
-        conflict, or many contributors in an older patient with no DXA; never for a deceased patient or in hospice."""
-        if not self.in_scope or self.silenced:
-            return False
-        care = self.care
-        return bool(self.triggering) or self.context.treatment_gap or bool(
-            care and (care.alerts or care.conflicts or care.screening or care.normal_bmd_note or care.also))
-
-    def cited_references(self) -> set[str]:
-        """Resources that drive a finding or the card's wording: findings' evidence, bone
-        diagnoses, osteoporosis treatment and the last DXA. (Recently resulted workup labs only
-        keep a test from being offered again, and are not validated.)"""
-        refs = {ref for f in self.findings for e in f.evidence + f.supporting for ref in (e.reference, *e.others)}
-        ctx = self.context
-        refs |= {e.reference for e in ctx.bone_diagnoses + ctx.treatments + ctx.kidney_caution + ctx.fractures}
-        for e in (ctx.low_t_score, ctx.low_z_score, ctx.pregnant, ctx.lactating, ctx.dxa_evidence):
-            if e is not None:
-                refs.add(e.reference)
-        for c in ctx.treated:
-            refs.update(c.references)
-        if self.care:
-            refs |= {ref for alert in self.care.alerts for ref in alert.references}
-            refs |= {ref for c in self.care.conflicts for ref in c.references}
-        return refs
-
-
-@dataclass
-class TherapyAlert:
-    """Something about the patient's osteoporosis therapy that needs action now (therapy.yaml wording)."""
-    kind: str                        # denosumab_overdue, anabolic_no_follow_on, treatment_failure
-    summary: str
-    detail: str
-    citations: list[str]
-    references: list[str]
-    warning: bool = True
-
-
-@dataclass
-class Conflict:
-    """A drug-safety rule that holds for a bone drug (on record, or a draft)."""
-    rule: str                        # therapy.yaml safety rule id
-    drug: str
-    text: str
-    citations: list[str]
-    references: list[str]
-
-
-@dataclass
-class Risk:
-    level: str                       # very_high, high (AACE 2020); or an ACR 2022 glucocorticoid stratum
-    label: str
-    reasons: list[str]
-    citation: str
-
-
-@dataclass
-class AdviceLine:
-    id: str
-    text: str
-    citations: list[str]
-    no_drug_drafts: bool = False
-    short: str = ""                  # the reason in a few words
-    summary: str = ""                # the gap card's summary when this line holds ({bone})
-
-
-@dataclass
-class CarePlan:
-    """What the record means for treatment: risk, the treatment line, alerts about therapy, drug-safety conflicts."""
-    risk: Risk | None = None                     # AACE 2020 (with low bone density or a fracture)
-    gc_risk: Risk | None = None                  # ACR 2022, when long-term glucocorticoids are found
-    gc_line: AdviceLine | None = None
-    line: AdviceLine | None = None               # the treatment line for this patient
-    also: list[AdviceLine] = field(default_factory=list)
-    alerts: list[TherapyAlert] = field(default_factory=list)
-    conflicts: list[Conflict] = field(default_factory=list)      # for drugs the patient is on
-    screening: bool = False                      # many contributors, an older patient, no DXA: DXA and FRAX
-    normal_bmd_note: str | None = None           # a non-hip/vertebral fracture with a normal T-score
 
 
 _STRENGTH_ORDER = {"strong": 0, "moderate": 1, "weak": 2}
@@ -332,9 +118,6 @@ class Engine:
                                for wid, groups in det.get("workup_policy", {}).get("key_components", {}).items()}
         self.panel_codes = {item["id"]: list(item["order"]) for tier in det["workup"].values() for item in tier}
         self.workup_labels = {item["id"]: item["label"] for tier in det["workup"].values() for item in tier}
-        # the names that make a cortisol result a dexamethasone suppression test, compiled once per rule
-        self.test_names = {rid: re.compile("|".join(rf"(?<![a-z]){re.escape(w.lower())}(?![a-z])" for w in r["test_words"]))
-                           for rid, r in catalog.observation_rules.items() if r["kind"] == "dexamethasone_suppression"}
         self.treatment_codes = {c["code"] for c in det["osteoporosis_treatment"]["other_codes"]
                                 if normalize_system(c["system"]) in (ICD10CM, SNOMED)}
         self.z_score_loincs = {c["code"] for c in det["existing_dxa"].get("z_score", [])}
@@ -345,7 +128,6 @@ class Engine:
         self.high_energy_days = fr.get("high_energy_within_days", 3)
         self.osteoporotic_words = words_regex(fr.get("osteoporotic_words", []))
         self.therapy = TherapyReader(catalog)
-        from .care import CarePlanner                # the planner reads Assessments: imported here, not at the top
         self.planner = CarePlanner(catalog, self)
 
     # ------------------------------------------------------------------------------------------
@@ -515,7 +297,7 @@ class Engine:
         """Coded entries that later results do not refute: a CKD code recorded before a run of normal
         eGFR (after a transplant, or an old code never abated) no longer describes the patient."""
         rule = self.cat.observation_rules[rule_id]
-        run = self._persistent_run(rule, rec, rec.as_of - timedelta(days=rule.get("lookback_days", 365)))
+        run = persistent_run(rule, rec, rec.as_of - timedelta(days=rule.get("lookback_days", 365)))
         if not run:
             return list(entries)
         return [e for e in entries if e.when is not None and e.when >= run[0].when]
@@ -698,197 +480,14 @@ class Engine:
 
     # ---- observations ------------------------------------------------------------------------
     def _observation_rule(self, rule: dict, rec: PatientRecord) -> list[Evidence]:
-        pat = rule.get("patient") or {}
-        if pat.get("sex") and rec.sex != pat["sex"]:
-            return []
-        since = rec.as_of - timedelta(days=rule.get("lookback_days", 365))
-        kind = rule["kind"]
-        if kind == "threshold":
-            return self._threshold(rule, rec, since)
-        if kind == "persistent":
-            return self._persistent(rule, rec, since)
-        if kind == "pth_calcium":
-            return self._pth_calcium(rule, rec, since)
-        if kind == "bmi":
-            return self._bmi(rule, rec, since)
-        if kind == "smoking":
-            return self._smoking(rule, rec, since)
-        if kind == "dexamethasone_suppression":
-            return self._dexamethasone_suppression(rule, rec, since)
-        return []
-
-    def _threshold(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        if any(rec.observations.get(c) for c in rule.get("skip_if_any_loinc", ())):
-            return []
-        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of]
-        if rule.get("before_context_medication"):
-            started = [m.start for m in rec.medications_by_cause.get(f"context:{rule['before_context_medication']}", ())
-                       if m.start]
-            if started:
-                results = [m for m in results if m.when < min(started)]
-        if rule.get("max_age_at_result") is not None:
-            results = [m for m in results if (rec.age_on(m.when) or 999) <= rule["max_age_at_result"]]
-        n = rule.get("results", 1)
-        alt = rule.get("or_below_reference_low_results")
-        usable: list[Measurement] = []           # newest first; only as many as the rule reads
-        for m in results:
-            if m.value is not None or _flag(m, rule) is not None:
-                usable.append(m)
-                if len(usable) >= max(n, alt or 0):
-                    break
-        newest = usable[:n]
-        if len(newest) == n and all(self._qualifies(m, rule, rec) for m in newest):
-            return [Evidence(m.reference, _measure_text(rule, m)) for m in newest]
-        if alt:
-            newest = usable[:alt]
-            if len(newest) == alt and all(m.value is not None and m.ref_low is not None and m.value < m.ref_low for m in newest):
-                return [Evidence(m.reference, _measure_text(rule, m) + f" (below the lab's lower limit {num(m.ref_low)})")
-                        for m in newest]
-        return []
-
-    def _qualifies(self, m: Measurement, rule: dict, rec: PatientRecord) -> bool:
-        v = m.value
-        if "below" in rule:
-            return v is not None and v < rule["below"]
-        if "at_least" in rule:
-            return v is not None and v >= rule["at_least"]
-        if "above" in rule:
-            limit = rule["above_female"] if rec.sex == "female" and "above_female" in rule else rule["above"]
-            return v is not None and v > limit
-        if "outside" in rule:
-            lo, hi = rule["outside"]
-            return v is not None and (v < lo or v > hi)
-        if rule.get("above_reference_high"):
-            flag = _flag(m, rule)
-            if v is not None and m.ref_high is not None:
-                return v > m.ref_high
-            return flag == "high"
-        return False
-
-    def _persistent(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        run = self._persistent_run(rule, rec, since)
-        return [Evidence(m.reference, _measure_text(rule, m)) for m in run]
-
-    def _persistent_run(self, rule: dict, rec: PatientRecord, since: date) -> tuple[Measurement, ...]:
-        """(oldest, newest) of the newest run of days on the qualifying side of the threshold, with no day on the other side
-        in between, spanning at least `min_span_days` (KDIGO chronicity: > 3 months). Several results
-        on one day are read as one: the day qualifies on its lowest value for `below` (highest for
-        `at_least`). A low result the same day's creatinine contradicts is not read."""
-        results = [m for m in rec.results(rule["loinc"], since) if m.when <= rec.as_of and m.value is not None]
-        if not results:
-            return ()
-        below, at_least = rule.get("below"), rule.get("at_least")
-        creatinine = self._creatinine_by_day(rule, rec, since) if rule.get("creatinine_contradicts_by") else {}
-        days: dict[date, list[Measurement]] = {}
-        for m in results:                            # newest first
-            if creatinine and below is not None and m.value < below and self._contradicted(m, creatinine, rule, rec):
-                continue
-            days.setdefault(m.when, []).append(m)
-        run: list[Measurement] = []                  # one result per day, newest first
-        for day, ms in days.items():
-            pick = min(ms, key=_VALUE) if below is not None else max(ms, key=_VALUE)
-            ok = pick.value < below if below is not None else pick.value >= at_least
-            if not ok:
-                break
-            run.append(pick)
-        if not run or (rule.get("latest_must_qualify") and run[0].when != next(iter(days))):
-            return ()
-        newest, oldest = run[0], run[-1]
-        if (newest.when - oldest.when).days < rule["min_span_days"]:
-            return ()
-        return oldest, newest
-
-    def _creatinine_by_day(self, rule: dict, rec: PatientRecord, since: date) -> dict[date, float]:
-        out: dict[date, float] = {}
-        for m in rec.results(rule.get("creatinine_loinc", ()), since):
-            if m.value is not None:
-                out[m.when] = max(out.get(m.when, 0.0), m.value)
-        return out
-
-    @staticmethod
-    def _contradicted(m: Measurement, creatinine: dict[date, float], rule: dict, rec: PatientRecord) -> bool:
-        scr = creatinine.get(m.when)
-        age = rec.age_on(m.when)
-        if scr is None or age is None or rec.sex not in ("male", "female"):
-            return False
-        computed = ckd_epi_2021(scr, age, rec.sex)
-        return computed >= rule["below"] and computed - m.value > rule["creatinine_contradicts_by"]
-
-    def _pth_calcium(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        ca = _newest_with_value(rec.results(rule["calcium_loinc"], since))
-        if ca is None:
-            return []
-        albumin = next((m for m in rec.results(rule["albumin_loinc"], since)
-                        if abs((m.when - ca.when).days) <= 1 and m.value is not None), None)
-        corrected = ca.value + 0.8 * (4.0 - albumin.value) if albumin is not None else ca.value
-        ca_high = corrected > rule["calcium_above"] or (ca.ref_high is not None and ca.value > ca.ref_high)
-        if not ca_high:
-            return []
-        p = next((m for m in rec.results(rule["pth_loinc"], since)
-                  if abs((m.when - ca.when).days) <= rule["pair_within_days"] and m.value is not None), None)
-        if p is None:
-            return []
-        high = p.value > rule["pth_above"] or (p.ref_high is not None and p.value > p.ref_high)
-        not_suppressed = p.value >= rule.get("pth_not_suppressed_at_least", float("inf"))
-        if not (high or not_suppressed):
-            return []
-        ca_text = f"Calcium {ca.value:.1f} mg/dL on {ca.when.isoformat()}"
-        if albumin is not None:
-            ca_text += f" (albumin-corrected {corrected:.1f})"
-        pth_text = f"PTH {num(p.value)} pg/mL on {p.when.isoformat()}" + \
-            ("" if high else " (within the normal range but not suppressed by the high calcium: inappropriately normal)")
-        return [Evidence(ca.reference, ca_text), Evidence(p.reference, pth_text)]
-
-    def _dexamethasone_suppression(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        """The newest cortisol result that is an overnight dexamethasone suppression test, when cortisol
-        stayed above the cut-off (Endocrine Society 2008: > 1.8 ug/dL after 1 mg)."""
-        named_test = self.test_names[rule["id"]]
-        doses = [m for m in rec.medications_by_cause.get("glucocorticoids", ())
-                 if m.start is not None and m.mg_per_dose is not None and m.mg_per_dose <= rule["test_dose_max_mg"]
-                 and any(i.name == "dexamethasone" for i in m.ingredients)]
-        for m in rec.results(rule["loinc"], since):
-            if m.value is None or m.when > rec.as_of:
-                continue
-            named = named_test.search(m.code_text.lower()) is not None
-            dose = next((d for d in doses if 0 <= (m.when - d.start).days <= 1), None)
-            if not named and dose is None:
-                continue
-            if m.value <= rule["above"]:
-                return []                     # the newest suppression test was normal
-            after = f" after dexamethasone {num(dose.mg_per_dose)} mg on {dose.start.isoformat()}" if dose else \
-                " (dexamethasone suppression test)"
-            return [Evidence(m.reference, f"Cortisol {m.value:.3g} ug/dL on {m.when.isoformat()}{after}: "
-                                          f"not suppressed (above {rule['above']:g})")]
-        return []
-
-    def _bmi(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        m = _newest_with_value(rec.results(rule["loinc"], since))
-        w = _newest_with_value(rec.results(rule["weight_loinc"], since))
-        if m is not None and (w is None or m.when >= w.when):
-            return [Evidence(m.reference, f"BMI {m.value:.1f} kg/m2 on {m.when.isoformat()}")] if m.value < rule["below"] else []
-        h = next((r for r in rec.results(rule["height_loinc"]) if r.value), None)
-        if w is not None and h is not None:
-            value = w.value / ((h.value / 100) ** 2)
-            if value < rule["below"]:
-                return [Evidence(w.reference, f"Weight {w.value:.1f} kg on {w.when.isoformat()}"),
-                        Evidence(h.reference, f"height {h.value:.0f} cm: BMI {value:.1f} kg/m2")]
-        return []
-
-    def _smoking(self, rule: dict, rec: PatientRecord, since: date) -> list[Evidence]:
-        results = rec.results(rule["loinc"], since)
-        if not results:
-            return []
-        m = results[0]
-        if _smoking_current(m, rule):
-            return [Evidence(m.reference, f"Smoking status '{m.value_text or 'current smoker'}' on {m.when.isoformat()}")]
-        return []
+        return result_evidence(rule, rec)
 
     def _smoking_override(self, evidence: list[Evidence], rec: PatientRecord) -> list[Evidence]:
         rule = next(r for r in self.cat.observation_rules.values() if r["kind"] == "smoking")
         if not rule.get("newer_status_overrides_codes"):
             return evidence
         results = rec.results(rule["loinc"])
-        if results and not _smoking_current(results[0], rule):
+        if results and not smoking_current(results[0], rule):
             newest = results[0].when
             coded = {c.reference: c for c in rec.conditions}
             evidence = [e for e in evidence if not (e.reference in coded and (coded[e.reference].when or date.min) <= newest)]
@@ -901,7 +500,7 @@ class Engine:
         if not results:
             return None
         day = results[0].when
-        lowest = min((m for m in results if m.when == day), key=_VALUE)
+        lowest = min((m for m in results if m.when == day), key=VALUE)
         site = names.get(lowest.code, "").replace("[T-score]", "").replace("[Z-score]", "") \
             .replace("Bone density", "").strip()
         return lowest.value, site, day, lowest.reference
@@ -1063,14 +662,6 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-_VALUE = attrgetter("value")
-
-
-def _newest_with_value(results: list[Measurement]) -> Measurement | None:
-    """The first result (newest first) with a usable value; later ones are never read."""
-    return next((m for m in results if m.value is not None), None)
-
-
 def _dose_segments(dosed: list[tuple[date, date, str, float]]) -> list[tuple[date, date, float]]:
     """Split dosed intervals into non-overlapping segments with the total mg/day on each.
 
@@ -1209,34 +800,3 @@ def _system_name(system: str) -> str:
     return {ICD10CM: "ICD-10-CM", SNOMED: "SNOMED", CPT: "CPT"}.get(system, system.rsplit("/", 1)[-1])
 
 
-def _flag(m: Measurement, rule: dict) -> str | None:
-    if m.interpretation & {"H", "HH", "POS", "A", "AA", "HU"}:
-        return "high"
-    if m.interpretation & {"L", "LL", "LU"}:
-        return "low"
-    return None
-
-
-def _measure_text(rule: dict, m: Measurement) -> str:
-    if m.value is None:
-        return f"{rule['label']}: result flagged {','.join(sorted(m.interpretation))} on {m.when.isoformat()}"
-    if m.computed_from:
-        return f"{rule['label'].split(' (')[0]}: eGFR {m.value:.0f} ({m.computed_from})"
-    comparator = m.comparator
-    raw = m.raw_value if isinstance(m.raw_value, (int, float)) else None
-    if comparator and raw is not None and (not m.raw_unit or m.raw_unit == m.unit):
-        shown = f"{comparator}{num(raw)} {m.unit}".strip()
-    else:
-        shown = f"{m.value:.3g} {m.unit}".strip()
-        if m.raw_unit and m.raw_unit != m.unit and raw is not None:
-            shown += f" (reported {comparator}{num(raw)} {m.raw_unit})"
-    return f"{rule['label'].split(' (')[0]}: {shown} on {m.when.isoformat()}"
-
-
-def _smoking_current(m: Measurement, rule: dict) -> bool:
-    if any(c.get("code") in rule["current_codes"] for c in m.value_codes):
-        return True
-    text = m.value_text.lower()
-    if any(w in text for w in rule["not_current_words"]):
-        return False
-    return any(w in text for w in rule["current_words"])

@@ -22,10 +22,10 @@ from typing import Iterable, TextIO
 
 import orjson
 
-from .bundles import request_from_bundle
-from .catalog import Catalog, normalize_system
-from .errors import ServiceError
-from .record import ComputedEgfr, PatientRecord, RecordBuilder, codings, concept_text
+from ..fhir.bundles import request_from_bundle
+from ..knowledge.catalog import Catalog, normalize_system
+from ..errors import ServiceError
+from ..fhir.record import ComputedEgfr, PatientRecord, RecordBuilder, codings, concept_text
 
 TEXT_ONLY = "(text only)"          # the system column of a Condition recorded with no code
 BY_TEXT = "Medication, by text"    # a drug code the catalog does not list, read by the product name in its text

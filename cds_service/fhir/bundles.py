@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 import uuid
 
-from .errors import BadRequest
-from .jsonutil import as_list
+from ..errors import BadRequest
+from ..jsonutil import as_list
 
 _URN = re.compile(r"^urn:uuid:([0-9a-fA-F-]{36})$")
 # where each resource type goes among the service's prefetch keys

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge
 from .sqlite_util import ThreadLocalSQLite
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from .cards import CardRenderer, md
-from .catalog import Catalog
-from .orders import ProtectionDecision
+from ..knowledge.catalog import Catalog
+from ..clinical.orders import ProtectionDecision
 
 
 class OrderCardRenderer:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Callable
 
-from .catalog import Catalog
-from .engine import Assessment, Conflict
+from ..knowledge.catalog import Catalog
+from .assessment import Assessment, Conflict
 
 # a `when` kind: (holds, format fields, references) for a drug and a rule
 Check = Callable[[Assessment, str, dict], "tuple[bool, dict, list[str]]"]

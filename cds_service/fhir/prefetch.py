@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from .catalog import LOINC, Catalog, normalize_system
-from . import metrics
+from ..knowledge.catalog import LOINC, Catalog, normalize_system
+from .. import metrics
 from .allowlist import ServerAllowlist
-from .errors import PrefetchUnavailable
+from ..errors import PrefetchUnavailable
 from .fhir_client import FhirClient, FhirError, FetchStats
-from .jsonutil import as_list, is_error_outcome
+from ..jsonutil import as_list, is_error_outcome
 
 TOKEN_RE = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 USER_TOKENS = {"userPractitionerId": "Practitioner", "userPractitionerRoleId": "PractitionerRole",

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from .catalog import Catalog
-from .record import MedicationExposure, PatientRecord
+from ..knowledge.catalog import Catalog
+from ..fhir.record import MedicationExposure, PatientRecord
 
 CURRENT, OVERDUE, FINISHED, STOPPED = "current", "overdue", "finished", "stopped"
 

@@ -18,7 +18,7 @@ import orjson
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
-from .errors import operation_outcome
+from ..errors import operation_outcome
 
 log = logging.getLogger("cds_service.http")
 

@@ -8,8 +8,9 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Callable
 
-from .catalog import Catalog
-from .engine import LATEST_RESULTS, Assessment, Finding, quiet_indicator
+from ..knowledge.catalog import Catalog
+from ..clinical.assessment import Assessment, Finding
+from ..clinical.engine import LATEST_RESULTS, quiet_indicator
 
 _MD_SPECIAL = "\\`*_{}[]<>()#+!|~&"           # backslash first, so escapes are not escaped again
 # A word GFM renderers would turn into a link on their own (remark-gfm finds bare URLs, www. names and
