@@ -354,7 +354,7 @@ def test_a_resource_under_two_prefetch_keys_counts_once(service):
 
 # ---- validation of what drives a finding --------------------------------------------------------
 def test_known_valid_resources_are_not_validated_again(catalog, monkeypatch):
-    from cds_service.fhir import record as record_mod
+    from cds_service.fhir.record import validation as record_mod
     calls = []
     real = record_mod._model
 
