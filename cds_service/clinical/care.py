@@ -233,7 +233,7 @@ class CarePlanner:
                 out.append(TherapyAlert("denosumab_overdue", words["denosumab_overdue"]["summary"].format(**fields),
                                         " ".join(words["denosumab_overdue"]["detail"].format(**fields).split()),
                                         list(c.cls.get("citations", [])), c.references))
-        anabolic = self.engine.unfollowed_anabolic(ctx.therapy, as_of)
+        anabolic = self.engine.bone.unfollowed_anabolic(ctx.therapy, as_of)
         if anabolic is not None:
             fields = {"drug": anabolic.drug.capitalize(), "start": anabolic.start.isoformat(),
                       "end": anabolic.last.isoformat()}
