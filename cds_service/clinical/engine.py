@@ -8,13 +8,13 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from ..knowledge.catalog import Catalog, Cause
-from ..fhir.record import CodedEntry, PatientRecord
-from .assessment import Assessment, BoneContext, Evidence, Finding
+from ..fhir.record import PatientRecord
+from .assessment import Assessment, BoneContext, Finding
 from .care import CarePlanner
-from .bone_context import BoneContextReader, coded_text
+from .bone_context import BoneContextReader
 from .rules import result_evidence
+from .rules.condition_match import coded_evidence
 from .rules.medication_exposure import MedicationExposureRule
-from .rules.persistent_result import persistent_run
 from .rules.smoking import newer_status_overrides
 from .therapy import TherapyReader
 
@@ -209,26 +209,9 @@ class Engine:
             return None
         if pat.get("max_age") is not None and (rec.age is None or rec.age > pat["max_age"]):
             return None
-        evidence: list[Evidence] = []
-        supporting: list[Evidence] = []
+        evidence, supporting, suspected = coded_evidence(cause, rec, self.cat)
         citations: list[str] = []
         tier = None
-        entries = rec.coded_by_cause.get(cause.id, ())
-        if entries and detect.get("evidence_age"):
-            # a procedure that is evidence only while recent (dialysis, chemotherapy); undated: not shown recent
-            since = rec.as_of - timedelta(days=detect["evidence_age"]["procedures_within_days"])
-            entries = [e for e in entries if e.resource_type != "Procedure" or (e.when is not None and e.when >= since)]
-        if entries and detect.get("codes_refuted_by"):
-            entries = self._not_refuted(entries, detect["codes_refuted_by"], rec)
-        suspected: list[Evidence] = []
-        for group in _same_concept(entries):
-            roles = {role for e in group for cid, role in e.matches if cid == cause.id}
-            ev = Evidence(group[0].reference, coded_text(group[0], len(group), group[-1].when),
-                          tuple(e.reference for e in group[1:]))
-            if group[0].suspected:
-                (suspected if "trigger" in roles else supporting).append(ev)
-            else:
-                (evidence if "trigger" in roles else supporting).append(ev)
         coded = bool(evidence)
         if evidence:
             citations.append(cause.citations[0])
@@ -261,14 +244,6 @@ class Engine:
         return Finding(cause, evidence, list(dict.fromkeys(citations or cause.citations[:1])), tier, supporting,
                        coded=coded, suspected=only_suspected)
 
-    def _not_refuted(self, entries, rule_id: str, rec: PatientRecord) -> list[CodedEntry]:
-        """Coded entries that later results do not refute: a CKD code recorded before a run of normal
-        eGFR (after a transplant, or an old code never abated) no longer describes the patient."""
-        rule = self.cat.observation_rules[rule_id]
-        run = persistent_run(rule, rec, rec.as_of - timedelta(days=rule.get("lookback_days", 365)))
-        if not run:
-            return list(entries)
-        return [e for e in entries if e.when is not None and e.when >= run[0].when]
 
 
 
@@ -303,20 +278,5 @@ def _dates_by_reference(rec: PatientRecord) -> dict[str, date]:
         for m in results:
             out.setdefault(m.reference, m.when)
     return out
-
-
-def _same_concept(entries) -> list[list[CodedEntry]]:
-    """Copies of one condition or procedure (the same codes and name) grouped, oldest first: a chart that
-    records it at every visit shows one line, not twenty."""
-    groups: dict[tuple, list[CodedEntry]] = {}
-    for e in entries:
-        groups.setdefault((tuple(e.codes), e.text, e.historic, e.as_text, e.suspected), []).append(e)
-    return [sorted(g, key=lambda e: e.when or date.min) for g in groups.values()]
-
-
-
-
-
-
 
 

@@ -1,7 +1,8 @@
-"""The kinds of result rule `cards/observations.yaml` can name (its `kind:`), one module each, registered here
-under that name. Each takes the rule's data, the record and the first day it reads, and returns the evidence
-(empty: the rule does not hold). A new kind is a module with an `evaluate` and a line in RESULT_RULES (and its
-keys in cds_service/knowledge/catalog_schema.yaml)."""
+"""The kinds of rule a cause in cards/ can name, one module each: its codes (`condition_match`), its
+`medication_rule` (`medication_exposure`, by the rule's `rule:`), and the result rules `cards/observations.yaml`
+names by `kind:`, registered here under that name. A result rule takes the rule's data, the record and the first
+day it reads, and returns the evidence (empty: the rule does not hold). A new kind is a module with an `evaluate`
+and a line in RESULT_RULES (docs/architecture.md says what the catalog needs beside it)."""
 from __future__ import annotations
 
 from datetime import date, timedelta
