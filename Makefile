@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 FHIR_SERVER_DIR = tests/fhir_server
 
-.PHONY: run test test-fast install install-test fhir-server browser bench clean
+.PHONY: run test test-fast install install-test spark fhir-server browser java bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,spark]'
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test fhir-server browser
+# the optional Spark engine (cds-service screen --engine spark): PySpark, PyArrow, pandas; Java 17+ beside it
+spark: install java
+	$(PIP) install --quiet -e '.[spark]'
+
+install-test: $(VENV)/.installed-test fhir-server browser java
 	tests/ensure_postgres.sh
+
+# a Java runtime for the Spark engine's tests (tests/test_screen.py runs Spark local[2])
+java:
+	@command -v java >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "make: the Spark tests need Java 17+; install it as root: apt-get install --no-install-recommends openjdk-17-jre-headless" >&2; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless >/dev/null; }
 
 # Debian's Chromium for the real-browser suite (tests/e2e): Playwright drives it, no browser is downloaded
 browser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -331,6 +332,9 @@ def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
             summary = screen(export, out, AS_OF, workers=w)
             runs[w] = summary
         one, many = runs[1], runs[workers]
+        spark = None
+        if importlib.util.find_spec("pyspark") is not None and shutil.which("java"):
+            spark = screen(export, Path(tmp) / "spark", AS_OF, workers=workers, engine="spark")
         return {"patients": n, "raw_mb": round(raw / 1e6, 1), "workers": workers,
                 "evaluate_alone_per_s": round(evaluate_rate, 1),
                 "screen_1_worker_per_s": one["patients_per_second"],
@@ -339,7 +343,11 @@ def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
                 "ratio_screen_1_worker_to_evaluate": round(one["patients_per_second"] / evaluate_rate, 2),
                 "raw_mb_per_s_per_core": round(raw / 1e6 / many["seconds"] / workers, 1),
                 "orjson_parse_only_mb_per_s": round(raw / 1e6 / parse_s, 1),
-                "peak_rss_mb": round(many["peak_rss_bytes"] / 1e6), "seconds": many["seconds"]}
+                "peak_rss_mb": round(many["peak_rss_bytes"] / 1e6), "seconds": many["seconds"],
+                # Spark local[workers] on the same export: its seconds include the JVM's start (~20 s here)
+                "spark_seconds": spark["seconds"] if spark else None,
+                "spark_per_core_per_s": round(spark["patients_per_second"] / workers, 1) if spark else None,
+                "ratio_spark_to_local_time": round(spark["seconds"] / many["seconds"], 2) if spark else None}
 
 
 # ---- FHIR fallback ----------------------------------------------------------------------------------
@@ -538,6 +546,12 @@ def main() -> int:
         print(f"  screen with {sc['workers']} workers: {sc['screen_per_s']:.0f}/s ({sc['screen_per_core_per_s']:.0f}/s per "
               f"core), {sc['raw_mb_per_s_per_core']:.1f} MB/s per core (orjson parse-only floor "
               f"{sc['orjson_parse_only_mb_per_s']:.0f} MB/s on one core); peak RSS {sc['peak_rss_mb']} MB")
+        if sc["spark_seconds"] is not None:
+            print(f"  spark local[{sc['workers']}]: {sc['spark_seconds']:.1f} s vs {sc['seconds']:.1f} s embedded "
+                  f"({sc['ratio_spark_to_local_time']:.2f}x the time, JVM start included; "
+                  f"{sc['spark_per_core_per_s']:.0f} patients/s per core)")
+        else:
+            print("  spark: not measured (make spark installs the extra; Java 17+ is needed)")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

@@ -164,8 +164,11 @@ def _screen(args: argparse.Namespace) -> int:
     workers = args.workers or len(os.sched_getaffinity(0))
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, not {workers}")
+    if args.master and args.engine != "spark":
+        raise ValueError("--master is for --engine spark")
     try:
-        summary = screen(args.export, args.out, as_of, workers, settings.cards_dir or None, progress_bar())
+        summary = screen(args.export, args.out, as_of, workers, settings.cards_dir or None, progress_bar(),
+                         engine=args.engine, master=args.master)
     except KeyboardInterrupt:
         print("cds-service screen: interrupted; no output was written", file=sys.stderr)
         return 130
@@ -251,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     scr.add_argument("--out", required=True, help="folder for findings.ndjson, worklist.csv/.parquet, report.html, summary.json")
     scr.add_argument("--as-of", default=None, help="evaluation date YYYY-MM-DD (default: today or CDS_AS_OF)")
     scr.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
-    scr.add_argument("--engine", choices=["local"], default="local",
-                     help="local: DuckDB and worker processes on this machine")
+    scr.add_argument("--engine", choices=["local", "spark"], default="local",
+                     help="local: DuckDB and worker processes on this machine; spark: Apache Spark (the [spark] "
+                          "extra), on --master, the spark-submit session, or local[WORKERS]")
+    scr.add_argument("--master", default=None, help="Spark master URL with --engine spark (yarn, k8s://..., "
+                                                    "spark://host:7077, local[4]); default: spark-submit's or local")
     scr.set_defaults(func=_screen)
     check = sub.add_parser("check-catalog", help="validate a catalog folder (default: the one the service uses)")
     check.add_argument("directory", nargs="?", default=None, help="folder holding catalog.yaml and the files it names")

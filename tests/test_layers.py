@@ -31,8 +31,8 @@ SUBPACKAGES = set(MAY_IMPORT) - {"foundation", "app"}
 def floor_of(module: str) -> str:
     """The floor of a dotted module name inside cds_service."""
     parts = module.split(".")[1:]
-    if not parts or parts[0] in ("cli",):
-        return "app"                                    # cds_service itself (create_app) and the CLI
+    if not parts or parts[0] in ("cli", "__main__"):
+        return "app"                                    # cds_service itself (create_app), the CLI, python -m
     return parts[0] if parts[0] in SUBPACKAGES else "foundation"
 
 

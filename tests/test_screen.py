@@ -179,15 +179,21 @@ def _condition(cid: str, pid: str | None, code: str = "M05.79", display: str = "
     return json.dumps(res)
 
 
-def test_bad_input_is_counted_with_file_and_line_and_never_stops_the_run(tmp_path):
-    export = tmp_path / "export"
-    export.mkdir()
+def _bad_export(export: Path) -> Path:
+    """Two patients amid what real exports hold: lines that are not resources, a resource without a patient, a
+    truncated .gz, a patient whose Patient resource is missing, a type the engine does not read."""
+    export.mkdir(exist_ok=True)
     _write(export, "Patient.000.ndjson", [_patient("p1"), "{not json", "", _patient("p2"), "[1, 2]"])
     _write(export, "Condition.000.ndjson.gz", [_condition("c1", "p1"), _condition("c2", None)], gz=True)
     whole = gzip.compress(("\n".join(_condition(f"t{i}", "p2") for i in range(200)) + "\n").encode())
     (export / "Condition.001.ndjson.gz").write_bytes(whole[: len(whole) * 2 // 3])         # a truncated download
     _write(export, "Condition.002.ndjson", [_condition("g1", "ghost")])                    # a patient not exported
     _write(export, "Claim.000.ndjson", ['{"resourceType": "Claim", "id": "x"}'] * 3)       # a type not read
+    return export
+
+
+def test_bad_input_is_counted_with_file_and_line_and_never_stops_the_run(tmp_path):
+    export = _bad_export(tmp_path / "export")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "cds_service.cli", "screen", str(export), "--out", str(out),
                            "--as-of", "2026-06-30", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
@@ -265,3 +271,118 @@ def test_an_interrupted_run_leaves_no_output_that_looks_complete(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         screen(export, tmp_path / "out", AS_OF, progress=interrupt)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---- the Spark engine: the same per-patient function, the same files ---------------------------------------
+_VARYING = ("seconds", "patients_per_second", "peak_rss_bytes", "peak_rss_bytes_by_process", "engine", "workers",
+            "export")
+
+
+def _loaded(rows) -> dict:
+    """What the Python reader's rows add up to, in the DuckDB load's terms."""
+    from collections import Counter
+    out = {"bad": set(), "skipped": Counter(), "nopatient": Counter(), "res": Counter(), "enc": 0, "med": 0}
+    for r in rows:
+        if r.kind == "bad":
+            out["bad"].add((Path(r.file).name, r.line_no))
+        elif r.kind in ("skipped", "nopatient"):
+            out[r.kind][r.rt] += r.line_no if r.kind == "skipped" else 1
+        elif r.kind == "res":
+            out["res"][r.pid] += 1
+        else:
+            out[r.kind] += 1
+    return out
+
+
+def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_path):
+    """Spark's executors read files with reader.py, the embedded engine with DuckDB: the same lines are bad, the same
+    resources lack a patient, the same types are skipped, and every patient gets the same resources."""
+    from cds_service.screening.export import export_files
+    from cds_service.screening.partition import ExportGroups
+    from cds_service.screening.reader import read_export_file
+
+    export = _bad_export(tmp_path / "bad")
+    for f in corpora["messy"].glob("*.ndjson"):
+        (export / f.name.replace(".000", ".100")).write_bytes(f.read_bytes())
+    files = export_files(export)
+    read = _loaded(row for f in files for row in read_export_file(f.type, str(f.path)))
+    (tmp_path / "work").mkdir()
+    groups = ExportGroups(files, tmp_path / "work")
+    try:
+        load = groups.load()
+        assert read["bad"] == {(Path(m["file"]).name, m["line"]) for m in load.malformed_lines}
+        assert read["nopatient"] == load.resources_without_patient and read["skipped"] == load.skipped_types
+        assert dict(read["res"]) == {pid: len(lines) for pid, lines in groups.patients()}
+        assert read["med"] == len(groups.medications()) > 0
+    finally:
+        groups.close()
+
+
+def test_a_file_read_in_byte_ranges_gives_every_line_once_with_its_line_number(corpora, tmp_path):
+    """Spark reads a large uncompressed file in ranges, one task each: cut anywhere, even mid-line or on a newline,
+    the ranges together hold each line exactly once, numbered as in the whole file."""
+    from cds_service.screening.reader import lines_before, read_export_file
+
+    lines = [x for f in sorted(corpora["messy"].glob("Observation*.ndjson")) for x in f.read_text().splitlines()]
+    lines[5:5] = ["{not json", "", "[1, 2]"]
+    path = tmp_path / "Observation.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    whole = list(read_export_file("Observation", str(path)))
+    size = path.stat().st_size
+    newline = path.read_bytes().index(b"\n")
+    for cuts in ([newline, newline + 1], sorted(random.Random(5).sample(range(1, size), 7)), [size - 1]):
+        bounds = [0, *cuts, None]
+        ranged = []
+        for start, end in zip(bounds, bounds[1:]):
+            base = lines_before(str(path), start)
+            ranged += [r._replace(line_no=r.line_no + base) for r in read_export_file("Observation", str(path), start, end)]
+        assert ranged == whole, cuts
+    assert [r.line_no for r in whole if r.kind == "bad"] == [6, 8]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """One local[2] session for the module's Spark runs (the screen uses the active session)."""
+    import os
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+    session = (SparkSession.builder.master("local[2]").appName("tests").config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false").config("spark.sql.shuffle.partitions", "4")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+@pytest.mark.integration
+def test_spark_local_2_writes_what_the_embedded_engine_writes(corpora, spark, tmp_path):
+    """The messy corpus with every kind of bad input beside it, screened on Spark local[2] and by the embedded
+    engine: the same findings lines in the same order, the same worklist, the same summary."""
+    export = _bad_export(tmp_path / "export")
+    for f in corpora["messy"].glob("*.ndjson"):
+        (export / f.name.replace(".000", ".100")).write_bytes(f.read_bytes())
+    local = screen(export, tmp_path / "local", AS_OF, workers=2)
+    distributed = screen(export, tmp_path / "spark", AS_OF, workers=2, engine="spark")
+    assert distributed["engine"] == "spark" and local["patients"] == distributed["patients"] > 40
+    assert {k: v for k, v in local.items() if k not in _VARYING} == \
+        {k: v for k, v in distributed.items() if k not in _VARYING}
+    assert local["malformed_lines"] and local["failed_patients"] and local["alert_burden"]["chart_openings"] > 0
+    strip = [_strip_uuids(json.loads(x)) for x in (tmp_path / "local" / "findings.ndjson").read_text().splitlines()]
+    assert strip == [_strip_uuids(json.loads(x)) for x in (tmp_path / "spark" / "findings.ndjson").read_text().splitlines()]
+    assert (tmp_path / "local" / "worklist.csv").read_bytes() == (tmp_path / "spark" / "worklist.csv").read_bytes()
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'spark' / 'worklist.parquet'}'").fetchall()[0][0] > 0
+
+
+def test_the_spark_engine_without_pyspark_is_one_line_and_exit_2(tmp_path):
+    """A site that has not installed the [spark] extra is told how to, not shown a traceback."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "pyspark.py").write_text("raise ImportError('No module named pyspark')\n")
+    _write(tmp_path / "export", "Patient.ndjson", [_patient("p1")]) if (tmp_path / "export").mkdir() is None else None
+    import os
+    env = {**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "screen", str(tmp_path / "export"), "--out",
+                           str(tmp_path / "out"), "--engine", "spark"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pip install" in done.stderr and "[spark]" in done.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()

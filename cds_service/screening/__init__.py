@@ -4,9 +4,10 @@ service and `cds-service evaluate`.
     screen(export, out, as_of)          -> summary dict; writes findings.ndjson, worklist.csv, worklist.parquet,
                                            report.html and summary.json into `out`
 
-The export is grouped by patient with DuckDB (`partition.py`, spilling to disk), each group is evaluated by
-`patients.PatientScreen` in worker processes that load the catalog once, and the lines are tallied into the
-worklist, the alert burden and the report (`outputs.py`, `report.py`). Outputs are written under temporary names
+Two engines feed the same outputs. `local.py` (the default) groups the export by patient with DuckDB
+(`partition.py`, spilling to disk) and evaluates each group in worker processes that load the catalog once;
+`spark.py` reads, groups and evaluates on Apache Spark. Both call `patients.PatientScreen` per patient, and the
+lines are tallied into the worklist, the alert burden and the report (`outputs.py`, `report.py`). Outputs are written under temporary names
 and renamed at the end, so an interrupted run leaves nothing that looks complete."""
 from __future__ import annotations
 
@@ -16,32 +17,32 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date
-from multiprocessing import get_context
 from pathlib import Path
 
 import orjson
 
 from .export import ExportError, export_files
 from .outputs import Tally, alert_burden, write_worklist_csv
-from .partition import ExportGroups
-from .patients import PatientScreen, init_worker, screen_batch
 
-__all__ = ["screen", "ExportError", "OUTPUTS"]
+__all__ = ["screen", "ExportError", "OUTPUTS", "ENGINES"]
 
 OUTPUTS = ("findings.ndjson", "worklist.csv", "worklist.parquet", "report.html", "summary.json")
-BATCH = 16                     # patients per task sent to a worker
-SURVEY_PATIENTS = 100          # the code survey in the report reads this many patients
+ENGINES = ("local", "spark")
+SURVEY_PATIENTS = 100          # the code survey in the report reads this many patients (the first by id)
 
 
 def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, cards_dir: str | None = None,
-           progress=None) -> dict:
-    """Screen every patient of `export` into the folder `out`; the summary is returned and written."""
+           progress=None, engine: str = "local", master: str | None = None) -> dict:
+    """Screen every patient of `export` into the folder `out`; the summary is returned and written.
+
+    `engine` "local" groups with DuckDB and evaluates in `workers` processes; "spark" runs the same per-patient
+    function on Apache Spark (`master`, else the active session or local[workers]). Both write the same files."""
     from ..knowledge.catalog import load_catalog
     from ..clinical.survey import CodeSurvey
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     started = time.perf_counter()
     files = export_files(export)
     out = Path(out)
@@ -49,18 +50,21 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
     work = Path(tempfile.mkdtemp(prefix=".screen-", dir=out))
     temp = {name: out / f".{name}.partial" for name in OUTPUTS}
     catalog = load_catalog(cards_dir or None)
-    survey = CodeSurvey(catalog, as_of)
-    groups = None
+    survey = SurveySample(CodeSurvey(catalog, as_of), SURVEY_PATIENTS)
+    runner = None
     try:
-        groups = ExportGroups(files, work)
-        load = groups.load()
-        medications = groups.medications()
-        total = groups.patient_count()
+        if engine == "spark":
+            from .spark import SparkEngine
+            runner = SparkEngine(files, work, as_of, workers, cards_dir, catalog, master)
+        else:
+            from .local import LocalEngine
+            runner = LocalEngine(files, work, as_of, workers, cards_dir, catalog)
+        load = runner.load()
+        total = runner.patient_count()
         tally, rows = Tally(), []
         done = 0
         with open(temp["findings.ndjson"], "wb") as findings:
-            def take(results) -> None:
-                nonlocal done
+            for results in runner.results(survey):
                 for r in results:
                     done += 1
                     if r.line is None:
@@ -72,48 +76,33 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
                         rows.append(r.facts.row)
                 if progress:
                     progress(done, total, time.perf_counter() - started)
-
-            batches = _batches(groups.patients(), survey)
-            if workers <= 1:
-                one = PatientScreen(cards_dir, as_of, medications, catalog)
-                for batch in batches:
-                    take([one(p, lines) for p, lines in batch])
-            else:
-                with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
-                                         initargs=(cards_dir, as_of, medications)) as pool:
-                    pending: deque = deque()
-                    for batch in batches:                 # bounded: never more than 4 tasks a worker in flight
-                        pending.append(pool.submit(screen_batch, batch))
-                        if len(pending) >= workers * 4:
-                            take(pending.popleft().result())
-                    while pending:
-                        take(pending.popleft().result())
         write_worklist_csv(rows, temp["worklist.csv"])
-        groups.con.execute(f"COPY (SELECT * FROM read_csv('{_sql(temp['worklist.csv'])}', header=true, "
-                           f"all_varchar=false)) TO '{_sql(temp['worklist.parquet'])}' (FORMAT parquet)")
-        burden = alert_burden(tally, groups.encounters(), as_of)
+        _parquet(temp["worklist.csv"], temp["worklist.parquet"])
+        burden = alert_burden(tally, sorted(runner.encounters(), key=_encounter_key), as_of)
         seconds = time.perf_counter() - started
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         summary = {
             "export": str(export), "as_of": as_of.isoformat(), "catalog_version": catalog.version,
-            "engine": "local", "workers": workers,
+            "engine": engine, "workers": workers,
             "patients": tally.patients + len(tally.failed),
             "cards": dict(sorted(tally.cards.items())),
             "treatment_gaps": dict(tally.treatment_gaps.most_common()),
             "failed_patients": tally.failed,
-            "malformed_lines": load.malformed_lines,
+            "malformed_lines": sorted(load.malformed_lines, key=lambda m: (m["file"], m["line"], m["error"])),
             "resources_without_patient": dict(sorted(load.resources_without_patient.items())),
             "skipped_types": dict(sorted(load.skipped_types.items())),
             "resources": load.resources, "input_bytes": load.input_bytes,
             "alert_burden": burden,
             "seconds": round(seconds, 2),
             "patients_per_second": round((tally.patients + len(tally.failed)) / seconds, 1) if seconds else None,
-            "peak_rss_bytes": max(own, child),
-            "peak_rss_bytes_by_process": {"main": own, "largest_worker": child if workers > 1 else own},
+            "peak_rss_bytes": max(own, child) if engine == "local" else own,
+            # Spark's JVM and executors keep their own memory (its UI and metrics show it): here, the driver's Python
+            "peak_rss_bytes_by_process": {"main": own, "largest_worker": child if workers > 1 else own}
+            if engine == "local" else {"driver_python": own},
         }
         unrecognised = [(r.resource_type, r.system, r.code or r.display, len(r.patients))
-                        for r in survey.sorted_rows(unmatched_only=True)]
+                        for r in survey.survey.sorted_rows(unmatched_only=True)]
         from .report import render
         temp["report.html"].write_text(render(summary, tally, burden, unrecognised), encoding="utf-8")
         temp["summary.json"].write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
@@ -121,26 +110,35 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             os.replace(path, out / name)
         return summary
     finally:
-        if groups is not None:
-            groups.close()
+        if runner is not None:
+            runner.close()
         for path in temp.values():
             path.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _batches(patients, survey):
-    """Groups in batches of BATCH; the first SURVEY_PATIENTS also feed the code survey."""
-    batch, seen = [], 0
-    for pid, lines in patients:
-        if seen < SURVEY_PATIENTS:
-            seen += 1
-            survey.add_bundle({"entry": [{"resource": orjson.loads(t)} for t in lines]}, pid)
-        batch.append((pid, lines))
-        if len(batch) >= BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class SurveySample:
+    """The code survey over the first `limit` patients an engine offers (in patient-id order)."""
+
+    def __init__(self, survey, limit: int) -> None:
+        self.survey, self.limit, self.seen = survey, limit, 0
+
+    def offer(self, patient: str, lines: list[str]) -> None:
+        if self.seen < self.limit:
+            self.seen += 1
+            self.survey.add_bundle({"entry": [{"resource": orjson.loads(t)} for t in sorted(lines)]}, patient)
+
+
+def _encounter_key(e: tuple) -> tuple:
+    return tuple("" if v is None else v for v in e)
+
+
+def _parquet(csv_path: Path, parquet_path: Path) -> None:
+    import duckdb
+
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT * FROM read_csv('{_sql(csv_path)}', header=true, all_varchar=false)) "
+                    f"TO '{_sql(parquet_path)}' (FORMAT parquet)")
 
 
 def _sql(path: Path) -> str:

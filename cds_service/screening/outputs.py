@@ -132,11 +132,15 @@ def _band(age: int | None) -> str:
     return f"{low}+" if low == 90 else f"{low}-{low + 9}"
 
 
+def burden_window(as_of: date) -> tuple[str, str]:
+    """The 12 months of Encounters the alert burden counts: start dates after the first, up to the second."""
+    return (as_of - timedelta(days=365)).isoformat(), as_of.isoformat()
+
+
 def alert_burden(tally: Tally, encounters: list[tuple[str, str | None, str | None]], as_of: date) -> dict:
     """Expected cards per 1,000 chart openings and per clinic day, taking each Encounter of the last 12 months
     as one chart opening (a patient with a card shows it at every opening; snooze would lower this)."""
-    since = (as_of - timedelta(days=365)).isoformat()
-    upto = as_of.isoformat()
+    since, upto = burden_window(as_of)
     openings, days = 0, set()
     flagged_openings: Counter = Counter()            # by indicator
     by_cause: Counter = Counter()

@@ -134,8 +134,10 @@ class ExportGroups:
         rows = self.con.execute("SELECT json_extract_string(line, '$.id'), line FROM res WHERE rt = 'Medication'")
         return {mid: line for mid, line in rows.fetchall() if mid}
 
-    def encounters(self) -> list[tuple[str, str | None, str | None]]:
-        return self.con.execute("SELECT pid, start, location FROM enc").fetchall()
+    def encounters(self, since: str, upto: str) -> list[tuple[str, str | None, str | None]]:
+        """The openings that started after `since`, up to `upto` (ISO dates): the alert burden's window."""
+        return self.con.execute("SELECT pid, start, location FROM enc WHERE substr(start, 1, 10) > ? "
+                                "AND substr(start, 1, 10) <= ?", [since, upto]).fetchall()
 
     def patient_count(self) -> int:
         return self.con.execute("SELECT count(DISTINCT pid) FROM res WHERE pid IS NOT NULL "

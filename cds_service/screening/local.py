@@ -1,0 +1,72 @@
+"""The embedded engine: DuckDB groups the export by patient on this machine (`partition.py`, spilling to disk)
+and worker processes, each loading the catalog once, evaluate the groups in patient-id order."""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+from .export import ExportFile
+from .outputs import burden_window
+from .partition import ExportGroups, LoadReport
+from .patients import PatientScreen, Screened, init_worker, screen_batch
+
+BATCH = 16                     # patients per task sent to a worker
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, files: list[ExportFile], work: Path, as_of: date, workers: int, cards_dir: str | None,
+                 catalog) -> None:
+        self.groups = ExportGroups(files, work)
+        self.as_of, self.workers, self.cards_dir, self.catalog = as_of, workers, cards_dir, catalog
+        self.medications: dict[str, str] = {}
+
+    def load(self) -> LoadReport:
+        report = self.groups.load()
+        self.medications = self.groups.medications()
+        return report
+
+    def patient_count(self) -> int:
+        return self.groups.patient_count()
+
+    def results(self, survey) -> Iterator[list[Screened]]:
+        """Batches of screened patients, in patient-id order; the first `survey.limit` patients feed the survey."""
+        batches = _batches(self.groups.patients(), survey)
+        if self.workers <= 1:
+            one = PatientScreen(self.cards_dir, self.as_of, self.medications, self.catalog)
+            for batch in batches:
+                yield [one(p, lines) for p, lines in batch]
+            return
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=init_worker,
+                                 initargs=(self.cards_dir, self.as_of, self.medications)) as pool:
+            pending: deque = deque()
+            for batch in batches:                 # bounded: never more than 4 tasks a worker in flight
+                pending.append(pool.submit(screen_batch, batch))
+                if len(pending) >= self.workers * 4:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def encounters(self) -> list[tuple[str, str | None, str | None]]:
+        return self.groups.encounters(*burden_window(self.as_of))
+
+    def close(self) -> None:
+        self.groups.close()
+
+
+def _batches(patients, survey):
+    """Groups in batches of BATCH; the first patients also feed the code survey."""
+    batch = []
+    for pid, lines in patients:
+        survey.offer(pid, lines)
+        batch.append((pid, lines))
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

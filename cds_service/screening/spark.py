@@ -1,0 +1,243 @@
+"""The distributed engine: Apache Spark reads the export, groups it by patient and runs the same per-patient
+function as the embedded engine (`patients.PatientScreen`) on its executors.
+
+    files --mapInArrow(read_export_file)--> rows (persisted) --repartition(pid), sort--> mapInArrow(PatientScreen)
+
+Only the DataFrame API is used (`mapInArrow`, no RDDs), so it runs under `spark-submit` on YARN, Kubernetes or a
+standalone cluster, and through Spark Connect (Databricks). The export's files must be readable by every executor
+at the path the driver names (a shared mount: /dbfs/..., EFS, NFS), and every node needs this package installed
+(`pip install '.[spark]'`, a cluster library, a bootstrap action or the container image). The findings reach the
+driver sorted by patient, so `findings.ndjson` is byte-for-byte what the embedded engine writes (bar uuids)."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+from .export import ExportFile
+from .outputs import burden_window
+from .partition import LoadReport
+from .reader import lines_before
+from .patients import Screened
+
+ROWS_SCHEMA = "kind string, file string, line_no long, rt string, pid string, text string, start long"
+RANGE_BYTES = 32 * 1024 * 1024     # an uncompressed file is read in ranges of this size, one task each
+OUT_SCHEMA = "patient string, line binary, facts binary, error string"
+OUT_BATCH = 16                 # screened patients per Arrow batch back from an executor
+
+
+class SparkUnavailable(ValueError):
+    """`--engine spark` without PySpark installed (the optional extra) or without a Java runtime."""
+
+
+def spark_session(master: str | None, workers: int):
+    """The active session (spark-submit, a notebook), else one on `master`, else `local[workers]`."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise SparkUnavailable("the spark engine needs PySpark: pip install 'cds-secondary-osteoporosis[spark]' "
+                               "(or pip install -e '.[spark]' in a checkout)") from None
+    active = SparkSession.getActiveSession()
+    if active is not None and master is None:
+        return active, False
+    # executors run this interpreter's packages unless the site says otherwise
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("cds-service screen")
+    if master or not os.environ.get("SPARK_HOME"):
+        builder = builder.master(master or f"local[{workers}]")
+    if (master or "local").startswith("local"):
+        builder = (builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+                   .config("spark.sql.shuffle.partitions", str(max(2, workers * 4)))
+                   .config("spark.driver.memory", os.environ.get("CDS_SPARK_DRIVER_MEMORY", "2g")))
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - py4j: no java, a master that cannot be reached
+        raise SparkUnavailable(f"Spark could not start: {str(exc).splitlines()[0][:300]}") from None
+    session.sparkContext.setLogLevel("ERROR")
+    return session, True
+
+
+class SparkEngine:
+    name = "spark"
+
+    def __init__(self, files: list[ExportFile], work: Path, as_of: date, workers: int, cards_dir: str | None,
+                 catalog, master: str | None = None) -> None:
+        self.files, self.as_of, self.workers = files, as_of, workers
+        self.cards_dir = str(Path(cards_dir).resolve()) if cards_dir else None
+        self.spark, self._owned = spark_session(master, workers)
+        self.rows = None
+        self.medications: dict[str, str] = {}
+        self._encounters: list[tuple[str, str | None, str | None]] = []
+        self._patients = 0
+        self._partitions = max(2, int(self.spark.conf.get("spark.sql.shuffle.partitions", "8")))
+
+    # ---- load: every file read once on the executors, the rows kept for the passes that follow --------
+    def load(self) -> LoadReport:
+        from pyspark import StorageLevel
+
+        listing = [(f.type, str(f.path.resolve()), start, end) for f in self.files for start, end in _ranges(f)]
+        files = self.spark.createDataFrame(listing, "type string, path string, start long, end long") \
+            .repartition(len(listing))
+        self.rows = files.mapInArrow(_read_files, ROWS_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+        report = LoadReport(input_bytes=sum(f.path.stat().st_size for f in self.files))
+        report.filtered_bytes = sum(f.path.stat().st_size for f in self.files if _wanted(f.type))
+        # one pass for what is not a patient's resource; of the openings only the burden's window comes back
+        since, upto = burden_window(self.as_of)
+        quality = self.rows.filter(f"kind IN ('bad', 'skipped', 'nopatient', 'med') OR (kind = 'enc' AND "
+                                   f"substr(text, 1, 10) > '{since}' AND substr(text, 1, 10) <= '{upto}')")
+        for r in quality.collect():
+            if r.kind == "bad":                 # numbered from its range's first line: now from the file's
+                line = r.line_no + (lines_before(r.file, r.start) if r.start else 0)
+                report.malformed_lines.append({"file": r.file, "line": line, "error": r.text})
+            elif r.kind == "skipped":
+                report.skipped_types[r.rt] += r.line_no
+            elif r.kind == "nopatient":
+                report.resources_without_patient[r.rt] += 1
+            elif r.kind == "med":
+                if r.pid:
+                    self.medications[r.pid] = r.text
+            else:
+                self._encounters.append((r.pid, r.text, r.rt))
+        counts = self.rows.filter("kind = 'res'").selectExpr("count(*) AS n", "count(DISTINCT pid) AS p").first()
+        no_patient = sum(n for rt, n in report.resources_without_patient.items() if rt != "Encounter")
+        report.resources = counts.n + no_patient
+        self._patients = counts.p
+        return report
+
+    def patient_count(self) -> int:
+        return self._patients
+
+    def results(self, survey) -> Iterator[list[Screened]]:
+        """The screened patients in patient-id order: evaluated in parallel on the executors and kept there, then
+        streamed to the driver through a sort (never all of them in the driver's memory)."""
+        from pyspark import StorageLevel
+
+        screen = _PartitionScreen(self.cards_dir, self.as_of, self.medications)
+        screened = (self.rows.filter("kind = 'res'").select("pid", "text")
+                    .repartition(self._partitions, "pid").sortWithinPartitions("pid")
+                    .mapInArrow(screen, OUT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK))
+        try:
+            screened.count()                                # the evaluation itself, on every executor at once
+            batch: list[Screened] = []
+            first: list[str] = []                            # the survey's patients: the first by id
+            for r in screened.orderBy("patient").toLocalIterator(prefetchPartitions=True):
+                facts = pickle.loads(r.facts) if r.facts is not None else None
+                batch.append(Screened(r.patient, bytes(r.line) if r.line is not None else None, facts, r.error))
+                if len(first) < survey.limit:
+                    first.append(r.patient)
+                if len(batch) >= 256:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        finally:
+            screened.unpersist()
+        self._offer_survey(survey, first)
+
+    def _offer_survey(self, survey, first: list[str]) -> None:
+        from pyspark.sql.functions import col
+
+        texts: dict[str, list[str]] = {pid: [] for pid in first}
+        for r in self.rows.filter(col("pid").isin(first) & (col("kind") == "res")).select("pid", "text").collect():
+            texts[r.pid].append(r.text)
+        for pid in first:
+            survey.offer(pid, texts[pid])
+
+    def encounters(self) -> list[tuple[str, str | None, str | None]]:
+        return self._encounters
+
+    def close(self) -> None:
+        if self.rows is not None:
+            self.rows.unpersist()
+        if self._owned:
+            self.spark.stop()
+
+
+def _ranges(f: ExportFile) -> list[tuple[int, int | None]]:
+    """Byte ranges of a file for separate tasks; a gzip stream is one (it cannot be entered midway)."""
+    size = f.path.stat().st_size
+    if f.compressed or size <= RANGE_BYTES:
+        return [(0, None)]
+    starts = list(range(0, size, RANGE_BYTES))
+    return [(s, e) for s, e in zip(starts, starts[1:] + [None])]
+
+
+def _wanted(file_type: str) -> bool:
+    from .partition import ENGINE_TYPES, SIDE_TYPES
+    return file_type in ENGINE_TYPES or file_type in SIDE_TYPES
+
+
+# ---- what runs on the executors (pickled with its arguments; imports happen there) -----------------------
+def _read_files(batches):
+    import pyarrow as pa
+
+    from .reader import read_export_file
+
+    schema = pa.schema([("kind", pa.string()), ("file", pa.string()), ("line_no", pa.int64()), ("rt", pa.string()),
+                        ("pid", pa.string()), ("text", pa.string()), ("start", pa.int64())])
+    for batch in batches:
+        for file_type, path, start, end in zip(*(batch.column(c).to_pylist() for c in ("type", "path", "start", "end"))):
+            rows: list = []
+            for row in read_export_file(file_type, path, start, end):
+                rows.append((*row, start))
+                if len(rows) >= 4096:
+                    yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), schema)],
+                                                     schema=schema)
+                    rows = []
+            if rows:
+                yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), schema)],
+                                                 schema=schema)
+
+
+class _PartitionScreen:
+    """The per-patient function over one sorted partition: a patient's lines arrive together (possibly across
+    Arrow batches) and are evaluated by the executor's PatientScreen, made once per Python worker."""
+
+    def __init__(self, cards_dir: str | None, as_of: date, medications: dict[str, str]) -> None:
+        self.cards_dir, self.as_of, self.medications = cards_dir, as_of, medications
+
+    def __call__(self, batches):
+        import pyarrow as pa
+
+        screen = _worker_screen(self.cards_dir, self.as_of, self.medications)
+        schema = pa.schema([("patient", pa.string()), ("line", pa.binary()), ("facts", pa.binary()),
+                            ("error", pa.string())])
+        out: list[Screened] = []
+
+        def flush():
+            cols = ([s.patient for s in out], [s.line for s in out],
+                    [pickle.dumps(s.facts) if s.facts is not None else None for s in out], [s.error for s in out])
+            return pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema)
+
+        current, lines = None, []
+        for batch in batches:
+            for pid, text in zip(batch.column("pid").to_pylist(), batch.column("text").to_pylist()):
+                if pid != current:
+                    if current is not None:
+                        out.append(screen(current, lines))
+                        if len(out) >= OUT_BATCH:
+                            yield flush()
+                            out = []
+                    current, lines = pid, []
+                lines.append(text)
+        if current is not None:
+            out.append(screen(current, lines))
+        if out:
+            yield flush()
+
+
+_WORKER: tuple | None = None
+
+
+def _worker_screen(cards_dir, as_of, medications):
+    """One PatientScreen per executor Python worker (Spark reuses its workers): the catalog loads once."""
+    from .patients import PatientScreen
+
+    global _WORKER
+    key = (cards_dir, as_of, len(medications), hash(frozenset(medications)))
+    if _WORKER is None or _WORKER[0] != key:
+        _WORKER = (key, PatientScreen(cards_dir, as_of, medications))
+    return _WORKER[1]
