@@ -118,6 +118,24 @@ def test_every_findings_line_is_what_evaluate_prints_for_that_patient(corpora, n
 
 
 @pytest.mark.integration
+def test_a_public_synthea_bulk_export_screens_as_evaluate_reads_each_patient(tmp_path):
+    """SMART's sample-bulk-fhir-datasets (10 patients, as a Bulk Data server wrote them, with the types the engine
+    does not read): every patient screened, each line what `evaluate --explain` prints for that patient."""
+    export = ROOT / "fixtures" / "bulk" / "smart-sample-10-patients"
+    as_of = date(2023, 6, 30)                      # its last Encounters are of early 2023
+    summary = screen(export, tmp_path / "out", as_of, workers=1)
+    screened = _lines(tmp_path / "out" / "findings.ndjson")
+    expected = _evaluate(_patient_bundles(export, tmp_path / "bundles", seed=11), as_of)
+    assert summary["patients"] == len(screened) == len(expected) == 13      # 10 alive at export, as Synthea counts
+    assert summary["failed_patients"] == [] and summary["malformed_lines"] == []
+    assert summary["resources_without_patient"] == {}
+    assert set(summary["skipped_types"]) == {"AllergyIntolerance", "Immunization", "Device"}
+    assert summary["alert_burden"]["chart_openings"] > 0
+    assert [p for p in expected if screened[p] != expected[p]] == []
+    assert any(line["findings"] for line in screened.values())
+
+
+@pytest.mark.integration
 def test_partitioning_order_and_compression_do_not_change_a_line(corpora, tmp_path):
     """The messy corpus again as one uncompressed file per type, its lines shuffled, screened in one process."""
     export = tmp_path / "shuffled"

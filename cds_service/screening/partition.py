@@ -23,7 +23,7 @@ SIDE_TYPES = ("Medication", "Encounter")
 MAX_LINE_BYTES = 64 * 1024 * 1024        # a resource larger than this is reported as a malformed line
 
 _LINES = ("read_csv(?, columns={'line': 'VARCHAR'}, delim=chr(1), quote='', escape='', header=false, "
-          "auto_detect=false, strict_mode=false, null_padding=true, max_line_size=" + str(MAX_LINE_BYTES) + ")")
+          "auto_detect=false, strict_mode=false, null_padding=true, max_line_size=" + str(MAX_LINE_BYTES) + ", buffer_size=" + str(2 * MAX_LINE_BYTES) + ")")
 _PATIENT = ("CASE WHEN rt IS NULL THEN NULL WHEN rt = 'Patient' THEN json_extract_string(line, '$.id') ELSE nullif(regexp_extract(coalesce("
             "json_extract_string(line, '$.subject.reference'), json_extract_string(line, '$.patient.reference'), "
             "json_extract_string(line, '$.beneficiary.reference')), '(?:^|/)Patient/([^/]+)$', 1), '') END")
@@ -126,7 +126,14 @@ class ExportGroups:
             return self.con.execute(f"SELECT count(*) FROM {_LINES} WHERE trim(line) <> ''",
                                     [str(f.path)]).fetchone()[0]
         except Exception:  # noqa: BLE001 - a damaged file of a type not read: counted as far as it goes
-            return 0
+            from .reader import read_export_file
+            count = 0
+            for row in read_export_file(f.type, str(f.path)):
+                if row.kind == "skipped":
+                    count = row.line_no
+                else:                                        # the damage, with its line
+                    self.report.malformed_lines.append({"file": row.file, "line": row.line_no, "error": row.text})
+            return count
 
     # ---- read back -------------------------------------------------------------------------------
     def medications(self) -> dict[str, str]:
