@@ -405,3 +405,26 @@ def test_the_spark_engine_without_pyspark_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "pip install" in done.stderr and "[spark]" in done.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_terminal_sees_the_files_read_then_patients_rate_and_eta(tmp_path):
+    """On a terminal the screen says which file it reads (grouping needs them all first), then patients done with a
+    rate and an ETA, and ends its line; piped to a file it prints nothing."""
+    import io
+
+    from cds_service.screening import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export, "Patient.ndjson", [_patient(f"p{i}") for i in range(40)])
+    _write(export, "Condition.ndjson", [_condition(f"c{i}", f"p{i}") for i in range(40)])
+    shown = Terminal()
+    screen(export, tmp_path / "out", AS_OF, progress=progress_bar(shown))
+    text = shown.getvalue()
+    assert "reading the export: 0/2 files (Condition.ndjson)" in text and "1/2 files (Patient.ndjson)" in text
+    assert "40/40 patients" in text and "/s, ETA 0 s" in text and text.endswith("\n")
+    assert progress_bar(io.StringIO()) is None

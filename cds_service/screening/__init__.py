@@ -59,7 +59,7 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
         else:
             from .local import LocalEngine
             runner = LocalEngine(files, work, as_of, workers, cards_dir, catalog)
-        load = runner.load()
+        load = runner.load(getattr(progress, "reading", None))
         total = runner.patient_count()
         tally, rows = Tally(), []
         done = 0
@@ -146,22 +146,34 @@ def _sql(path: Path) -> str:
 
 
 def progress_bar(stream=sys.stderr):
-    """A one-line progress display for a terminal (patients done, rate, ETA); nothing when not a TTY."""
-    if not stream.isatty():
-        return None
-    last = [0.0]
+    """A one-line progress display for a terminal (files read, then patients done, rate, ETA); None when not a TTY."""
+    return ProgressBar(stream) if stream.isatty() else None
 
-    def show(done: int, total: int, elapsed: float) -> None:
-        if elapsed - last[0] < 0.2 and done < total:
+
+class ProgressBar:
+    """Called with (done, total, elapsed) as patients finish; `reading` shows the load before the first patient
+    (grouping by patient needs every file read first). The rate counts from the first patient."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.last, self.first = stream, 0.0, None
+
+    def reading(self, files_done: int, files_total: int, name: str) -> None:
+        self.stream.write(f"\rreading the export: {files_done:,}/{files_total:,} files ({name[:40]})\x1b[K")
+        self.stream.flush()
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if self.first is None:
+            self.first = (elapsed, done)
+        if elapsed - self.last < 0.2 and done < total:
             return
-        last[0] = elapsed
-        rate = done / elapsed if elapsed else 0.0
+        self.last = elapsed
+        span = elapsed - self.first[0]
+        rate = (done - self.first[1]) / span if span > 0 else 0.0
         eta = (total - done) / rate if rate else 0.0
         width = 30
         filled = int(width * done / total) if total else width
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} patients, "
-                     f"{rate:,.0f}/s, ETA {eta:,.0f} s ")
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} patients, "
+                          f"{rate:,.0f}/s, ETA {eta:,.0f} s\x1b[K")
         if done >= total:
-            stream.write("\n")
-        stream.flush()
-    return show
+            self.stream.write("\n")
+        self.stream.flush()

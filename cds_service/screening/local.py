@@ -26,8 +26,8 @@ class LocalEngine:
         self.as_of, self.workers, self.cards_dir, self.catalog = as_of, workers, cards_dir, catalog
         self.medications: dict[str, str] = {}
 
-    def load(self) -> LoadReport:
-        report = self.groups.load()
+    def load(self, on_file=None) -> LoadReport:
+        report = self.groups.load(on_file)
         self.medications = self.groups.medications()
         return report
 

@@ -60,8 +60,11 @@ class ExportGroups:
         self.report = LoadReport()
 
     # ---- load ------------------------------------------------------------------------------------
-    def load(self) -> LoadReport:
-        for f in self.files:
+    def load(self, on_file=None) -> LoadReport:
+        """Every file into the database; `on_file(done, total, name)` before each (for a progress display)."""
+        for i, f in enumerate(self.files):
+            if on_file:
+                on_file(i, len(self.files), f.path.name)
             self.report.input_bytes += f.path.stat().st_size
             if f.type not in ENGINE_TYPES and f.type not in SIDE_TYPES:
                 self.report.skipped_types[f.type] += self._count_lines(f)

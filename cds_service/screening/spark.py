@@ -75,8 +75,11 @@ class SparkEngine:
         self._partitions = max(2, int(self.spark.conf.get("spark.sql.shuffle.partitions", "8")))
 
     # ---- load: every file read once on the executors, the rows kept for the passes that follow --------
-    def load(self) -> LoadReport:
+    def load(self, on_file=None) -> LoadReport:
         from pyspark import StorageLevel
+
+        if on_file:
+            on_file(0, len(self.files), "on Spark")
 
         listing = [(f.type, str(f.path.resolve()), start, end) for f in self.files for start, end in _ranges(f)]
         files = self.spark.createDataFrame(listing, "type string, path string, start long, end long") \
