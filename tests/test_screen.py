@@ -294,7 +294,7 @@ def test_an_interrupted_run_leaves_no_output_that_looks_complete(tmp_path):
 
 # ---- the Spark engine: the same per-patient function, the same files ---------------------------------------
 _VARYING = ("seconds", "patients_per_second", "peak_rss_bytes", "peak_rss_bytes_by_process", "engine", "workers",
-            "export")
+            "temp_disk_bytes", "export")
 
 
 def _loaded(rows) -> dict:

@@ -60,11 +60,14 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             from .local import LocalEngine
             runner = LocalEngine(files, work, as_of, workers, cards_dir, catalog)
         load = runner.load(getattr(progress, "reading", None))
+        temp_bytes = _folder_bytes(work)             # the temporary disk: after the load, then as the sort spills
         total = runner.patient_count()
         tally, rows = Tally(), []
         done = 0
         with open(temp["findings.ndjson"], "wb") as findings:
             for results in runner.results(survey):
+                if done < 2 * len(results) or done % 4096 < len(results):
+                    temp_bytes = max(temp_bytes, _folder_bytes(work))
                 for r in results:
                     done += 1
                     if r.line is None:
@@ -92,7 +95,8 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             "malformed_lines": sorted(load.malformed_lines, key=lambda m: (m["file"], m["line"], m["error"])),
             "resources_without_patient": dict(sorted(load.resources_without_patient.items())),
             "skipped_types": dict(sorted(load.skipped_types.items())),
-            "resources": load.resources, "input_bytes": load.input_bytes,
+            "resources": load.resources, "input_bytes": load.input_bytes, "filtered_input_bytes": load.filtered_bytes,
+            "temp_disk_bytes": temp_bytes,
             "alert_burden": burden,
             "seconds": round(seconds, 2),
             "patients_per_second": round((tally.patients + len(tally.failed)) / seconds, 1) if seconds else None,
@@ -127,6 +131,10 @@ class SurveySample:
         if self.seen < self.limit:
             self.seen += 1
             self.survey.add_bundle({"entry": [{"resource": orjson.loads(t)} for t in sorted(lines)]}, patient)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _encounter_key(e: tuple) -> tuple:

@@ -82,7 +82,10 @@ def render(summary: dict, tally, burden: dict, unrecognised: list[tuple[str, str
         "<h2>Run</h2>",
         _table("Throughput and memory", ("figure", "value"), [
             ("seconds", summary["seconds"]), ("patients per second", summary["patients_per_second"]),
-            ("workers", summary["workers"]), ("input bytes", f"{summary['input_bytes']:,}"),
+            ("engine", summary["engine"]), ("workers", summary["workers"]),
+            ("input bytes", f"{summary['input_bytes']:,}"),
+            ("input bytes of the types read", f"{summary['filtered_input_bytes']:,}"),
+            ("temporary disk, largest", f"{summary['temp_disk_bytes']:,}"),
             ("peak RSS, largest process", f"{summary['peak_rss_bytes']:,}")]),
         "</body></html>",
     ]
