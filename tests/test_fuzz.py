@@ -95,7 +95,7 @@ def test_valid_request_with_one_member_broken(client, path, value):
     check(client.post(SERVICE_URL, json=body))
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=200)
 @given(prefetch=st.fixed_dictionaries({k: BUNDLE | RESOURCE | st.none() for k in KEYS}))
 def test_odd_prefetch_resources(client, prefetch):
     body = {"hook": "patient-view", "hookInstance": "fuzz", "context": {"patientId": "p1", "userId": "Practitioner/1"},

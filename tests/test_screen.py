@@ -365,9 +365,12 @@ def spark():
     import os
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
-    session = (SparkSession.builder.master("local[2]").appName("tests").config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false").config("spark.sql.shuffle.partitions", "4")
-               .getOrCreate())
+
+    from cds_service.screening.spark import local_conf
+    builder = SparkSession.builder.master("local[2]").appName("tests")
+    for key, value in local_conf(2).items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
     yield session
     session.stop()
 
@@ -379,7 +382,7 @@ def test_spark_local_2_writes_what_the_embedded_engine_writes(corpora, spark, tm
     export = _bad_export(tmp_path / "export")
     for f in corpora["messy"].glob("*.ndjson"):
         (export / f.name.replace(".000", ".100")).write_bytes(f.read_bytes())
-    local = screen(export, tmp_path / "local", AS_OF, workers=2)
+    local = screen(export, tmp_path / "local", AS_OF, workers=1)
     distributed = screen(export, tmp_path / "spark", AS_OF, workers=2, engine="spark")
     assert distributed["engine"] == "spark" and local["patients"] == distributed["patients"] > 40
     assert {k: v for k, v in local.items() if k not in _VARYING} == \

