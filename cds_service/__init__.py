@@ -1,7 +1,6 @@
 """Secondary-osteoporosis CDS Hooks service."""
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .storage.feedback import GuardedStore, open_store
     from .fhir.fhir_client import FhirClient
     from .fhir.record import warm_models
-    from .services import ServiceRegistry
+    from .services import ServiceRegistry, keep_out_of_gc_scans
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -79,8 +78,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(api.bench_bp)
     api.install_handlers(app)
     logging.getLogger(__name__).info("service ready", extra={"event": "startup", "catalog_version": catalog.version})
-    # The catalog and models live for the whole process: keep them out of the cyclic GC's scans.
-    gc.collect()
-    gc.freeze()
+    keep_out_of_gc_scans()
     return app
 

@@ -93,12 +93,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .knowledge.catalog import load_catalog
     from .errors import ServiceError, operation_outcome
     from .fhir.fhir_client import FhirClient
-    from .services import ServiceRegistry, evaluation_line
+    from .services import ServiceRegistry, evaluation_line, keep_out_of_gc_scans
 
     settings = Settings.from_env()
     as_of = _as_of(args, settings)
     services = ServiceRegistry(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
                                settings.fhir_page_size)
+    keep_out_of_gc_scans()
     book = None
     if settings.snooze_secret_list:               # the service's own store: --explain says when a card is snoozed
         from .storage.feedback import open_store

