@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,24 @@ OUT_BATCH = 16                 # screened patients per Arrow batch back from an 
 
 class SparkUnavailable(ValueError):
     """`--engine spark` without PySpark installed (the optional extra) or without a Java runtime."""
+
+
+class SparkFailed(ValueError):
+    """A Spark job failed (an executor lost or out of memory, the cluster gone): one line, and no output written."""
+
+
+@contextmanager
+def _jobs():
+    """Spark's errors (Py4J, PySpark) as one SparkFailed line; the screen's own errors pass as they are."""
+    try:
+        yield
+    except SparkUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - narrowed by the module the error comes from
+        if not type(exc).__module__.startswith(("py4j", "pyspark")):
+            raise
+        first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
+        raise SparkFailed(f"a Spark job failed: {first[:300]}") from None
 
 
 def spark_session(master: str | None, workers: int):
@@ -86,10 +105,14 @@ class SparkEngine:
 
     # ---- load: every file read once on the executors, the rows kept for the passes that follow --------
     def load(self, on_file=None) -> LoadReport:
-        from pyspark import StorageLevel
-
         if on_file:
             on_file(0, len(self.files), "on Spark")
+        with _jobs():
+            return self._load()
+
+    def _load(self) -> LoadReport:
+        from pyspark import StorageLevel
+
 
         listing = [(f.type, str(f.path.resolve()), start, end) for f in self.files for start, end in _ranges(f)]
         files = self.spark.createDataFrame(listing, "type string, path string, start long, end long") \
@@ -126,6 +149,10 @@ class SparkEngine:
     def results(self, survey) -> Iterator[list[Screened]]:
         """The screened patients in patient-id order: evaluated in parallel on the executors and kept there, then
         streamed to the driver through a sort (never all of them in the driver's memory)."""
+        with _jobs():
+            yield from self._results(survey)
+
+    def _results(self, survey) -> Iterator[list[Screened]]:
         from pyspark import StorageLevel
 
         screen = _PartitionScreen(self.cards_dir, self.as_of, self.medications)
