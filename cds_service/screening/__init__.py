@@ -65,8 +65,8 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
         tally, rows = Tally(), []
         done = 0
         with open(temp["findings.ndjson"], "wb") as findings:
-            for results in runner.results(survey):
-                if done < 2 * len(results) or done % 4096 < len(results):
+            for n, results in enumerate(runner.results(survey)):
+                if n % 64 == 0:                          # the sort's spill, now and then
                     temp_bytes = max(temp_bytes, _folder_bytes(work))
                 for r in results:
                     done += 1

@@ -20,6 +20,12 @@ from .export import ExportFile
 ENGINE_TYPES = ("Patient", "Condition", "Procedure", "Observation", "MedicationRequest", "MedicationStatement",
                 "MedicationAdministration", "MedicationDispense")
 SIDE_TYPES = ("Medication", "Encounter")
+
+
+def reads_type(resource_type: str) -> bool:
+    """Whether the screen reads a file of this type (the others are only counted)."""
+    return resource_type in ENGINE_TYPES or resource_type in SIDE_TYPES
+
 MAX_LINE_BYTES = 64 * 1024 * 1024        # a resource larger than this is reported as a malformed line
 
 _LINES = ("read_csv(?, columns={'line': 'VARCHAR'}, delim=chr(1), quote='', escape='', header=false, "
@@ -66,7 +72,7 @@ class ExportGroups:
             if on_file:
                 on_file(i, len(self.files), f.path.name)
             self.report.input_bytes += f.path.stat().st_size
-            if f.type not in ENGINE_TYPES and f.type not in SIDE_TYPES:
+            if not reads_type(f.type):
                 self.report.skipped_types[f.type] += self._count_lines(f)
                 continue
             self.report.filtered_bytes += f.path.stat().st_size

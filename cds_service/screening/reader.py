@@ -11,7 +11,7 @@ from typing import Iterator, NamedTuple
 
 import orjson
 
-from .partition import ENGINE_TYPES, MAX_LINE_BYTES, SIDE_TYPES
+from .partition import MAX_LINE_BYTES, reads_type
 
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/([^/]+)$")
 
@@ -33,7 +33,7 @@ def read_export_file(file_type: str, path: str, start: int = 0, end: int | None 
     compressed = path.endswith(".gz")
     if compressed and (start or end is not None):
         raise ValueError("a gzip stream is read whole, not in ranges")
-    wanted = file_type in ENGINE_TYPES or file_type in SIDE_TYPES
+    wanted = reads_type(file_type)
     n = skipped = 0
     last = None                     # a last line without a newline: whole if the stream ends cleanly
     try:

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from .export import ExportFile
 from .outputs import burden_window
-from .partition import LoadReport
+from .partition import LoadReport, reads_type
 from .reader import lines_before
 from .patients import Screened
 
@@ -119,7 +119,7 @@ class SparkEngine:
             .repartition(len(listing))
         self.rows = files.mapInArrow(_read_files, ROWS_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
         report = LoadReport(input_bytes=sum(f.path.stat().st_size for f in self.files))
-        report.filtered_bytes = sum(f.path.stat().st_size for f in self.files if _wanted(f.type))
+        report.filtered_bytes = sum(f.path.stat().st_size for f in self.files if reads_type(f.type))
         # one pass for what is not a patient's resource; of the openings only the burden's window comes back
         since, upto = burden_window(self.as_of)
         quality = self.rows.filter(f"kind IN ('bad', 'skipped', 'nopatient', 'med') OR (kind = 'enc' AND "
@@ -205,11 +205,6 @@ def _ranges(f: ExportFile) -> list[tuple[int, int | None]]:
     return [(s, e) for s, e in zip(starts, starts[1:] + [None])]
 
 
-def _wanted(file_type: str) -> bool:
-    from .partition import ENGINE_TYPES, SIDE_TYPES
-    return file_type in ENGINE_TYPES or file_type in SIDE_TYPES
-
-
 # ---- what runs on the executors (pickled with its arguments; imports happen there) -----------------------
 def _read_files(batches):
     import pyarrow as pa
@@ -224,12 +219,16 @@ def _read_files(batches):
             for row in read_export_file(file_type, path, start, end):
                 rows.append((*row, start))
                 if len(rows) >= 4096:
-                    yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), schema)],
-                                                     schema=schema)
+                    yield _record_batch(list(zip(*rows)), schema)
                     rows = []
             if rows:
-                yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), schema)],
-                                                 schema=schema)
+                yield _record_batch(list(zip(*rows)), schema)
+
+
+def _record_batch(columns: list, schema):
+    """Python columns as one Arrow batch of `schema` (the types Spark was promised, not the ones Arrow infers)."""
+    import pyarrow as pa
+    return pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema)
 
 
 class _PartitionScreen:
@@ -248,9 +247,9 @@ class _PartitionScreen:
         out: list[Screened] = []
 
         def flush():
-            cols = ([s.patient for s in out], [s.line for s in out],
-                    [pickle.dumps(s.facts) if s.facts is not None else None for s in out], [s.error for s in out])
-            return pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema)
+            return _record_batch([[s.patient for s in out], [s.line for s in out],
+                                  [pickle.dumps(s.facts) if s.facts is not None else None for s in out],
+                                  [s.error for s in out]], schema)
 
         current, lines = None, []
         for batch in batches:
