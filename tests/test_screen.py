@@ -376,18 +376,25 @@ def spark():
 
 
 @pytest.mark.integration
-def test_spark_local_2_writes_what_the_embedded_engine_writes(corpora, spark, tmp_path):
+def test_spark_local_2_writes_what_the_embedded_engine_writes(corpora, spark, tmp_path, monkeypatch):
     """The messy corpus with every kind of bad input beside it, screened on Spark local[2] and by the embedded
-    engine: the same findings lines in the same order, the same worklist, the same summary."""
+    engine: the same findings lines in the same order, the same worklist, the same summary. Files are read in
+    64 KB ranges here (32 MB in use), so a bad line deep in a file is numbered across ranges too."""
+    import cds_service.screening.spark as spark_engine
+
+    monkeypatch.setattr(spark_engine, "RANGE_BYTES", 64 * 1024)
     export = _bad_export(tmp_path / "export")
     for f in corpora["messy"].glob("*.ndjson"):
-        (export / f.name.replace(".000", ".100")).write_bytes(f.read_bytes())
+        text = f.read_bytes() + (b'{"resourceType": "Observation", broken\n' if f.name.startswith("Observation") else b"")
+        (export / f.name.replace(".000", ".100")).write_bytes(text)
+    assert max(f.stat().st_size for f in export.iterdir()) > 4 * 64 * 1024
     local = screen(export, tmp_path / "local", AS_OF, workers=1)
     distributed = screen(export, tmp_path / "spark", AS_OF, workers=2, engine="spark")
     assert distributed["engine"] == "spark" and local["patients"] == distributed["patients"] > 40
     assert {k: v for k, v in local.items() if k not in _VARYING} == \
         {k: v for k, v in distributed.items() if k not in _VARYING}
     assert local["malformed_lines"] and local["failed_patients"] and local["alert_burden"]["chart_openings"] > 0
+    assert any(m["file"].endswith("Observation.100.ndjson") and m["line"] > 100 for m in local["malformed_lines"])
     strip = [_strip_uuids(json.loads(x)) for x in (tmp_path / "local" / "findings.ndjson").read_text().splitlines()]
     assert strip == [_strip_uuids(json.loads(x)) for x in (tmp_path / "spark" / "findings.ndjson").read_text().splitlines()]
     assert (tmp_path / "local" / "worklist.csv").read_bytes() == (tmp_path / "spark" / "worklist.csv").read_bytes()

@@ -113,7 +113,6 @@ class SparkEngine:
     def _load(self) -> LoadReport:
         from pyspark import StorageLevel
 
-
         listing = [(f.type, str(f.path.resolve()), start, end) for f in self.files for start, end in _ranges(f)]
         files = self.spark.createDataFrame(listing, "type string, path string, start long, end long") \
             .repartition(len(listing))
@@ -124,9 +123,12 @@ class SparkEngine:
         since, upto = burden_window(self.as_of)
         quality = self.rows.filter(f"kind IN ('bad', 'skipped', 'nopatient', 'med') OR (kind = 'enc' AND "
                                    f"substr(text, 1, 10) > '{since}' AND substr(text, 1, 10) <= '{upto}')")
+        bases: dict[tuple[str, int], int] = {}   # lines before a range's start, counted once per range
         for r in quality.collect():
             if r.kind == "bad":                 # numbered from its range's first line: now from the file's
-                line = r.line_no + (lines_before(r.file, r.start) if r.start else 0)
+                if r.start and (r.file, r.start) not in bases:
+                    bases[r.file, r.start] = lines_before(r.file, r.start)
+                line = r.line_no + (bases[r.file, r.start] if r.start else 0)
                 report.malformed_lines.append({"file": r.file, "line": line, "error": r.text})
             elif r.kind == "skipped":
                 report.skipped_types[r.rt] += r.line_no
