@@ -112,6 +112,7 @@ def test_every_findings_line_is_what_evaluate_prints_for_that_patient(corpora, n
     expected = _evaluate(_patient_bundles(export, tmp_path / "bundles", seed=7), AS_OF)
     assert summary["patients"] == len(expected) == len(screened) > 40
     assert summary["failed_patients"] == [] and summary["malformed_lines"] == []
+    assert 0 < summary["peak_rss_bytes_by_process"]["largest_worker"] <= summary["peak_rss_bytes"]   # workers report it
     differing = [p for p in expected if screened.get(p) != expected[p]]
     assert not differing, f"{len(differing)} patients differ, e.g. {differing[:3]}"
     assert sum(bool(line["cards"]) for line in screened.values()) == sum(summary["cards"].values()) > 0

@@ -84,7 +84,7 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
         burden = alert_burden(tally, sorted(runner.encounters(), key=_encounter_key), as_of)
         seconds = time.perf_counter() - started
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        child = getattr(runner, "worker_peak_rss", 0)
         summary = {
             "export": str(export), "as_of": as_of.isoformat(), "catalog_version": catalog.version,
             "engine": engine, "workers": workers,
@@ -100,7 +100,7 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             "alert_burden": burden,
             "seconds": round(seconds, 2),
             "patients_per_second": round((tally.patients + len(tally.failed)) / seconds, 1) if seconds else None,
-            "peak_rss_bytes": max(own, child) if engine == "local" else own,
+            "peak_rss_bytes": max(own, child),
             # Spark's JVM and executors keep their own memory (its UI and metrics show it): here, the driver's Python
             "peak_rss_bytes_by_process": {"main": own, "largest_worker": child if workers > 1 else own}
             if engine == "local" else {"driver_python": own},

@@ -25,6 +25,7 @@ class LocalEngine:
         self.groups = ExportGroups(files, work)
         self.as_of, self.workers, self.cards_dir, self.catalog = as_of, workers, cards_dir, catalog
         self.medications: dict[str, str] = {}
+        self.worker_peak_rss = 0                # the largest worker's peak memory, as the workers report it
 
     def load(self, on_file=None) -> LoadReport:
         report = self.groups.load(on_file)
@@ -48,9 +49,14 @@ class LocalEngine:
             for batch in batches:                 # bounded: never more than 4 tasks a worker in flight
                 pending.append(pool.submit(screen_batch, batch))
                 if len(pending) >= self.workers * 4:
-                    yield pending.popleft().result()
+                    yield self._take(pending.popleft().result())
             while pending:
-                yield pending.popleft().result()
+                yield self._take(pending.popleft().result())
+
+    def _take(self, done: tuple[list[Screened], int]) -> list[Screened]:
+        results, peak = done
+        self.worker_peak_rss = max(self.worker_peak_rss, peak)
+        return results
 
     def encounters(self) -> list[tuple[str, str | None, str | None]]:
         return self.groups.encounters(*burden_window(self.as_of))

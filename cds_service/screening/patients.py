@@ -75,6 +75,21 @@ def init_worker(cards_dir: str | None, as_of: date, medications: dict[str, str])
     _SCREEN = PatientScreen(cards_dir, as_of, medications)
 
 
-def screen_batch(batch: list[tuple[str, list[str]]]) -> list[Screened]:
+def screen_batch(batch: list[tuple[str, list[str]]]) -> tuple[list[Screened], int]:
+    """The batch screened, and this worker's peak memory so far (for the run's summary)."""
     assert _SCREEN is not None, "init_worker was not called in this process"
-    return [_SCREEN(patient, lines) for patient, lines in batch]
+    return [_SCREEN(patient, lines) for patient, lines in batch], peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: VmHWM, which exec resets (a spawned
+    worker's ru_maxrss keeps the pages it shared with its parent between fork and exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
