@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .storage.feedback import GuardedStore, open_store
     from .fhir.fhir_client import FhirClient
     from .fhir.record import warm_models
-    from .services import ServiceRegistry, keep_out_of_gc_scans
+    from .services import CollectBetween, ServiceRegistry, keep_out_of_gc_scans
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         "snooze": snooze_book(settings, store, secrets, behind),
     }
     app.register_blueprint(api.bp)
-    app.wsgi_app = api.SlashTolerant(app.wsgi_app)
+    # the cyclic collector between requests, not inside them (where it re-walks the request's own objects)
+    app.wsgi_app = CollectBetween().wrap_wsgi(api.SlashTolerant(app.wsgi_app))
     if settings.bench_endpoint:
         app.register_blueprint(api.bench_bp)
     api.install_handlers(app)

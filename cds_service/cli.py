@@ -93,13 +93,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .knowledge.catalog import load_catalog
     from .errors import ServiceError, operation_outcome
     from .fhir.fhir_client import FhirClient
-    from .services import ServiceRegistry, evaluation_line, keep_out_of_gc_scans
+    from .services import CollectBetween, ServiceRegistry, evaluation_line, keep_out_of_gc_scans
 
     settings = Settings.from_env()
     as_of = _as_of(args, settings)
     services = ServiceRegistry(load_catalog(settings.cards_dir or None), FhirClient(), settings.fhir_timeout,
                                settings.fhir_page_size)
     keep_out_of_gc_scans()
+    between = CollectBetween()                   # the cyclic collector between files, not inside one
     book = None
     if settings.snooze_secret_list:               # the service's own store: --explain says when a card is snoozed
         from .storage.feedback import open_store
@@ -112,9 +113,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     failures = 0
     for name in _input_files(args.files):
         try:
-            data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
-            body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" else data
-            line = evaluation_line(services, body, as_of, args.explain, snoozed)
+            with between.unit():
+                data = orjson.loads(sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes())
+                body = request_from_bundle(data) if isinstance(data, dict) and data.get("resourceType") == "Bundle" \
+                    else data
+                line = evaluation_line(services, body, as_of, args.explain, snoozed)
         except OSError as exc:
             failures += 1
             message = f"cannot read {name}: {exc.strerror or type(exc).__name__}"

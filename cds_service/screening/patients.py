@@ -10,7 +10,7 @@ import orjson
 from ..fhir.bundles import request_from_bundle
 from ..knowledge.catalog import load_catalog
 from ..fhir.fhir_client import FhirClient
-from ..services import ServiceRegistry, evaluation_line, keep_out_of_gc_scans
+from ..services import CollectBetween, ServiceRegistry, evaluation_line, keep_out_of_gc_scans
 from .outputs import PatientFacts, patient_facts
 
 
@@ -32,8 +32,13 @@ class PatientScreen:
         self.as_of = as_of
         self.medications = medications
         keep_out_of_gc_scans()
+        self.collector = CollectBetween()      # the cyclic collector between patients, not inside one
 
     def __call__(self, patient: str, lines: list[str]) -> Screened:
+        with self.collector.unit():
+            return self._screen(patient, lines)
+
+    def _screen(self, patient: str, lines: list[str]) -> Screened:
         try:
             resources = [orjson.loads(text) for text in lines]
             wanted = {ref[len("Medication/"):] for r in resources for ref in _medication_refs(r)}

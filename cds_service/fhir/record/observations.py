@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from datetime import date, timedelta
 from typing import Any
 
@@ -60,6 +61,10 @@ class ObservationReader:
         read_from = rec.read_from
         read_from_day = self._cutoff_days(rec.as_of)
         observations = rec.observations
+        # a Measurement counts an implausible value on its record, through a weak proxy: the record holds its
+        # Measurements, and a strong link back would make every record a cycle, freed by the cyclic collector
+        # (resources and all) instead of the moment it is done with
+        counter = weakref.proxy(rec)
         for res in resources:
             try:
                 if res.get("status") not in counted:
@@ -107,7 +112,7 @@ class ObservationReader:
                 if ref is None:
                     continue
                 for code in wanted:
-                    m = Measurement(ref, code, when, res, self, rec)
+                    m = Measurement(ref, code, when, res, self, counter)
                     if code in observations:
                         observations[code].append(m)
                     else:
