@@ -68,11 +68,27 @@ def _rewrite(node, refs: dict[str, str]):
     return node
 
 
+def loose_resources(values: list) -> list[dict]:
+    """One patient's resources as an export lists them (no Bundle, no fullUrl), read as `bundle_resources` reads a
+    Bundle's entries: what is not a FHIR resource is left out, a resource without an id is given one."""
+    out = []
+    for res in values:
+        if type(res) is dict and isinstance(res.get("resourceType"), str):
+            out.append(res if isinstance(res.get("id"), str) else {**res, "id": uuid.uuid4().hex})
+    return out
+
+
 def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
     """A CDS Hooks patient-view request whose prefetch holds the Bundle's resources, in one canonical order
     (type, then id): the engine lists evidence in the order it reads it, so a patient's lines from `evaluate`
     and from `screen` (whose export arrives in any order, in any partition) are the same."""
-    resources = sorted(bundle_resources(bundle), key=_canonical)
+    return request_from_resources(bundle_resources(bundle), hook_instance)
+
+
+def request_from_resources(resources: list[dict], hook_instance: str | None = None) -> dict:
+    """`request_from_bundle` for resources already read (`bundle_resources`, `loose_resources`): a screen builds
+    each patient's request here without wrapping its lines in a Bundle first."""
+    resources = sorted(resources, key=_canonical)
     patients = [r for r in resources if r.get("resourceType") == "Patient"]
     if len(patients) != 1:
         raise BadRequest(f"The Bundle must hold exactly one Patient (found {len(patients)}).")

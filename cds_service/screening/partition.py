@@ -57,6 +57,8 @@ class ExportGroups:
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
         self.con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
         self.con.execute("SET preserve_insertion_order = false")
+        # a scratch database, deleted with its folder: closing it need not write it out first (1,000 patients: 1.4 s)
+        self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute("CREATE TABLE res (file VARCHAR, rt VARCHAR, pid VARCHAR, line VARCHAR)")

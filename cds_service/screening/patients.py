@@ -7,7 +7,7 @@ from datetime import date
 
 import orjson
 
-from ..fhir.bundles import request_from_bundle
+from ..fhir.bundles import loose_resources, request_from_resources
 from ..knowledge.catalog import load_catalog
 from ..fhir.fhir_client import FhirClient
 from ..services import CollectBetween, ServiceRegistry, evaluation_line, keep_out_of_gc_scans
@@ -40,11 +40,12 @@ class PatientScreen:
 
     def _screen(self, patient: str, lines: list[str]) -> Screened:
         try:
-            resources = [orjson.loads(text) for text in lines]
+            resources = loose_resources([orjson.loads(text) for text in lines])
             wanted = {ref[len("Medication/"):] for r in resources for ref in _medication_refs(r)}
-            resources += [orjson.loads(self.medications[m]) for m in sorted(wanted) if m in self.medications]
-            bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
-            line = evaluation_line(self.services, request_from_bundle(bundle), self.as_of, True)
+            resources += loose_resources([orjson.loads(self.medications[m]) for m in sorted(wanted)
+                                          if m in self.medications])
+            # the request `evaluate` builds from this patient's Bundle (request_from_bundle), without the Bundle
+            line = evaluation_line(self.services, request_from_resources(resources), self.as_of, True)
             person = next((r for r in resources if r.get("resourceType") == "Patient"), {})
             sex = person.get("gender") if isinstance(person.get("gender"), str) else None
             return Screened(patient, orjson.dumps(line),
