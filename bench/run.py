@@ -226,6 +226,12 @@ def _merge_wrk(runs: list[dict]) -> dict:
             "slices": len(runs)}
 
 
+def _paired_median(service_runs: list[dict], floor_runs: list[dict]) -> float:
+    """The median over rounds of each service slice against the floor slice beside it: a slow spell of a shared
+    machine lowers both slices of one round, and one such round moves a median less than a ratio of means."""
+    return round(statistics.median(s["rps"] / f["rps"] for s, f in zip(service_runs, floor_runs)), 2)
+
+
 @contextlib.contextmanager
 def store_frozen(path: str):
     """Hold the SQLite feedback store under an exclusive lock: every read and write of it blocks."""
@@ -241,7 +247,7 @@ def store_frozen(path: str):
 def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed for the HTTP benchmark (Debian package 'wrk'; `make bench` installs it)")
-    rounds, seconds = (3, 1) if quick else (4, 2)
+    rounds, seconds = (3, 1) if quick else (6, 2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         body400 = orjson.dumps(patient_request(400))
@@ -257,7 +263,8 @@ def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
                     floor_runs.append(run_wrk(server.base + FLOOR, body_file, conns, seconds))
                 svc, floor = _merge_wrk(service_runs), _merge_wrk(floor_runs)
                 rows.append({"concurrency": conns, "service": svc, "floor": floor,
-                             "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2)})
+                             "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2),
+                             "ratio_paired_median": _paired_median(service_runs, floor_runs)})
             # The feedback store frozen (its SQLite file held under an exclusive lock by another process, as a
             # stuck PostgreSQL or a full disk would hold it): c=4 service slices alternate with floor slices, so
             # the two service/floor ratios compare within one run. The card path must not wait on the store.
@@ -268,7 +275,8 @@ def bench_http(quick: bool, workers: int) -> tuple[list[dict], dict]:
                     frozen_floor.append(run_wrk(server.base + FLOOR, body_file, 4, seconds))
             svc, floor = _merge_wrk(frozen_runs), _merge_wrk(frozen_floor)
             rows.append({"concurrency": 4, "store": "frozen", "service": svc, "floor": floor,
-                         "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2)})
+                         "ratio_rps_service_floor": round(svc["rps"] / floor["rps"], 2),
+                         "ratio_paired_median": _paired_median(frozen_runs, frozen_floor)})
             # p50/p95 of single patient-view calls over HTTP (sequential, one connection)
             s = requests.Session()
             lat = []
@@ -521,15 +529,17 @@ def main() -> int:
         rows, single = bench_http(args.quick, workers)
         results["http"], results["http_single_call"] = rows, single
         print(f"\nHTTP ({workers} gunicorn workers, wrk on loopback, ~400-resource patient-view) vs parse-only endpoint")
-        print(f"{'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8} {'floor req/s':>12} {'floor p50':>10} {'service/floor':>14}")
+        print(f"{'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8} {'floor req/s':>12} {'floor p50':>10} {'service/floor':>14} "
+              f"{'paired median':>14}")
         for r in rows:
             s, f = r["service"], r["floor"]
             print(f"{str(r['concurrency']) + (' store frozen' if r.get('store') == 'frozen' else ''):>4} {s['rps']:>8.1f} {s['p50_ms']:>6.2f}ms {s['p99_ms']:>6.2f}ms {f['rps']:>12.1f} "
-                  f"{f['p50_ms']:>8.2f}ms {r['ratio_rps_service_floor']:>13.2f}x")
+                  f"{f['p50_ms']:>8.2f}ms {r['ratio_rps_service_floor']:>13.2f}x {r['ratio_paired_median']:>13.2f}x")
         healthy = next(r for r in rows if r["concurrency"] == 4 and "store" not in r)
         frozen = next(r for r in rows if r.get("store") == "frozen")
         print(f"store frozen vs healthy at c=4 (each against its own floor slices): "
-              f"{frozen['ratio_rps_service_floor'] / healthy['ratio_rps_service_floor']:.2f}x")
+              f"{frozen['ratio_rps_service_floor'] / healthy['ratio_rps_service_floor']:.2f}x "
+              f"(paired medians: {frozen['ratio_paired_median'] / healthy['ratio_paired_median']:.2f}x)")
         print(f"single calls, one connection: p50 {single['p50_ms']:.2f} ms, p95 {single['p95_ms']:.2f} ms (n={single['n']})")
     if "fallback" in only:
         fb = results["fallback"] = bench_fallback(args.quick)
