@@ -356,6 +356,7 @@ def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
                 "raw_mb_per_s_per_core": round(raw / 1e6 / many["seconds"] / workers, 1),
                 "orjson_parse_only_mb_per_s": round(raw / 1e6 / parse_s, 1),
                 "peak_rss_mb": round(many["peak_rss_bytes"] / 1e6), "seconds": many["seconds"],
+                "load_seconds": many["load_seconds"], "first_patient_seconds": many["first_patient_seconds"],
                 "temp_disk_to_filtered_input": round(many["temp_disk_bytes"] / many["filtered_input_bytes"], 2),
                 # Spark local[workers] on the same export: its seconds include the JVM's start (~20 s here)
                 "spark_seconds": spark["seconds"] if spark else None,
@@ -562,6 +563,8 @@ def main() -> int:
               f"core), {sc['raw_mb_per_s_per_core']:.1f} MB/s per core (orjson parse-only floor "
               f"{sc['orjson_parse_only_mb_per_s']:.0f} MB/s on one core); peak RSS {sc['peak_rss_mb']} MB; "
               f"temporary disk {sc['temp_disk_to_filtered_input']:.2f}x the input it reads")
+        print(f"  first patient's findings {sc['first_patient_seconds']:.1f} s after the start, of which "
+              f"{sc['load_seconds']:.1f} s reading and grouping the export")
         if sc["spark_seconds"] is not None:
             print(f"  spark local[{sc['workers']}]: {sc['spark_seconds']:.1f} s vs {sc['seconds']:.1f} s embedded "
                   f"({sc['ratio_spark_to_local_time']:.2f}x the time, JVM start included; "

@@ -113,6 +113,7 @@ def test_every_findings_line_is_what_evaluate_prints_for_that_patient(corpora, n
     assert summary["patients"] == len(expected) == len(screened) > 40
     assert summary["failed_patients"] == [] and summary["malformed_lines"] == []
     assert 0 < summary["peak_rss_bytes_by_process"]["largest_worker"] <= summary["peak_rss_bytes"]   # workers report it
+    assert 0 < summary["load_seconds"] <= summary["first_patient_seconds"] <= summary["seconds"]
     differing = [p for p in expected if screened.get(p) != expected[p]]
     assert not differing, f"{len(differing)} patients differ, e.g. {differing[:3]}"
     assert sum(bool(line["cards"]) for line in screened.values()) == sum(summary["cards"].values()) > 0
@@ -294,7 +295,7 @@ def test_an_interrupted_run_leaves_no_output_that_looks_complete(tmp_path):
 
 
 # ---- the Spark engine: the same per-patient function, the same files ---------------------------------------
-_VARYING = ("seconds", "patients_per_second", "peak_rss_bytes", "peak_rss_bytes_by_process", "engine", "workers",
+_VARYING = ("seconds", "load_seconds", "first_patient_seconds", "patients_per_second", "peak_rss_bytes", "peak_rss_bytes_by_process", "engine", "workers",
             "temp_disk_bytes", "export")
 
 

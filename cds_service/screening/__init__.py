@@ -60,12 +60,16 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             from .local import LocalEngine
             runner = LocalEngine(files, work, as_of, workers, cards_dir, catalog)
         load = runner.load(getattr(progress, "reading", None))
+        loaded = time.perf_counter() - started          # grouping by patient reads every file before the first patient
+        first = None
         temp_bytes = _folder_bytes(work)             # the temporary disk: after the load, then as the sort spills
         total = runner.patient_count()
         tally, rows = Tally(), []
         done = 0
         with open(temp["findings.ndjson"], "wb") as findings:
             for n, results in enumerate(runner.results(survey)):
+                if first is None:
+                    first = time.perf_counter() - started
                 if n % 64 == 0:                          # the sort's spill, now and then
                     temp_bytes = max(temp_bytes, _folder_bytes(work))
                 for r in results:
@@ -99,6 +103,8 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             "temp_disk_bytes": temp_bytes,
             "alert_burden": burden,
             "seconds": round(seconds, 2),
+            "load_seconds": round(loaded, 2),
+            "first_patient_seconds": round(first, 2) if first is not None else None,
             "patients_per_second": round((tally.patients + len(tally.failed)) / seconds, 1) if seconds else None,
             "peak_rss_bytes": max(own, child),
             # Spark's JVM and executors keep their own memory (its UI and metrics show it): here, the driver's Python

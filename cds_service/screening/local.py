@@ -9,10 +9,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
+import orjson
+
 from .export import ExportFile
 from .outputs import burden_window
 from .partition import ExportGroups, LoadReport
-from .patients import PatientScreen, Screened, init_worker, screen_batch
+from .patients import PatientScreen, Screened, init_worker, screen_batch, worker_ready
 
 BATCH = 16                     # patients per task sent to a worker
 
@@ -23,13 +25,24 @@ class LocalEngine:
     def __init__(self, files: list[ExportFile], work: Path, as_of: date, workers: int, cards_dir: str | None,
                  catalog) -> None:
         self.groups = ExportGroups(files, work)
+        self.work = work
+        self.pool: ProcessPoolExecutor | None = None
         self.as_of, self.workers, self.cards_dir, self.catalog = as_of, workers, cards_dir, catalog
         self.medications: dict[str, str] = {}
         self.worker_peak_rss = 0                # the largest worker's peak memory, as the workers report it
 
     def load(self, on_file=None) -> LoadReport:
+        """Read the export; the worker processes start first and load the catalog meanwhile (a few seconds each,
+        which would otherwise come between the load and the first patient)."""
+        medications_file = self.work / "medications.json"
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=init_worker,
+                                            initargs=(self.cards_dir, self.as_of, str(medications_file)))
+            for _ in range(self.workers):
+                self.pool.submit(worker_ready)
         report = self.groups.load(on_file)
         self.medications = self.groups.medications()
+        medications_file.write_bytes(orjson.dumps(self.medications))    # before any batch is sent
         return report
 
     def patient_count(self) -> int:
@@ -43,15 +56,14 @@ class LocalEngine:
             for batch in batches:
                 yield [one(p, lines) for p, lines in batch]
             return
-        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=init_worker,
-                                 initargs=(self.cards_dir, self.as_of, self.medications)) as pool:
-            pending: deque = deque()
-            for batch in batches:                 # bounded: never more than 4 tasks a worker in flight
-                pending.append(pool.submit(screen_batch, batch))
-                if len(pending) >= self.workers * 4:
-                    yield self._take(pending.popleft().result())
-            while pending:
+        assert self.pool is not None, "load() starts the workers"
+        pending: deque = deque()
+        for batch in batches:                     # bounded: never more than 4 tasks a worker in flight
+            pending.append(self.pool.submit(screen_batch, batch))
+            if len(pending) >= self.workers * 4:
                 yield self._take(pending.popleft().result())
+        while pending:
+            yield self._take(pending.popleft().result())
 
     def _take(self, done: tuple[list[Screened], int]) -> list[Screened]:
         results, peak = done
@@ -62,6 +74,9 @@ class LocalEngine:
         return self.groups.encounters(*burden_window(self.as_of))
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
         self.groups.close()
 
 

@@ -74,16 +74,29 @@ def _age(birth: object, as_of: date) -> int | None:
 
 # ---- process-pool plumbing: one PatientScreen per worker process ----------------------------------
 _SCREEN: PatientScreen | None = None
+_MEDICATIONS_FILE: str | None = None
 
 
-def init_worker(cards_dir: str | None, as_of: date, medications: dict[str, str]) -> None:
-    global _SCREEN
-    _SCREEN = PatientScreen(cards_dir, as_of, medications)
+def init_worker(cards_dir: str | None, as_of: date, medications_file: str) -> None:
+    """A worker loads the catalog as it starts, which may be while the export is still being read; the export's
+    Medications (`medications_file`, JSON written once the export is read) are taken with its first batch."""
+    global _SCREEN, _MEDICATIONS_FILE
+    _SCREEN = PatientScreen(cards_dir, as_of, {})
+    _MEDICATIONS_FILE = medications_file
+
+
+def worker_ready() -> None:
+    """A task that does nothing: submitting one per worker starts the workers (and their catalog loads) now."""
 
 
 def screen_batch(batch: list[tuple[str, list[str]]]) -> tuple[list[Screened], int]:
     """The batch screened, and this worker's peak memory so far (for the run's summary)."""
+    global _MEDICATIONS_FILE
     assert _SCREEN is not None, "init_worker was not called in this process"
+    if _MEDICATIONS_FILE is not None:
+        with open(_MEDICATIONS_FILE, "rb") as f:
+            _SCREEN.medications = orjson.loads(f.read())
+        _MEDICATIONS_FILE = None
     return [_SCREEN(patient, lines) for patient, lines in batch], peak_rss_bytes()
 
 

@@ -82,6 +82,8 @@ def render(summary: dict, tally, burden: dict, unrecognised: list[tuple[str, str
         "<h2>Run</h2>",
         _table("Throughput and memory", ("figure", "value"), [
             ("seconds", summary["seconds"]), ("patients per second", summary["patients_per_second"]),
+            ("seconds reading the export (before the first patient)", summary["load_seconds"]),
+            ("seconds to the first patient's findings", summary["first_patient_seconds"]),
             ("engine", summary["engine"]), ("workers", summary["workers"]),
             ("input bytes", f"{summary['input_bytes']:,}"),
             ("input bytes of the types read", f"{summary['filtered_input_bytes']:,}"),
