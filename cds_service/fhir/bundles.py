@@ -38,8 +38,7 @@ def bundle_resources(bundle: dict) -> list[dict]:
             continue
         full = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else ""
         m = _URN.match(full)
-        if not isinstance(res.get("id"), str):
-            res = {**res, "id": m.group(1) if m else uuid.uuid4().hex}
+        res = _identified(res, m.group(1) if m else None)
         if full:
             refs[full] = f"{rt}/{res['id']}"
             if full.startswith(("http://", "https://")) and "/" + rt + "/" in full:
@@ -68,14 +67,15 @@ def _rewrite(node, refs: dict[str, str]):
     return node
 
 
+def _identified(res: dict, given: str | None = None) -> dict:
+    """The resource with an id: its own, else `given` (its urn:uuid fullUrl's uuid), else a random one."""
+    return res if isinstance(res.get("id"), str) else {**res, "id": given or uuid.uuid4().hex}
+
+
 def loose_resources(values: list) -> list[dict]:
     """One patient's resources as an export lists them (no Bundle, no fullUrl), read as `bundle_resources` reads a
     Bundle's entries: what is not a FHIR resource is left out, a resource without an id is given one."""
-    out = []
-    for res in values:
-        if type(res) is dict and isinstance(res.get("resourceType"), str):
-            out.append(res if isinstance(res.get("id"), str) else {**res, "id": uuid.uuid4().hex})
-    return out
+    return [_identified(res) for res in values if type(res) is dict and isinstance(res.get("resourceType"), str)]
 
 
 def request_from_bundle(bundle: dict, hook_instance: str | None = None) -> dict:
