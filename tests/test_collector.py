@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
 import pytest
 
@@ -115,3 +116,20 @@ def test_a_unit_that_raises_still_resumes_the_collector(collector_state):
         with pacing.unit():
             raise ValueError("evaluation failed")
     assert gc.isenabled()
+
+
+def test_a_result_read_after_its_record_is_gone_still_reads_safely(registry):
+    """A Measurement counts an implausible value on its record through a weak link: read after the record was freed
+    (a caller keeping a result past its request), the value is still refused, never an exception."""
+    observation = {"resourceType": "Observation", "id": "ca-1", "status": "final",
+                   "subject": {"reference": "Patient/p1"},
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "17861-6", "display": "Calcium"}]},
+                   "effectiveDateTime": "2026-01-10", "valueQuantity": {"value": 250, "unit": "mg/dL"}}
+    prefetch = {"patient": {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1950-01-01"},
+                "observations": {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": observation}]}}
+    record = registry.kit.records.build(prefetch, "p1", AS_OF)
+    calcium = record.observations["17861-6"][0]
+    kept = weakref.ref(record)
+    del record
+    assert kept() is None                              # freed at once: no cycle held it
+    assert calcium.value is None                       # 250 mg/dL: no real calcium, never evidence

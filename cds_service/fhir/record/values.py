@@ -202,7 +202,10 @@ class Measurement:
         value, unit = builder._convert(builder.loinc_to_analyte.get(self.code), raw_value, code_unit, unit_text)
         if unit is _IMPLAUSIBLE:
             unit = ""
-            self._record.skipped_implausible += 1       # an entry or transmission error: never evidence
+            try:
+                self._record.skipped_implausible += 1   # an entry or transmission error: never evidence
+            except ReferenceError:
+                pass                                    # read after its record was freed: nothing left to count on
         elif value is not None and comparator in ("<", ">"):
             value *= (1 - 1e-9) if comparator == "<" else (1 + 1e-9)
         self._quantity = (value, unit, raw_value, unit_text or code_unit, code_unit, unit_text, comparator)
