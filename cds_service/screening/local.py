@@ -42,7 +42,8 @@ class LocalEngine:
                 self.pool.submit(worker_ready)
         report = self.groups.load(on_file)
         self.medications = self.groups.medications()
-        medications_file.write_bytes(orjson.dumps(self.medications))    # before any batch is sent
+        if self.pool is not None:                  # the workers read it with their first batch
+            medications_file.write_bytes(orjson.dumps(self.medications))
         return report
 
     def patient_count(self) -> int:
