@@ -339,6 +339,45 @@ def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_p
         groups.close()
 
 
+def test_a_type_not_read_is_counted_as_the_line_reader_counts_it_and_damage_still_reported(tmp_path, monkeypatch):
+    """Files of types the engine does not read are only counted, in bytes: blank and whitespace lines are not
+    resources, a last line without a newline is, a line across the counter's reads counts once. A damaged .gz or a
+    line over the limit goes to the line reader, which reports where."""
+    from cds_service.screening import partition, reader
+    from cds_service.screening.export import export_files
+    from cds_service.screening.partition import ExportGroups
+
+    export = tmp_path / "export"
+    export.mkdir()
+    claim = '{"resourceType": "Claim", "id": "%d", "patient": {"reference": "Patient/p1"}, "note": "%s"}'
+    text = "\n".join([claim % (0, "x" * 9000), "", "   ", "\t", claim % (1, ""), claim % (2, "y" * 20000)]) + "\n  \n"
+    (export / "Claim.000.ndjson").write_text(text + claim % (3, ""))                   # the last line has no newline
+    (export / "Claim.001.ndjson.gz").write_bytes(gzip.compress((claim % (4, "") + "\n").encode() * 7))
+    whole = gzip.compress("".join(claim % (i, "z" * 50) + "\n" for i in range(300)).encode())
+    (export / "Coverage.000.ndjson.gz").write_bytes(whole[: len(whole) // 2])          # a truncated download
+    _write(export, "Patient.000.ndjson", [_patient("p1")])
+    monkeypatch.setattr(partition, "_COUNT_READ_BYTES", 4096)        # lines cross reads
+    for module in (partition, reader):
+        monkeypatch.setattr(module, "MAX_LINE_BYTES", 15000)         # the 20,000-byte line is over the limit
+    files = export_files(export)
+    read = _loaded(row for f in files for row in reader.read_export_file(f.type, str(f.path)))
+    (tmp_path / "work").mkdir()
+    groups = ExportGroups(files, tmp_path / "work")
+    try:
+        load = groups.load()
+    finally:
+        groups.close()
+    assert load.skipped_types == read["skipped"]
+    assert load.skipped_types["Claim"] == 3 + 7                      # the over-long line is reported, not counted
+    assert 0 < load.skipped_types["Coverage"] < 300
+    bad = {(Path(m["file"]).name, m["line"]) for m in load.malformed_lines}
+    assert ("Claim.000.ndjson", 6) in bad and any(name == "Coverage.000.ndjson.gz" for name, _ in bad)
+    assert partition._count_resource_lines(export / "Claim.000.ndjson", False) is None      # to the line reader
+    assert partition._count_resource_lines(export / "Claim.001.ndjson.gz", True) == 7
+    monkeypatch.setattr(partition, "MAX_LINE_BYTES", 64 * 1024 * 1024)
+    assert partition._count_resource_lines(export / "Claim.000.ndjson", False) == 4
+
+
 def test_a_file_read_in_byte_ranges_gives_every_line_once_with_its_line_number(corpora, tmp_path):
     """Spark reads a large uncompressed file in ranges, one task each: cut anywhere, even mid-line or on a newline,
     the ranges together hold each line exactly once, numbered as in the whole file."""
