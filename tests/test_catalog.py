@@ -343,3 +343,32 @@ def test_a_typo_anywhere_is_named_on_its_line(tmp_path, file, old, new, message)
     with pytest.raises(CatalogError) as err:
         load_catalog(cards)
     assert any(re.fullmatch(message, p) for p in err.value.problems), err.value.problems
+
+
+# ---- another process builds from the files this one checked (a screen's workers) -------------------------
+def test_checked_files_handed_to_another_process_build_the_same_catalog_and_a_changed_folder_is_read_again(
+        tmp_path, monkeypatch):
+    """A screen's workers take the main process's parsed and checked cards/ instead of parsing them again. The
+    catalog they build is the same; a file changed since is read and checked afresh, never taken from the hand-off."""
+    from cds_service.knowledge import loading
+    from cds_service.knowledge.catalog import reuse_validated_files, validated_files
+
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    first = load_catalog(cards)
+    state = validated_files(cards)
+    assert state is not None and validated_files(tmp_path / "elsewhere") is None
+    loading._VALIDATED.clear()                              # as in a fresh worker process
+    reuse_validated_files(state)
+    parsed = []
+    monkeypatch.setattr(loading, "_read_and_check", lambda *a: parsed.append(a) or pytest.fail("parsed again"))
+    again = load_catalog(cards)
+    assert not parsed and again.version == first.version
+    assert list(again.causes) == list(first.causes) and again.causes["ckd"] == first.causes["ckd"]
+    monkeypatch.undo()
+    text = (cards / "causes.yaml").read_text()
+    loading._VALIDATED.clear()
+    reuse_validated_files(state)                            # the hand-off predates the edit
+    (cards / "causes.yaml").write_text(text.replace("strength: strong", "strength: very strong", 1))
+    with pytest.raises(CatalogError, match="very strong"):
+        load_catalog(cards)

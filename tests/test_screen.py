@@ -479,3 +479,27 @@ def test_a_terminal_sees_the_files_read_then_patients_rate_and_eta(tmp_path):
     assert "reading the export: 0/2 files (Condition.ndjson)" in text and "1/2 files (Patient.ndjson)" in text
     assert "40/40 patients" in text and "/s, ETA 0 s" in text and text.endswith("\n")
     assert progress_bar(io.StringIO()) is None
+
+
+def test_a_catalog_that_fails_to_load_releases_the_waiting_workers(tmp_path):
+    """The workers wait for the main process's checked catalog; when it fails to load they are released at once
+    (and load it themselves, meeting the same error), never left waiting out the timeout."""
+    import shutil
+    import time
+
+    from cds_service.knowledge.catalog import CatalogError
+    from cds_service.screening.patients import CatalogHandoff
+
+    cards = tmp_path / "cards"
+    shutil.copytree(ROOT / "cards", cards)
+    (cards / "causes.yaml").write_text("causes: [\n")
+    handoff = CatalogHandoff(tmp_path)
+    with pytest.raises(CatalogError):
+        handoff.load(str(cards))
+    assert handoff.ready.is_set() and not Path(handoff.path).exists()
+    t = time.monotonic()
+    handoff.take()
+    assert time.monotonic() - t < 1
+    good = CatalogHandoff(tmp_path)
+    good.load(None)
+    assert good.ready.is_set() and Path(good.path).stat().st_size > 0

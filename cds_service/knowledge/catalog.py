@@ -6,11 +6,11 @@ engine reads), `loading` (YAML, schema, the cached load), `checks` (cross-refere
 with file and line) and `indexes` (the lookups of the hot path). None of them decides anything clinical.
 """
 from .codesets import icd_key
-from .loading import DEFAULT_CARDS_DIR, FILES, load_catalog
+from .loading import DEFAULT_CARDS_DIR, FILES, load_catalog, reuse_validated_files, validated_files
 from .model import (ATC, CPT, ICD9CM, ICD10CM, ICD10PCS, ICD_MAX_KEY, KNOWN_SYSTEMS, LOINC, RXNORM, SNOMED,
                     SYSTEM_ALIASES, Catalog, CatalogError, Cause, Ingredient, icd_prefix_match, normalize_system,
                     normalize_text, words_regex)
 
-__all__ = ["icd_key", "DEFAULT_CARDS_DIR", "FILES", "load_catalog", "ATC", "CPT", "ICD9CM", "ICD10CM", "ICD10PCS",
+__all__ = ["icd_key", "DEFAULT_CARDS_DIR", "FILES", "load_catalog", "reuse_validated_files", "validated_files", "ATC", "CPT", "ICD9CM", "ICD10CM", "ICD10PCS",
            "ICD_MAX_KEY", "KNOWN_SYSTEMS", "LOINC", "RXNORM", "SNOMED", "SYSTEM_ALIASES", "Catalog", "CatalogError",
            "Cause", "Ingredient", "icd_prefix_match", "normalize_system", "normalize_text", "words_regex"]

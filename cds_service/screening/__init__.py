@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
 
     `engine` "local" groups with DuckDB and evaluates in `workers` processes; "spark" runs the same per-patient
     function on Apache Spark (`master`, else the active session or local[workers]). Both write the same files."""
-    from ..knowledge.catalog import load_catalog
     from ..clinical.survey import CodeSurvey
+    from .patients import CatalogHandoff
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -49,17 +50,23 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".screen-", dir=out))
     temp = {name: out / f".{name}.partial" for name in OUTPUTS}
-    catalog = load_catalog(cards_dir or None)
-    survey = SurveySample(CodeSurvey(catalog, as_of), SURVEY_PATIENTS)
+    # this process's catalog (the survey's, and the engine's with one worker) loads while the export is read: the
+    # load runs in DuckDB's or Spark's own threads, and the catalog's 2-3 s no longer come before the first patient
+    # (the local engine's workers then build theirs from it: CatalogHandoff)
+    handoff = CatalogHandoff(work)
+    catalog_loading = ThreadPoolExecutor(1, thread_name_prefix="catalog")
+    catalog_future = catalog_loading.submit(handoff.load, cards_dir)
     runner = None
     try:
         if engine == "spark":
             from .spark import SparkEngine
-            runner = SparkEngine(files, work, as_of, workers, cards_dir, catalog, master)
+            runner = SparkEngine(files, work, as_of, workers, cards_dir, master)
         else:
             from .local import LocalEngine
-            runner = LocalEngine(files, work, as_of, workers, cards_dir, catalog)
+            runner = LocalEngine(files, work, as_of, workers, cards_dir, handoff)
         load = runner.load(getattr(progress, "reading", None))
+        catalog = catalog_future.result()               # a catalog that does not load raises here, as before
+        survey = SurveySample(CodeSurvey(catalog, as_of), SURVEY_PATIENTS)
         loaded = time.perf_counter() - started          # grouping by patient reads every file before the first patient
         first = None
         temp_bytes = _folder_bytes(work)             # the temporary disk: after the load, then as the sort spills
@@ -67,7 +74,7 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
         tally, rows = Tally(), []
         done = 0
         with open(temp["findings.ndjson"], "wb") as findings:
-            for n, results in enumerate(runner.results(survey)):
+            for n, results in enumerate(runner.results(survey, catalog)):
                 if first is None:
                     first = time.perf_counter() - started
                 if n % 64 == 0:                          # the sort's spill, now and then
@@ -120,6 +127,7 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
             os.replace(path, out / name)
         return summary
     finally:
+        catalog_loading.shutdown(wait=True, cancel_futures=True)
         if runner is not None:
             runner.close()
         for path in temp.values():

@@ -14,7 +14,7 @@ import orjson
 from .export import ExportFile
 from .outputs import burden_window
 from .partition import ExportGroups, LoadReport
-from .patients import PatientScreen, Screened, init_worker, screen_batch, worker_ready
+from .patients import CatalogHandoff, PatientScreen, Screened, init_worker, screen_batch, worker_ready
 
 BATCH = 16                     # patients per task sent to a worker
 
@@ -23,21 +23,23 @@ class LocalEngine:
     name = "local"
 
     def __init__(self, files: list[ExportFile], work: Path, as_of: date, workers: int, cards_dir: str | None,
-                 catalog) -> None:
+                 handoff: CatalogHandoff | None = None) -> None:
         self.groups = ExportGroups(files, work)
         self.work = work
         self.pool: ProcessPoolExecutor | None = None
-        self.as_of, self.workers, self.cards_dir, self.catalog = as_of, workers, cards_dir, catalog
+        self.as_of, self.workers, self.cards_dir, self.handoff = as_of, workers, cards_dir, handoff
         self.medications: dict[str, str] = {}
         self.worker_peak_rss = 0                # the largest worker's peak memory, as the workers report it
 
     def load(self, on_file=None) -> LoadReport:
-        """Read the export; the worker processes start first and load the catalog meanwhile (a few seconds each,
-        which would otherwise come between the load and the first patient)."""
+        """Read the export; the worker processes start first, meanwhile, and build their catalogs from the main
+        process's (`handoff`) as soon as it has loaded: a few seconds that would otherwise come between the load
+        and the first patient."""
         medications_file = self.work / "medications.json"
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=init_worker,
-                                            initargs=(self.cards_dir, self.as_of, str(medications_file)))
+                                            initargs=(self.cards_dir, self.as_of, str(medications_file),
+                                                      self.handoff))
             for _ in range(self.workers):
                 self.pool.submit(worker_ready)
         report = self.groups.load(on_file)
@@ -49,11 +51,12 @@ class LocalEngine:
     def patient_count(self) -> int:
         return self.groups.patient_count()
 
-    def results(self, survey) -> Iterator[list[Screened]]:
-        """Batches of screened patients, in patient-id order; the first `survey.limit` patients feed the survey."""
+    def results(self, survey, catalog) -> Iterator[list[Screened]]:
+        """Batches of screened patients, in patient-id order; the first `survey.limit` patients feed the survey.
+        With one worker, this process screens them with `catalog`."""
         batches = _batches(self.groups.patients(), survey)
         if self.workers <= 1:
-            one = PatientScreen(self.cards_dir, self.as_of, self.medications, self.catalog)
+            one = PatientScreen(self.cards_dir, self.as_of, self.medications, catalog)
             for batch in batches:
                 yield [one(p, lines) for p, lines in batch]
             return
@@ -82,13 +85,14 @@ class LocalEngine:
 
 
 def _batches(patients, survey):
-    """Groups in batches of BATCH; the first patients also feed the code survey."""
-    batch = []
+    """Groups in batches of BATCH, the first ones smaller (1, 2, 4, 8): the first findings come from one patient,
+    not from a whole batch; the first patients also feed the code survey."""
+    batch, size = [], 1
     for pid, lines in patients:
         survey.offer(pid, lines)
         batch.append((pid, lines))
-        if len(batch) >= BATCH:
+        if len(batch) >= size:
             yield batch
-            batch = []
+            batch, size = [], min(size * 2, BATCH)
     if batch:
         yield batch

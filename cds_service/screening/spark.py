@@ -93,7 +93,7 @@ class SparkEngine:
     name = "spark"
 
     def __init__(self, files: list[ExportFile], work: Path, as_of: date, workers: int, cards_dir: str | None,
-                 catalog, master: str | None = None) -> None:
+                 master: str | None = None) -> None:
         self.files, self.as_of, self.workers = files, as_of, workers
         self.cards_dir = str(Path(cards_dir).resolve()) if cards_dir else None
         self.spark, self._owned = spark_session(master, workers)
@@ -148,7 +148,7 @@ class SparkEngine:
     def patient_count(self) -> int:
         return self._patients
 
-    def results(self, survey) -> Iterator[list[Screened]]:
+    def results(self, survey, catalog) -> Iterator[list[Screened]]:
         """The screened patients in patient-id order: evaluated in parallel on the executors and kept there, then
         streamed to the driver through a sort (never all of them in the driver's memory)."""
         with _jobs():
