@@ -2,10 +2,10 @@
 and worker processes, each loading the catalog once, evaluate the groups in patient-id order."""
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +14,7 @@ import orjson
 from .export import ExportFile
 from .outputs import burden_window
 from .partition import ExportGroups, LoadReport
-from .patients import CatalogHandoff, PatientScreen, Screened, init_worker, screen_batch, worker_ready
+from .patients import CatalogHandoff, PatientScreen, Screened, init_worker, screen_batch, worker_context, worker_ready
 
 BATCH = 16                     # patients per task sent to a worker
 
@@ -37,12 +37,17 @@ class LocalEngine:
         and the first patient."""
         medications_file = self.work / "medications.json"
         if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=init_worker,
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=worker_context(), initializer=init_worker,
                                             initargs=(self.cards_dir, self.as_of, str(medications_file),
                                                       self.handoff))
-            for _ in range(self.workers):
-                self.pool.submit(worker_ready)
+            # submitting starts a worker, which waits for the fork server's imports: not on this thread, which
+            # reads the export meanwhile
+            starting = threading.Thread(target=lambda: [self.pool.submit(worker_ready) for _ in range(self.workers)],
+                                        name="workers-start", daemon=True)
+            starting.start()
         report = self.groups.load(on_file)
+        if self.pool is not None:
+            starting.join()
         self.medications = self.groups.medications()
         if self.pool is not None:                  # the workers read it with their first batch
             medications_file.write_bytes(orjson.dumps(self.medications))
@@ -64,7 +69,8 @@ class LocalEngine:
         pending: deque = deque()
         for batch in batches:                     # bounded: never more than 4 tasks a worker in flight
             pending.append(self.pool.submit(screen_batch, batch))
-            if len(pending) >= self.workers * 4:
+            # in order: the oldest batch once it is done (its findings written now, not when the queue is full)
+            while pending and (pending[0].done() or len(pending) >= self.workers * 4):
                 yield self._take(pending.popleft().result())
         while pending:
             yield self._take(pending.popleft().result())
