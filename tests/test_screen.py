@@ -503,3 +503,72 @@ def test_a_catalog_that_fails_to_load_releases_the_waiting_workers(tmp_path):
     good = CatalogHandoff(tmp_path)
     good.load(None)
     assert good.ready.is_set() and Path(good.path).stat().st_size > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_code_survey_surveyed_beside_the_findings_is_the_survey_of_the_first_patients(corpora, tmp_path, workers):
+    """The report's code survey reads the first patients by id. The workers survey them while screening them (one
+    parse) and their rows are merged in patient order: the table is the one a single survey of those patients makes,
+    display, meaning and patients alike, drug codes read by text included."""
+    from cds_service.clinical.survey import CodeSurvey
+    from cds_service.knowledge.catalog import load_catalog
+    from cds_service.screening import SurveySample
+    from cds_service.screening.export import export_files
+    from cds_service.screening.local import LocalEngine
+
+    catalog = load_catalog()
+    files = export_files(corpora["messy"])
+    (tmp_path / "work").mkdir()
+    engine = LocalEngine(files, tmp_path / "work", AS_OF, workers, None)
+    try:
+        engine.load()
+        merged = SurveySample(CodeSurvey(catalog, AS_OF), 25)
+        screened = [r.patient for results in engine.results(merged, catalog) for r in results]
+        one_by_one = SurveySample(CodeSurvey(catalog, AS_OF), 25)
+        for pid, lines in engine.groups.patients():
+            one_by_one.offer(pid, lines)
+    finally:
+        engine.close()
+
+    def table(sample):
+        return [(r.resource_type, r.system, r.code, r.display, sorted(r.patients), r.meaning, r.to_add)
+                for r in sample.survey.sorted_rows()]
+
+    assert len(screened) > 25 and merged.seen == one_by_one.seen == 25
+    assert table(merged) == table(one_by_one)
+    assert any(kind == "Medication, by text" for kind, *_ in table(merged))      # the messy corpus has them
+    assert {p for row in table(merged) for p in row[4]} == set(sorted(screened)[:25])
+
+
+def test_a_drug_code_surveyed_in_two_workers_keeps_one_row_as_a_single_survey_keeps_it(tmp_path):
+    """An NDC the catalog does not list is read by its product name where the text names one ("Medication, by
+    text"). When one patient's text names the drug and the next patient's does not, a single survey lists both
+    patients on that one row; surveyed in separate workers and merged, so must the report. Within a patient, the
+    display kept is the one of the first line in line order, as a single survey reads them."""
+    from cds_service.clinical.survey import BY_TEXT, CodeSurvey
+    from cds_service.knowledge.catalog import load_catalog
+    from cds_service.screening import SurveySample
+    from cds_service.screening.patients import PatientScreen
+
+    def order(pid, rid, display):
+        return json.dumps({"resourceType": "MedicationRequest", "id": rid, "status": "active", "intent": "order",
+                           "subject": {"reference": f"Patient/{pid}"}, "authoredOn": "2026-01-05",
+                           "medicationCodeableConcept": {"coding": [{"system": "http://hl7.org/fhir/sid/ndc",
+                                                                     "code": "0054-4728-25", "display": display}]}})
+
+    patients = {"a": [_patient("a"), order("a", "m1", "predniSONE 5 MG Oral Tablet"), order("a", "m2", "Tablet")],
+                "b": [_patient("b"), order("b", "m3", "Tablet")]}
+    catalog = load_catalog()
+    screen_one = PatientScreen(None, AS_OF, {}, catalog)
+    merged, single = SurveySample(CodeSurvey(catalog, AS_OF), 10), SurveySample(CodeSurvey(catalog, AS_OF), 10)
+    for pid, lines in patients.items():
+        merged.take()
+        merged.merge(screen_one(pid, list(reversed(lines)), survey=True).survey_rows)     # each "in its own worker"
+        single.offer(pid, lines)
+
+    def table(sample):
+        return [(r.resource_type, r.code, r.display, sorted(r.patients), r.meaning)
+                for r in sample.survey.sorted_rows() if r.code == "0054-4728-25"]
+
+    assert table(merged) == table(single)
+    assert [(kind, patients_) for kind, _, _, patients_, _ in table(single)] == [(BY_TEXT, ["a", "b"])]

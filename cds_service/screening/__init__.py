@@ -136,15 +136,39 @@ def screen(export: str | Path, out: str | Path, as_of: date, workers: int = 1, c
 
 
 class SurveySample:
-    """The code survey over the first `limit` patients an engine offers (in patient-id order)."""
+    """The code survey over the first `limit` patients (in patient-id order). An engine either offers their lines
+    here (Spark's driver), or marks them (`take`) for its workers to survey beside their findings and the rows
+    are merged here, in the same order, into the same table."""
 
     def __init__(self, survey, limit: int) -> None:
         self.survey, self.limit, self.seen = survey, limit, 0
 
-    def offer(self, patient: str, lines: list[str]) -> None:
+    def take(self) -> bool:
+        """Whether the next patient, in patient-id order, is one the survey reads."""
         if self.seen < self.limit:
             self.seen += 1
+            return True
+        return False
+
+    def offer(self, patient: str, lines: list[str]) -> None:
+        if self.take():
             self.survey.add_bundle({"entry": [{"resource": orjson.loads(t)} for t in sorted(lines)]}, patient)
+
+    def merge(self, rows: dict) -> None:
+        """One patient's rows, surveyed elsewhere, added as `offer` would have added them: a drug code already
+        listed, read by its code or by its text, keeps its row and gains the patient."""
+        from ..clinical.survey import BY_TEXT
+
+        mine = self.survey.rows
+        for key, row in rows.items():
+            kind, system, code = key
+            have = mine.get(key)
+            if have is None and kind in ("Medication", BY_TEXT):
+                have = mine.get(("Medication", system, code)) or mine.get((BY_TEXT, system, code))
+            if have is None:
+                mine[key] = row
+            else:
+                have.patients |= row.patients
 
 
 def _folder_bytes(folder: Path) -> int:

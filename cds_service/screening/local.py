@@ -63,7 +63,7 @@ class LocalEngine:
         if self.workers <= 1:
             one = PatientScreen(self.cards_dir, self.as_of, self.medications, catalog)
             for batch in batches:
-                yield [one(p, lines) for p, lines in batch]
+                yield _surveyed([one(p, lines, wanted) for p, lines, wanted in batch], survey)
             return
         assert self.pool is not None, "load() starts the workers"
         pending: deque = deque()
@@ -71,14 +71,14 @@ class LocalEngine:
             pending.append(self.pool.submit(screen_batch, batch))
             # in order: the oldest batch once it is done (its findings written now, not when the queue is full)
             while pending and (pending[0].done() or len(pending) >= self.workers * 4):
-                yield self._take(pending.popleft().result())
+                yield self._take(pending.popleft().result(), survey)
         while pending:
-            yield self._take(pending.popleft().result())
+            yield self._take(pending.popleft().result(), survey)
 
-    def _take(self, done: tuple[list[Screened], int]) -> list[Screened]:
+    def _take(self, done: tuple[list[Screened], int], survey) -> list[Screened]:
         results, peak = done
         self.worker_peak_rss = max(self.worker_peak_rss, peak)
-        return results
+        return _surveyed(results, survey)
 
     def encounters(self) -> list[tuple[str, str | None, str | None]]:
         return self.groups.encounters(*burden_window(self.as_of))
@@ -90,13 +90,21 @@ class LocalEngine:
         self.groups.close()
 
 
+def _surveyed(results: list[Screened], survey) -> list[Screened]:
+    """The survey's rows of these patients merged, in patient-id order as they come."""
+    for r in results:
+        if r.survey_rows:
+            survey.merge(r.survey_rows)
+            r.survey_rows = None
+    return results
+
+
 def _batches(patients, survey):
     """Groups in batches of BATCH, the first ones smaller (1, 2, 4, 8): the first findings come from one patient,
-    not from a whole batch; the first patients also feed the code survey."""
+    not from a whole batch. The first patients are marked for the code survey, which the worker runs beside them."""
     batch, size = [], 1
     for pid, lines in patients:
-        survey.offer(pid, lines)
-        batch.append((pid, lines))
+        batch.append((pid, lines, survey.take()))
         if len(batch) >= size:
             yield batch
             batch, size = [], min(size * 2, BATCH)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from datetime import date
 from multiprocessing import get_context
+from operator import itemgetter
 from pathlib import Path
 
 import orjson
@@ -27,25 +28,33 @@ class Screened:
     line: bytes | None            # the findings.ndjson line, None when the evaluation failed
     facts: PatientFacts | None = None
     error: str | None = None
+    survey_rows: dict | None = None   # the code survey's rows for this patient, when asked for (CodeSurvey.rows)
 
 
 class PatientScreen:
     """The engine, loaded once per process, and the export's Medications for the records that reference them."""
 
     def __init__(self, cards_dir: str | None, as_of: date, medications: dict[str, str], catalog=None):
-        self.services = ServiceRegistry(catalog or load_catalog(cards_dir or None), FhirClient())
+        self.catalog = catalog or load_catalog(cards_dir or None)
+        self.services = ServiceRegistry(self.catalog, FhirClient())
         self.as_of = as_of
         self.medications = medications
         keep_out_of_gc_scans()
         self.collector = CollectBetween()      # the cyclic collector between patients, not inside one
 
-    def __call__(self, patient: str, lines: list[str]) -> Screened:
+    def __call__(self, patient: str, lines: list[str], survey: bool = False) -> Screened:
+        """The patient's findings; with `survey`, also what the code survey makes of its codes (the report's
+        survey reads the first patients, and their lines are parsed here once for both)."""
         with self.collector.unit():
-            return self._screen(patient, lines)
+            return self._screen(patient, lines, survey)
 
-    def _screen(self, patient: str, lines: list[str]) -> Screened:
+    def _screen(self, patient: str, lines: list[str], survey: bool = False) -> Screened:
+        rows = None
         try:
-            resources = loose_resources(list(map(orjson.loads, lines)))
+            values = list(map(orjson.loads, lines))
+            if survey:                           # before the engine reads them, as the survey reads a fresh parse
+                rows = self._survey(patient, lines, values)
+            resources = loose_resources(values)
             if self.medications:                 # the Medications this patient's orders reference, from the export
                 wanted = {ref[len("Medication/"):] for r in resources if "medicationReference" in r
                           for ref in _medication_refs(r)}
@@ -56,10 +65,22 @@ class PatientScreen:
             person = next((r for r in resources if r.get("resourceType") == "Patient"), {})
             sex = person.get("gender") if isinstance(person.get("gender"), str) else None
             return Screened(patient, orjson.dumps(line),
-                            patient_facts(line, _age(person.get("birthDate"), self.as_of), sex))
+                            patient_facts(line, _age(person.get("birthDate"), self.as_of), sex), survey_rows=rows)
         except Exception as exc:  # noqa: BLE001 - one patient's failure is reported, never the run's end
             message = getattr(exc, "diagnostics", None) or f"{type(exc).__name__}: {exc}"
-            return Screened(patient, None, error=str(message)[:300])
+            return Screened(patient, None, error=str(message)[:300], survey_rows=rows)
+
+    def _survey(self, patient: str, lines: list[str], values: list) -> dict | None:
+        """This patient's rows of the code survey: its resources in the order of their lines, as `SurveySample.offer`
+        reads them. A survey that fails leaves the patient's findings alone."""
+        from ..clinical.survey import CodeSurvey
+        try:
+            survey = CodeSurvey(self.catalog, self.as_of)
+            ordered = [v for _, v in sorted(zip(lines, values), key=itemgetter(0))]
+            survey.add_bundle({"entry": [{"resource": v} for v in ordered]}, patient)
+            return survey.rows
+        except Exception:  # noqa: BLE001 - the survey is a report's side table, never a reason to fail a patient
+            return None
 
 
 def _medication_refs(resource: dict) -> list[str]:
@@ -146,7 +167,7 @@ def worker_ready() -> None:
     """A task that does nothing: submitting one per worker starts the workers (and their catalog loads) now."""
 
 
-def screen_batch(batch: list[tuple[str, list[str]]]) -> tuple[list[Screened], int]:
+def screen_batch(batch: list[tuple[str, list[str], bool]]) -> tuple[list[Screened], int]:
     """The batch screened, and this worker's peak memory so far (for the run's summary)."""
     global _MEDICATIONS_FILE
     assert _SCREEN is not None, "init_worker was not called in this process"
@@ -154,7 +175,7 @@ def screen_batch(batch: list[tuple[str, list[str]]]) -> tuple[list[Screened], in
         with open(_MEDICATIONS_FILE, "rb") as f:
             _SCREEN.medications = orjson.loads(f.read())
         _MEDICATIONS_FILE = None
-    return [_SCREEN(patient, lines) for patient, lines in batch], peak_rss_bytes()
+    return [_SCREEN(patient, lines, survey) for patient, lines, survey in batch], peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:

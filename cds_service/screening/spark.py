@@ -238,12 +238,17 @@ class _PartitionScreen:
     Arrow batches) and are evaluated by the executor's PatientScreen, made once per Python worker."""
 
     def __init__(self, cards_dir: str | None, as_of: date, medications: dict[str, str]) -> None:
+        from ..knowledge.catalog import validated_files
+
         self.cards_dir, self.as_of, self.medications = cards_dir, as_of, medications
+        # the driver's checked cards/ travel with the function: an executor whose files are the same (same path,
+        # size and time: local mode, one image) builds its catalog from them instead of parsing them again
+        self.validated = validated_files(cards_dir)
 
     def __call__(self, batches):
         import pyarrow as pa
 
-        screen = _worker_screen(self.cards_dir, self.as_of, self.medications)
+        screen = _worker_screen(self.cards_dir, self.as_of, self.medications, self.validated)
         schema = pa.schema([("patient", pa.string()), ("line", pa.binary()), ("facts", pa.binary()),
                             ("error", pa.string())])
         out: list[Screened] = []
@@ -273,12 +278,15 @@ class _PartitionScreen:
 _WORKER: tuple | None = None
 
 
-def _worker_screen(cards_dir, as_of, medications):
+def _worker_screen(cards_dir, as_of, medications, validated: bytes | None = None):
     """One PatientScreen per executor Python worker (Spark reuses its workers): the catalog loads once."""
+    from ..knowledge.catalog import reuse_validated_files
     from .patients import PatientScreen
 
     global _WORKER
     key = (cards_dir, as_of, len(medications), hash(frozenset(medications)))
     if _WORKER is None or _WORKER[0] != key:
+        if validated is not None:
+            reuse_validated_files(validated)
         _WORKER = (key, PatientScreen(cards_dir, as_of, medications))
     return _WORKER[1]
