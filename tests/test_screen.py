@@ -325,6 +325,10 @@ def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_p
     export = _bad_export(tmp_path / "bad")
     for f in corpora["messy"].glob("*.ndjson"):
         (export / f.name.replace(".000", ".100")).write_bytes(f.read_bytes())
+    encounter = {"resourceType": "Encounter", "status": "finished", "period": {"start": "2026-03-02T09:00:00Z"}}
+    _write(export, "Encounter.200.ndjson", [json.dumps({**encounter, "id": "e1", "subject": {"reference": "Patient/p1"}}),
+                                            json.dumps({**encounter, "id": "e2"})])            # no patient
+    _write(export, "Condition.200.ndjson", [json.dumps({**encounter, "id": "e3", "subject": {"reference": "Patient/p2"}})])
     files = export_files(export)
     read = _loaded(row for f in files for row in read_export_file(f.type, str(f.path)))
     (tmp_path / "work").mkdir()
@@ -335,6 +339,8 @@ def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_p
         assert read["nopatient"] == load.resources_without_patient and read["skipped"] == load.skipped_types
         assert dict(read["res"]) == {pid: len(lines) for pid, lines in groups.patients()}
         assert read["med"] == len(groups.medications()) > 0
+        assert read["enc"] == len(groups.encounters("2000-01-01", "2100-01-01")) > 2      # a stray one included
+        assert load.resources_without_patient["Encounter"] == 1
     finally:
         groups.close()
 
