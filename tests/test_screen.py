@@ -578,3 +578,27 @@ def test_a_drug_code_surveyed_in_two_workers_keeps_one_row_as_a_single_survey_ke
 
     assert table(merged) == table(single)
     assert [(kind, patients_) for kind, _, _, patients_, _ in table(single)] == [(BY_TEXT, ["a", "b"])]
+
+
+def test_an_export_scaled_up_for_the_benchmark_holds_copies_that_screen_as_the_originals(corpora, tmp_path):
+    """tools/replicate_export.py turns a few real patients into many for the screen benchmark: every copy is its
+    own patient (its own ids) whose findings are the original's, and what names no patient is written once."""
+    from replicate_export import replicate
+
+    source = corpora["messy"]
+    written = replicate(source, tmp_path / "x2", copies=2)
+    originals = screen(source, tmp_path / "out1", AS_OF, workers=1)
+    copies = screen(tmp_path / "x2", tmp_path / "out2", AS_OF, workers=1)
+    assert copies["patients"] == 2 * originals["patients"] > 0
+    assert written["Patient.000.ndjson"] == 2 * originals["patients"]
+    assert copies["cards"] == {k: 2 * n for k, n in originals["cards"].items()} and originals["cards"]
+    assert copies["treatment_gaps"] == {k: 2 * n for k, n in originals["treatment_gaps"].items()}
+    by_original: dict[str, list] = defaultdict(list)
+    for pid, line in _lines(tmp_path / "out2" / "findings.ndjson").items():
+        by_original[pid.rsplit("-", 1)[0]].append(line)
+
+    def causes(line):
+        return sorted((f["cause"], f.get("status")) for f in line["findings"])
+
+    for pid, line in _lines(tmp_path / "out1" / "findings.ndjson").items():
+        assert [causes(c) for c in by_original[pid]] == [causes(line)] * 2
