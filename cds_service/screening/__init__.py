@@ -152,7 +152,8 @@ class SurveySample:
 
     def offer(self, patient: str, lines: list[str]) -> None:
         if self.take():
-            self.survey.add_bundle({"entry": [{"resource": orjson.loads(t)} for t in sorted(lines)]}, patient)
+            from .patients import survey_bundle
+            self.survey.add_bundle(survey_bundle(lines, [orjson.loads(t) for t in lines]), patient)
 
     def merge(self, rows: dict) -> None:
         """One patient's rows, surveyed elsewhere, added as `offer` would have added them: a drug code already

@@ -41,6 +41,7 @@ class PatientScreen:
         self.medications = medications
         keep_out_of_gc_scans()
         self.collector = CollectBetween()      # the cyclic collector between patients, not inside one
+        self._code_survey = None               # made by the first patient the code survey reads
 
     def __call__(self, patient: str, lines: list[str], survey: bool = False) -> Screened:
         """The patient's findings; with `survey`, also what the code survey makes of its codes (the report's
@@ -71,16 +72,24 @@ class PatientScreen:
             return Screened(patient, None, error=str(message)[:300], survey_rows=rows)
 
     def _survey(self, patient: str, lines: list[str], values: list) -> dict | None:
-        """This patient's rows of the code survey: its resources in the order of their lines, as `SurveySample.offer`
-        reads them. A survey that fails leaves the patient's findings alone."""
-        from ..clinical.survey import CodeSurvey
+        """This patient's rows of the code survey. One survey per process (its record builder keeps what codes
+        mean), emptied after each patient. A survey that fails leaves the patient's findings alone."""
+        if self._code_survey is None:
+            from ..clinical.survey import CodeSurvey
+            self._code_survey = CodeSurvey(self.catalog, self.as_of)
         try:
-            survey = CodeSurvey(self.catalog, self.as_of)
-            ordered = [v for _, v in sorted(zip(lines, values), key=itemgetter(0))]
-            survey.add_bundle({"entry": [{"resource": v} for v in ordered]}, patient)
-            return survey.rows
+            self._code_survey.add_bundle(survey_bundle(lines, values), patient)
+            return self._code_survey.rows
         except Exception:  # noqa: BLE001 - the survey is a report's side table, never a reason to fail a patient
             return None
+        finally:
+            self._code_survey.rows = {}
+
+
+def survey_bundle(lines: list[str], values: list) -> dict:
+    """A patient's resources (`values`, parsed from `lines`) as the code survey reads them: in the order of their
+    lines, so that a screen's survey does not depend on the order the export gave them in."""
+    return {"entry": [{"resource": v} for _, v in sorted(zip(lines, values), key=itemgetter(0))]}
 
 
 def _medication_refs(resource: dict) -> list[str]:
