@@ -185,8 +185,7 @@ def issue_cards(app, *card_uuids: str, days_ago: float = 0) -> None:
     """Record cards as issued by this service (as an invocation does), so that feedback on them is taken."""
     from datetime import datetime, timedelta, timezone
     when = (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat()
-    for card in card_uuids:
-        app.extensions["cds"]["feedback"].record_issued(card, "", "[]", when)
+    app.extensions["cds"]["feedback"].record_issued([(card, "", "[]", when) for card in card_uuids])
 
 
 def walk_empty(node, path="$"):

@@ -58,6 +58,37 @@ def test_serving_a_card_writes_nothing_on_the_request_thread(tmp_path, snooze, m
     assert [m for m, t in calls if t == "store-behind"] == (["record_issued"] if snooze == "on" else [])
 
 
+def test_a_note_waiting_behind_the_response_holds_no_patient_record(tmp_path, monkeypatch):
+    """The snooze notes of a response wait in a queue of up to 1,000 jobs while the store is slow. A job that held
+    the assessment kept each waiting patient's whole record (every resource of the chart) in memory; it holds the
+    notes' text only, and its cards' notes are written in one transaction once the store answers."""
+    import gc
+    import weakref
+    from cds_service.fhir.record.builder import RecordBuilder
+
+    app = make_app(tmp_path, "on")
+    records = []
+    real_build = RecordBuilder.build
+
+    def build(self, *args, **kw):
+        record = real_build(self, *args, **kw)
+        records.append(weakref.ref(record))
+        return record
+    monkeypatch.setattr(RecordBuilder, "build", build)
+    behind, gate = app.extensions["cds"]["behind"], threading.Event()
+    behind.submit(lambda: gate.wait(20), "a slow store")                     # the notes queue behind this
+    try:
+        cards = app.test_client().post(SERVICE_URL, json=positive()).get_json()["cards"]
+        assert cards and len(records) == 1
+        gc.collect()
+        assert records[0]() is None, "a queued note keeps the patient's record alive"
+    finally:
+        gate.set()
+    assert behind.drain()
+    store = app.extensions["cds"]["feedback"].store
+    assert store.issued_since([c["uuid"] for c in cards], "2000-01-01T00:00:00+00:00") == {c["uuid"] for c in cards}
+
+
 def test_feedback_on_a_card_needs_no_note_of_it(tmp_path):
     app = make_app(tmp_path, "off")
     client = app.test_client()

@@ -115,9 +115,8 @@ def test_bad_database_url_refuses_to_start(tmp_path):
 def test_issued_cards_are_found_within_their_window_and_forgotten_after(store_url):
     """Both stores: which cards were issued since a time, and dropping the notes of older ones."""
     store = open_store(store_url)
-    store.record_issued("old", "", "[]", "2026-01-01T00:00:00+00:00")
-    store.record_issued("new", "key", "[]", "2026-06-01T00:00:00+00:00")
-    store.record_issued("new", "other", "[]", "2026-06-02T00:00:00+00:00")          # a second note: ignored
+    store.record_issued([("old", "", "[]", "2026-01-01T00:00:00+00:00"), ("new", "key", "[]", "2026-06-01T00:00:00+00:00")])
+    store.record_issued([("new", "other", "[]", "2026-06-02T00:00:00+00:00")])          # a second note: ignored
     assert store.issued_since(["old", "new", "never"], "2026-05-01T00:00:00+00:00") == {"new"}
     assert store.issued_card("new") == ("key", "[]")
     assert store.forget_issued_before("2026-05-01T00:00:00+00:00") == 1

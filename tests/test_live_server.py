@@ -100,8 +100,8 @@ def test_acknowledged_feedback_survives_a_killed_server(tmp_path):
         from datetime import datetime, timezone
         from cds_service.storage.feedback import SQLiteFeedbackStore
         issued = SQLiteFeedbackStore(tmp_path / "srv" / "feedback.sqlite3")      # the server's own store
-        for e in entries:                                                          # as if it had issued them
-            issued.record_issued(e["card"], "", "[]", datetime.now(timezone.utc).isoformat())
+        issued.record_issued([(e["card"], "", "[]", datetime.now(timezone.utc).isoformat())     # as if it had
+                              for e in entries])                                                   # issued them
         for i in range(0, 20, 5):
             r = requests.post(server.base + SERVICE_URL + "/feedback", json={"feedback": entries[i:i + 5]}, timeout=5)
             assert r.status_code == 200

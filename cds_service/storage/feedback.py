@@ -229,9 +229,16 @@ class SQLiteFeedbackStore:
         conn.execute("ROLLBACK")
 
     # ---- snooze: which patient a card was issued for (a keyed hash), and snoozes per patient ----
-    def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
-        self.notes.connection().execute("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)",
-                                        (card_uuid, patient_key, signature, issued_at))
+    def record_issued(self, notes: list[tuple[str, str, str, str]]) -> None:
+        """Note cards as issued: (card uuid, patient key, signature, issued at) each, in one transaction."""
+        conn = self.notes.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)", notes)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def issued_since(self, card_uuids: list[str], since: str) -> set[str]:
         """The cards among these that were issued at or after `since` (ISO 8601, UTC)."""
@@ -398,12 +405,12 @@ class PostgresFeedbackStore:
                 return cur.fetchone() if fetch else None
         return self._run(run)
 
-    def record_issued(self, card_uuid: str, patient_key: str, signature: str, issued_at: str) -> None:
+    def record_issued(self, notes: list[tuple[str, str, str, str]]) -> None:
         def insert(conn):
             with conn.cursor() as cur:
                 cur.execute("SET LOCAL synchronous_commit TO OFF")      # a note on every card's path: no flush wait
-                cur.execute("INSERT INTO issued_cards VALUES (%s,%s,%s,%s) ON CONFLICT (card_uuid) DO NOTHING",
-                            (card_uuid, patient_key, signature, issued_at))
+                cur.executemany("INSERT INTO issued_cards VALUES (%s,%s,%s,%s) ON CONFLICT (card_uuid) DO NOTHING",
+                                notes)
         self._run(insert)
 
     def issued_since(self, card_uuids: list[str], since: str) -> set[str]:

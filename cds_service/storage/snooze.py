@@ -66,10 +66,12 @@ class SnoozeBook:
             return False
         return set(self.signature(a)) <= set(orjson.loads(signature))    # nothing new since the snooze
 
-    def issued(self, card_uuid: str, fhir_server: str, patient_id: str, a: Assessment, now: datetime,
-               client: str = "") -> None:
-        self._store("record_issued", card_uuid, self.patient_keys(fhir_server, patient_id, client)[0],
-                    orjson.dumps(self.signature(a)).decode(), now.isoformat())
+    def issue_notes(self, card_uuids: list[str], fhir_server: str, patient_id: str, a: Assessment, now: datetime,
+              client: str = "") -> list[tuple[str, str, str, str]]:
+        """The store's notes of whom these cards were issued for: plain text, one row per card."""
+        key = self.patient_keys(fhir_server, patient_id, client)[0]
+        signature = orjson.dumps(self.signature(a)).decode()
+        return [(card_uuid, key, signature, now.isoformat()) for card_uuid in card_uuids]
 
     def apply(self, response: dict, fhir_server: str, a: Assessment, now: datetime | None = None,
               client: str = "") -> bool:
@@ -84,12 +86,14 @@ class SnoozeBook:
             if self.is_snoozed(fhir_server, a.patient_id, a, now, client):
                 response["cards"] = []
                 return True
-            for card in response["cards"]:
-                if self.behind is not None:                 # the card does not wait for its note
-                    self.behind.submit(lambda u=card["uuid"]: self.issued(u, fhir_server, a.patient_id, a, now,
-                                                                          client), "snooze note")
-                else:
-                    self.issued(card["uuid"], fhir_server, a.patient_id, a, now, client)
+            # made here as plain rows, written in one transaction behind the response: a job holding the assessment
+            # would keep the patient's whole record alive for as long as it waits in the queue
+            notes = self.issue_notes([card["uuid"] for card in response["cards"]], fhir_server, a.patient_id, a, now,
+                                     client)
+            if self.behind is not None:                     # the cards do not wait for their notes
+                self.behind.submit(lambda: self._store("record_issued", notes), "snooze notes")
+            else:
+                self._store("record_issued", notes)
         except Exception as exc:                       # noqa: BLE001 - the card matters more than the snooze
             self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_S
             log.warning("snooze store unavailable: %s", type(exc).__name__, extra={"event": "snooze_store_error"})
