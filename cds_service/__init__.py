@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from flask import Flask
+from typing import TYPE_CHECKING
 
 from .config import Settings
+
+if TYPE_CHECKING:            # Flask is imported by create_app: the CLI's screen and evaluate never load it
+    from flask import Flask
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ def snooze_book(settings: Settings, store, secrets: list[str], behind=None):
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory: build the catalog, engine, FHIR client and feedback store once."""
+    from flask import Flask
+
     from .web import api
     from . import logs
     from .knowledge.catalog import load_catalog
