@@ -602,3 +602,60 @@ def test_an_export_scaled_up_for_the_benchmark_holds_copies_that_screen_as_the_o
 
     for pid, line in _lines(tmp_path / "out1" / "findings.ndjson").items():
         assert [causes(c) for c in by_original[pid]] == [causes(line)] * 2
+
+
+def _result(pid: str, n: int, code: dict, value: float, unit: str) -> dict:
+    return {"resourceType": "Observation", "id": f"{pid}-obs-{n}", "status": "final", "code": code,
+            "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2026-05-02T09:30:00Z",
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}
+
+
+def test_results_no_rule_reads_are_left_out_before_the_workers_except_for_the_surveyed_patients(tmp_path, monkeypatch):
+    """Three results in four of a Synthea chart are vital signs and panels no rule reads; parsing them was most of a
+    worker's time. They are left out in the load, decided once per distinct code by the engine's own test: a result
+    read by its LOINC code or by its name (a local code, "Calcium, serum") still reaches the engine, and so does a
+    code the test cannot read (the engine counts it invalid). The first patients keep every result, for the code
+    survey, which lists codes no rule reads."""
+    from cds_service.knowledge.catalog import load_catalog
+    from cds_service.screening import SurveySample
+    from cds_service.clinical.survey import CodeSurvey
+    from cds_service.screening.export import export_files
+    from cds_service.screening.local import LocalEngine
+    from cds_service.screening.patients import PatientScreen
+
+    heart_rate = {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]}
+    creatinine = {"coding": [{"system": "http://loinc.org", "code": "2160-0",
+                              "display": "Creatinine [Mass/volume] in Serum or Plasma"}]}
+    local_calcium = {"coding": [{"system": "urn:oid:1.2.840.114350.1.13.0.1.7.2.768282", "code": "CA"}],
+                     "text": "Calcium, serum"}
+    undecidable = {"coding": [{"system": "http://loinc.org", "code": ["2160-0"]}]}
+    export = tmp_path / "export"
+    export.mkdir()
+    pids = ["a-1", "b-2", "c-3"]
+    (export / "Patient.ndjson").write_text("".join(json.dumps({"resourceType": "Patient", "id": p, "gender": "female",
+                                                               "birthDate": "1950-04-01"}) + "\n" for p in pids))
+    (export / "Observation.ndjson").write_text("".join(
+        json.dumps(_result(p, n, code, value, unit)) + "\n" for p in pids
+        for n, (code, value, unit) in enumerate([(heart_rate, 72, "/min"), (creatinine, 1.1, "mg/dL"),
+                                                 (local_calcium, 9.4, "mg/dL"), (undecidable, 1.0, "mg/dL")])))
+    seen: dict[str, list[str]] = {}
+    real_call = PatientScreen.__call__
+
+    def call(self, patient, lines, survey=False):
+        seen[patient] = sorted(json.loads(line)["id"] for line in lines if '"Observation"' in line)
+        return real_call(self, patient, lines, survey)
+    monkeypatch.setattr(PatientScreen, "__call__", call)
+    catalog = load_catalog()
+    (tmp_path / "work").mkdir()
+    engine = LocalEngine(export_files(export), tmp_path / "work", AS_OF, 1, None)
+    try:
+        engine.load()
+        sample = SurveySample(CodeSurvey(catalog, AS_OF), 1)
+        screened = [r for results in engine.results(sample, catalog) for r in results]
+    finally:
+        engine.close()
+    assert [r.patient for r in screened] == pids and all(r.error is None for r in screened)
+    assert seen["a-1"] == ["a-1-obs-0", "a-1-obs-1", "a-1-obs-2", "a-1-obs-3"]       # surveyed: every result
+    for p in pids[1:]:
+        assert seen[p] == [f"{p}-obs-1", f"{p}-obs-2", f"{p}-obs-3"]                # no heart rate
+    assert any(row.code == "8867-4" for row in sample.survey.sorted_rows(unmatched_only=True))

@@ -57,7 +57,7 @@ class ObservationReader:
         """Results are most of any chart: the cheap rejections come first, one coding is the usual
         case, and a full date before every window that reads the code is not even parsed."""
         counted = self.obs_counted
-        wanted_loincs = self.wanted_loincs
+        result_codes = self.result_codes
         read_from = rec.read_from
         read_from_day = self._cutoff_days(rec.as_of)
         observations = rec.observations
@@ -69,26 +69,9 @@ class ObservationReader:
             try:
                 if res.get("status") not in counted:
                     continue
-                concept = res.get("code")
-                cs = concept.get("coding") if type(concept) is dict else None
-                if type(cs) is not list:
+                wanted = result_codes(res.get("code"))
+                if not wanted:
                     continue
-                if len(cs) == 1:
-                    c = cs[0]
-                    if type(c) is not dict or c.get("code") not in wanted_loincs \
-                            or (c.get("system") != LOINC and normalize_system(c.get("system")) != LOINC):
-                        wanted = self._by_name(concept)
-                        if not wanted:
-                            continue
-                    else:
-                        wanted = [c["code"]]
-                else:
-                    wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
-                              and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
-                    if not wanted:
-                        wanted = self._by_name(concept)
-                        if not wanted:
-                            continue
                 effective = res.get("effectiveDateTime")
                 if len(wanted) == 1 and type(effective) is str and len(effective) >= 10 \
                         and effective[:10] < read_from_day.get(wanted[0], ""):
@@ -119,6 +102,24 @@ class ObservationReader:
                         observations[code] = [m]
             except _MALFORMED:
                 rec.skipped_invalid += 1
+
+    def result_codes(self, concept: Any) -> list[str]:
+        """The codes the rules read a result under, from its `code` alone: its LOINC codes the rules read, else the
+        LOINC written in its text or its analyte by name; [] when no rule reads it. Nothing else about a result can
+        make the rules read it, so the screen leaves results with such a code out before they are parsed."""
+        cs = concept.get("coding") if type(concept) is dict else None
+        if type(cs) is not list:
+            return []
+        wanted_loincs = self.wanted_loincs
+        if len(cs) == 1:                        # the usual case
+            c = cs[0]
+            if type(c) is dict and c.get("code") in wanted_loincs \
+                    and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC):
+                return [c["code"]]
+            return self._by_name(concept)
+        wanted = [c["code"] for c in cs if type(c) is dict and c.get("code") in wanted_loincs
+                  and (c.get("system") == LOINC or normalize_system(c.get("system")) == LOINC)]
+        return wanted or self._by_name(concept)
 
     def _by_name(self, concept: dict) -> list[str]:
         """A result with no LOINC code the rules read: the LOINC written in its text, or its analyte by name (the
