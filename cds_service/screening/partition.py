@@ -10,7 +10,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import orjson
 
@@ -185,13 +185,8 @@ class ExportGroups:
         once, here, by the engine's own test; a code that cannot be decided is kept. Returns how many codes are left
         out. On a Synthea chart three results in four are vital signs and panels no rule reads: parsing them was
         most of a worker's time."""
-        unread = []
-        for (text,) in self.con.execute("SELECT DISTINCT concept FROM res WHERE concept IS NOT NULL").fetchall():
-            try:
-                if not read(orjson.loads(text)):
-                    unread.append(text)
-            except Exception:  # noqa: BLE001 - a code the test cannot read is kept: the engine decides on it
-                continue
+        unread = unread_codes((text for (text,) in self.con.execute(
+            "SELECT DISTINCT concept FROM res WHERE concept IS NOT NULL").fetchall()), read)
         self.con.execute("DELETE FROM unread")
         self.con.execute("INSERT INTO unread SELECT unnest(?::VARCHAR[])", [unread])
         first = self.con.execute("SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND "
@@ -219,6 +214,19 @@ class ExportGroups:
 
     def close(self) -> None:
         self.con.close()
+
+
+def unread_codes(codes: Iterable[str], read: Callable[[object], bool]) -> list[str]:
+    """The codes (JSON text) of results no rule reads, by the engine's own test `read`; a code that cannot be parsed
+    or decided is kept (never listed here): the engine then decides on it as it always has."""
+    unread = []
+    for text in codes:
+        try:
+            if not read(orjson.loads(text)):
+                unread.append(text)
+        except Exception:  # noqa: BLE001 - a code the test cannot read is kept
+            continue
+    return unread
 
 
 def _count_resource_lines(path: Path, compressed: bool) -> int | None:

@@ -23,6 +23,7 @@ class ExportRow(NamedTuple):
     rt: str | None        # the resource type (for "enc": the opening's location)
     pid: str | None       # the patient (for "med": the Medication id)
     text: str | None      # the resource line; for "bad", the error; for "enc", the opening's start
+    concept: str | None = None    # an Observation's code, as JSON (the screen leaves out results no rule reads)
 
 
 def read_export_file(file_type: str, path: str, start: int = 0, end: int | None = None) -> Iterator[ExportRow]:
@@ -95,7 +96,8 @@ def _row(path: str, n: int, raw: bytes) -> ExportRow:
         start = _text(_get(resource, "period", "start")) or _text(_get(resource, "actualPeriod", "start"))
         location = _text(_location(resource)) or _text(_get(resource, "serviceProvider", "display"))
         return ExportRow("enc", path, n, location, pid, start)
-    return ExportRow("res", path, n, rt, pid, text)
+    code = resource.get("code") if rt == "Observation" else None
+    return ExportRow("res", path, n, rt, pid, text, None if code is None else orjson.dumps(code).decode())
 
 
 def patient_of(resource: dict) -> str | None:

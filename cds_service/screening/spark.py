@@ -20,11 +20,12 @@ from typing import Iterator
 
 from .export import ExportFile
 from .outputs import burden_window
-from .partition import LoadReport, reads_type
+from .partition import LoadReport, reads_type, unread_codes
 from .reader import lines_before
 from .patients import Screened
 
-ROWS_SCHEMA = "kind string, file string, line_no long, rt string, pid string, text string, start long"
+ROWS_SCHEMA = ("kind string, file string, line_no long, rt string, pid string, text string, concept string, "
+               "start long")
 RANGE_BYTES = 32 * 1024 * 1024     # an uncompressed file is read in ranges of this size, one task each
 OUT_SCHEMA = "patient string, line binary, facts binary, error string"
 OUT_BATCH = 16                 # screened patients per Arrow batch back from an executor
@@ -152,13 +153,30 @@ class SparkEngine:
         """The screened patients in patient-id order: evaluated in parallel on the executors and kept there, then
         streamed to the driver through a sort (never all of them in the driver's memory)."""
         with _jobs():
-            yield from self._results(survey)
+            yield from self._results(survey, catalog)
 
-    def _results(self, survey) -> Iterator[list[Screened]]:
+    def _resources_read(self, catalog):
+        """The resource rows without the results no rule reads (as the embedded engine's load leaves them out: each
+        distinct code decided once, here, by the engine's own test). The code survey reads `self.rows`, all of them."""
+        from pyspark.sql.functions import broadcast
+
+        from ..fhir.record.builder import RecordBuilder
+
+        reads = RecordBuilder(catalog).result_codes
+        codes = [r.concept for r in self.rows.filter("kind = 'res' AND concept IS NOT NULL").select("concept")
+                 .distinct().collect()]
+        resources = self.rows.filter("kind = 'res'")
+        unread = unread_codes(codes, lambda code: bool(reads(code)))
+        if not unread:
+            return resources
+        left_out = self.spark.createDataFrame([(c,) for c in unread], "concept string")
+        return resources.join(broadcast(left_out), "concept", "left_anti")
+
+    def _results(self, survey, catalog) -> Iterator[list[Screened]]:
         from pyspark import StorageLevel
 
         screen = _PartitionScreen(self.cards_dir, self.as_of, self.medications)
-        screened = (self.rows.filter("kind = 'res'").select("pid", "text")
+        screened = (self._resources_read(catalog).select("pid", "text")
                     .repartition(self._partitions, "pid").sortWithinPartitions("pid")
                     .mapInArrow(screen, OUT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK))
         try:
@@ -214,7 +232,7 @@ def _read_files(batches):
     from .reader import read_export_file
 
     schema = pa.schema([("kind", pa.string()), ("file", pa.string()), ("line_no", pa.int64()), ("rt", pa.string()),
-                        ("pid", pa.string()), ("text", pa.string()), ("start", pa.int64())])
+                        ("pid", pa.string()), ("text", pa.string()), ("concept", pa.string()), ("start", pa.int64())])
     for batch in batches:
         for file_type, path, start, end in zip(*(batch.column(c).to_pylist() for c in ("type", "path", "start", "end"))):
             rows: list = []
