@@ -59,9 +59,7 @@ class LocalEngine:
     def results(self, survey, catalog) -> Iterator[list[Screened]]:
         """Batches of screened patients, in patient-id order; the first `survey.limit` patients feed the survey.
         With one worker, this process screens them with `catalog`."""
-        from ..fhir.record.builder import RecordBuilder
-        reads = RecordBuilder(catalog).result_codes
-        self.groups.leave_out_unread(lambda code: bool(reads(code)), except_first=survey.limit)
+        self.groups.leave_out_unread(catalog, except_first=survey.limit)       # the survey's patients keep all
         batches = _batches(self.groups.patients(), survey)
         if self.workers <= 1:
             one = PatientScreen(self.cards_dir, self.as_of, self.medications, catalog)

@@ -10,7 +10,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import orjson
 
@@ -123,8 +123,8 @@ class ExportGroups:
 
     def _insert(self, name: Path, source: Path) -> None:
         self.con.execute(
-            f"INSERT INTO res SELECT ?, f[1], {_PATIENT}, line, {_CONCEPT} FROM (SELECT line, {_FIELDS} AS f FROM {_LINES} "
-            f"WHERE trim(line) <> '')",
+            f"INSERT INTO res SELECT ?, f[1], {_PATIENT}, line, {_CONCEPT} FROM (SELECT line, {_FIELDS} AS f "
+            f"FROM {_LINES} WHERE trim(line) <> '')",
             [str(name), str(source)])
 
     def _rescue(self, f: ExportFile) -> Path:
@@ -179,14 +179,13 @@ class ExportGroups:
         return self.con.execute("SELECT count(DISTINCT pid) FROM res WHERE pid IS NOT NULL "
                                 "AND rt <> 'Medication'").fetchone()[0]
 
-    def leave_out_unread(self, read: Callable[[object], bool], except_first: int = 0) -> int:
-        """From now on `patients()` leaves out the results whose code no rule reads (`read(code)` is False), except
-        for the first `except_first` patients (the code survey reads all of theirs). Each distinct code is decided
-        once, here, by the engine's own test; a code that cannot be decided is kept. Returns how many codes are left
-        out. On a Synthea chart three results in four are vital signs and panels no rule reads: parsing them was
-        most of a worker's time."""
+    def leave_out_unread(self, catalog, except_first: int = 0) -> int:
+        """From now on `patients()` leaves out the results whose code no rule of `catalog` reads, except for the
+        first `except_first` patients (the code survey reads all of theirs). Returns how many codes are left out.
+        On a Synthea chart three results in four are vital signs and panels no rule reads: parsing them was most of
+        a worker's time."""
         unread = unread_codes((text for (text,) in self.con.execute(
-            "SELECT DISTINCT concept FROM res WHERE concept IS NOT NULL").fetchall()), read)
+            "SELECT DISTINCT concept FROM res WHERE concept IS NOT NULL").fetchall()), catalog)
         self.con.execute("DELETE FROM unread")
         self.con.execute("INSERT INTO unread SELECT unnest(?::VARCHAR[])", [unread])
         first = self.con.execute("SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND "
@@ -216,9 +215,13 @@ class ExportGroups:
         self.con.close()
 
 
-def unread_codes(codes: Iterable[str], read: Callable[[object], bool]) -> list[str]:
-    """The codes (JSON text) of results no rule reads, by the engine's own test `read`; a code that cannot be parsed
-    or decided is kept (never listed here): the engine then decides on it as it always has."""
+def unread_codes(codes: Iterable[str], catalog) -> list[str]:
+    """The result codes (JSON text) no rule of `catalog` reads, each decided once by the engine's own test
+    (`RecordBuilder.result_codes`); a code that cannot be parsed or decided is kept (never listed here): the engine
+    then decides on it as it always has."""
+    from ..fhir.record.builder import RecordBuilder
+
+    read = RecordBuilder(catalog).result_codes
     unread = []
     for text in codes:
         try:

@@ -160,13 +160,10 @@ class SparkEngine:
         distinct code decided once, here, by the engine's own test). The code survey reads `self.rows`, all of them."""
         from pyspark.sql.functions import broadcast
 
-        from ..fhir.record.builder import RecordBuilder
-
-        reads = RecordBuilder(catalog).result_codes
         codes = [r.concept for r in self.rows.filter("kind = 'res' AND concept IS NOT NULL").select("concept")
                  .distinct().collect()]
         resources = self.rows.filter("kind = 'res'")
-        unread = unread_codes(codes, lambda code: bool(reads(code)))
+        unread = unread_codes(codes, catalog)
         if not unread:
             return resources
         left_out = self.spark.createDataFrame([(c,) for c in unread], "concept string")
