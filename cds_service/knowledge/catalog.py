@@ -11,6 +11,7 @@ from .model import (ATC, CPT, ICD9CM, ICD10CM, ICD10PCS, ICD_MAX_KEY, KNOWN_SYST
                     SYSTEM_ALIASES, Catalog, CatalogError, Cause, Ingredient, icd_prefix_match, normalize_system,
                     normalize_text, words_regex)
 
-__all__ = ["icd_key", "DEFAULT_CARDS_DIR", "FILES", "load_catalog", "reuse_validated_files", "validated_files", "ATC", "CPT", "ICD9CM", "ICD10CM", "ICD10PCS",
+__all__ = ["icd_key", "DEFAULT_CARDS_DIR", "FILES", "load_catalog", "reuse_validated_files", "validated_files",
+           "ATC", "CPT", "ICD9CM", "ICD10CM", "ICD10PCS",
            "ICD_MAX_KEY", "KNOWN_SYSTEMS", "LOINC", "RXNORM", "SNOMED", "SYSTEM_ALIASES", "Catalog", "CatalogError",
            "Cause", "Ingredient", "icd_prefix_match", "normalize_system", "normalize_text", "words_regex"]

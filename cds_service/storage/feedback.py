@@ -198,17 +198,9 @@ class SQLiteFeedbackStore:
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> int:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = conn.executemany(
-                "INSERT OR IGNORE INTO feedback (service_id, card_uuid, outcome, outcome_timestamp, accepted_suggestions,"
-                " override_system, override_code, override_comment, entry_hash, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return cur.rowcount
+        return _insert_all(conn, "INSERT OR IGNORE INTO feedback (service_id, card_uuid, outcome, outcome_timestamp, "
+                                 "accepted_suggestions, override_system, override_code, override_comment, entry_hash, "
+                                 "received_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
 
     def entries_for_card(self, card_uuid: str) -> list[dict]:
         conn = self._connect()
@@ -231,14 +223,7 @@ class SQLiteFeedbackStore:
     # ---- snooze: which patient a card was issued for (a keyed hash), and snoozes per patient ----
     def record_issued(self, notes: list[tuple[str, str, str, str]]) -> None:
         """Note cards as issued: (card uuid, patient key, signature, issued at) each, in one transaction."""
-        conn = self.notes.connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)", notes)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        _insert_all(self.notes.connection(), "INSERT OR IGNORE INTO issued_cards VALUES (?,?,?,?)", notes)
 
     def issued_since(self, card_uuids: list[str], since: str) -> set[str]:
         """The cards among these that were issued at or after `since` (ISO 8601, UTC)."""
@@ -277,6 +262,18 @@ class SQLiteFeedbackStore:
         row = self._connect().execute(f"SELECT until, signature FROM snoozes WHERE patient_key IN ({marks})"
                                       " ORDER BY until DESC LIMIT 1", patient_keys).fetchone()
         return (row[0], row[1]) if row else None
+
+
+def _insert_all(conn: sqlite3.Connection, sql: str, rows: list[tuple]) -> int:
+    """`sql` for every row in one write transaction (all or none); how many rows it inserted."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return cur.rowcount
 
 
 CONNECT_TIMEOUT_S = 2          # PostgreSQL: a server that does not answer is given up on after this
