@@ -197,7 +197,7 @@ def test_a_closed_pipe_ends_quietly_as_cli_tools_do():
 def test_help_lists_every_command_and_the_settings_and_version_answers():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("serve", "evaluate", "codes", "check-catalog"):
+    for command in ("serve", "evaluate", "codes", "request", "screen", "spark-classes", "check-catalog"):
         assert command in out.stdout
     for setting in ("CDS_AUTH", "CDS_DATABASE_URL", "CDS_SNOOZE", "CDS_AS_OF", "CDS_FHIR_ALLOWLIST"):
         assert setting in out.stdout

@@ -448,6 +448,106 @@ def test_spark_local_2_writes_what_the_embedded_engine_writes(corpora, spark, tm
     assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'spark' / 'worklist.parquet'}'").fetchall()[0][0] > 0
 
 
+_FAKE_JVM = """
+import sys
+sys.stdin.read()                               # the gateway JVM runs until its input ends, then exits
+open(sys.argv[1], "wb").write(b"classes" * 1000)   # ... writing the archive as it goes (-XX:ArchiveClassesAtExit)
+sys.exit(int(sys.argv[2]))
+"""
+
+
+class _FakeGateway:
+    def __init__(self, partial: Path, exit_code: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", _FAKE_JVM, str(partial), str(exit_code)],
+                                     stdin=subprocess.PIPE)
+        self.closed = False
+
+    def shutdown(self):
+        self.closed = True
+
+
+def test_a_recorded_spark_class_archive_is_used_only_once_its_jvm_has_exited_cleanly(tmp_path, monkeypatch):
+    """A JVM given a cut-off class archive crashes at start: the recording takes the archive's name only after the
+    JVM that writes it has exited with status 0; until then, and after a failed exit, Spark starts without one.
+    A recording left by a stopped training run is removed by the next one once it is an hour old."""
+    pytest.importorskip("pyspark")
+    import os
+    import time
+
+    from pyspark import SparkContext
+
+    from cds_service.screening.spark import ClassArchive, local_conf
+
+    monkeypatch.setenv("CDS_SPARK_CLASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(SparkContext, "_jvm", SparkContext._jvm)     # restored afterwards: finish() resets both
+    monkeypatch.setattr(SparkContext, "_gateway", SparkContext._gateway)
+    assert ClassArchive.for_this_machine() is None                  # nothing recorded: Spark starts as it always has
+    assert "SharedArchiveFile" not in local_conf(2)["spark.driver.extraJavaOptions"]
+
+    failed = ClassArchive.for_this_machine(record=True)
+    assert failed.recording and f"-XX:ArchiveClassesAtExit={failed.partial}" in failed.java_options()
+    gateway = _FakeGateway(failed.partial, exit_code=1)
+    monkeypatch.setattr(SparkContext, "_gateway", gateway)
+    assert failed.finish(timeout=30) is False
+    assert not failed.path.exists() and not failed.partial.exists() and ClassArchive.for_this_machine() is None
+
+    stale = failed.path.with_name(failed.path.name + ".999.0badc0de.partial")
+    fresh = failed.path.with_name(failed.path.name + ".998.0000beef.partial")
+    stale.write_bytes(b"cut off"), fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    archive = ClassArchive.for_this_machine(record=True)
+    assert not stale.exists() and fresh.exists()                    # another training run may still be writing it
+    gateway = _FakeGateway(archive.partial, exit_code=0)
+    monkeypatch.setattr(SparkContext, "_gateway", gateway)
+    monkeypatch.setattr(SparkContext, "_jvm", object())
+    assert not archive.path.exists()                                # not while the JVM runs
+    assert archive.finish(timeout=30) is True
+    assert gateway.closed and gateway.proc.returncode == 0
+    assert archive.path.read_bytes() == b"classes" * 1000 and not archive.partial.exists()
+    assert SparkContext._gateway is None and SparkContext._jvm is None   # a later session starts a new JVM
+    used = ClassArchive.for_this_machine()
+    assert used.path == archive.path and not used.recording
+    assert f"-XX:SharedArchiveFile={archive.path}" in local_conf(2, used)["spark.driver.extraJavaOptions"]
+    monkeypatch.setenv("CDS_SPARK_CLASS_CACHE", "off")
+    assert ClassArchive.for_this_machine() is None and ClassArchive.for_this_machine(record=True) is None
+
+
+def test_a_spark_class_archive_the_jvm_cannot_start_from_is_removed_and_spark_started_without_it(tmp_path, monkeypatch):
+    """An archive damaged after it was recorded (a disk error, a copy cut short) stops the JVM at start: the screen
+    removes it and starts Spark without it, instead of failing every run until someone finds the cache."""
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    import cds_service.screening.spark as spark_engine
+
+    monkeypatch.setenv("CDS_SPARK_CLASS_CACHE", str(tmp_path / "cache"))
+    damaged = spark_engine.ClassArchive.for_this_machine(record=True).path
+    damaged.write_bytes(b"\0" * 4096)
+    started = []
+
+    class Session:
+        class sparkContext:
+            @staticmethod
+            def setLogLevel(level):
+                pass
+
+    def start(session_class, master, workers, local, archive):
+        started.append(archive.path if archive is not None else None)
+        if archive is not None:
+            raise RuntimeError("Java gateway process exited before sending its port number")
+        return Session()
+
+    monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+    monkeypatch.setattr(spark_engine, "_start", start)
+    session, owned, archive = spark_engine.spark_session(None, 2)
+    assert isinstance(session, Session) and owned and archive is None
+    assert started == [damaged, None] and not damaged.exists()
+
+    monkeypatch.setattr(spark_engine, "_start", lambda *a: (_ for _ in ()).throw(RuntimeError("no java")))
+    with pytest.raises(spark_engine.SparkUnavailable, match="Spark could not start: no java"):
+        spark_engine.spark_session(None, 2)
+
+
 def test_the_spark_engine_without_pyspark_is_one_line_and_exit_2(tmp_path):
     """A site that has not installed the [spark] extra is told how to, not shown a traceback."""
     shadow = tmp_path / "shadow"
