@@ -413,9 +413,9 @@ def spark():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    from cds_service.screening.spark import local_conf
+    from cds_service.screening.spark import ClassArchive, local_conf
     builder = SparkSession.builder.master("local[2]").appName("tests")
-    for key, value in local_conf(2).items():
+    for key, value in local_conf(2, ClassArchive.for_this_machine()).items():     # `make spark` recorded one
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     yield session
