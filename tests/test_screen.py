@@ -508,6 +508,8 @@ def test_a_recorded_spark_class_archive_is_used_only_once_its_jvm_has_exited_cle
     used = ClassArchive.for_this_machine()
     assert used.path == archive.path and not used.recording
     assert f"-XX:SharedArchiveFile={archive.path}" in local_conf(2, used)["spark.driver.extraJavaOptions"]
+    archive.path.write_bytes(b"classes" * 999)                      # a copy cut short is never handed to a JVM
+    assert ClassArchive.for_this_machine() is None
     monkeypatch.setenv("CDS_SPARK_CLASS_CACHE", "off")
     assert ClassArchive.for_this_machine() is None and ClassArchive.for_this_machine(record=True) is None
 
@@ -523,7 +525,8 @@ def test_a_spark_class_archive_the_jvm_cannot_start_from_is_removed_and_spark_st
     monkeypatch.setenv("CDS_SPARK_CLASS_CACHE", str(tmp_path / "cache"))
     damaged = spark_engine.ClassArchive.for_this_machine(record=True).path
     damaged.write_bytes(b"\0" * 4096)
-    started = []
+    damaged.with_name(damaged.name + ".size").write_text("4096")      # whole, as far as its size tells
+    real_start, started = spark_engine._start, []
 
     class Session:
         class sparkContext:
@@ -534,7 +537,8 @@ def test_a_spark_class_archive_the_jvm_cannot_start_from_is_removed_and_spark_st
     def start(session_class, master, workers, local, archive):
         started.append(archive.path if archive is not None else None)
         if archive is not None:
-            raise RuntimeError("Java gateway process exited before sending its port number")
+            raise spark_engine.SparkUnavailable("Spark could not start: Java gateway process exited before sending "
+                                                "its port number")
         return Session()
 
     monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
@@ -543,9 +547,27 @@ def test_a_spark_class_archive_the_jvm_cannot_start_from_is_removed_and_spark_st
     assert isinstance(session, Session) and owned and archive is None
     assert started == [damaged, None] and not damaged.exists()
 
-    monkeypatch.setattr(spark_engine, "_start", lambda *a: (_ for _ in ()).throw(RuntimeError("no java")))
-    with pytest.raises(spark_engine.SparkUnavailable, match="Spark could not start: no java"):
-        spark_engine.spark_session(None, 2)
+    class NoJava:
+        class builder:                      # SparkSession.builder as the JVM's launch fails
+            @staticmethod
+            def appName(name):
+                return NoJava.builder
+
+            @staticmethod
+            def master(url):
+                return NoJava.builder
+
+            @staticmethod
+            def config(key, value):
+                return NoJava.builder
+
+            @staticmethod
+            def getOrCreate():
+                raise RuntimeError("Java gateway process exited before sending its port number\nmore")
+
+    with pytest.raises(spark_engine.SparkUnavailable,
+                       match="^Spark could not start: Java gateway process exited before sending its port number$"):
+        real_start(NoJava, None, 2, True, None)
 
 
 def test_the_spark_engine_without_pyspark_is_one_line_and_exit_2(tmp_path):

@@ -75,15 +75,12 @@ def spark_session(master: str | None, workers: int, record_classes: bool = False
     archive = ClassArchive.for_this_machine(record_classes) if local and not os.environ.get("SPARK_HOME") else None
     try:
         session = _start(SparkSession, master, workers, local, archive)
-    except Exception as exc:  # noqa: BLE001 - py4j: no java, a master that cannot be reached
+    except SparkUnavailable:
         if archive is None or archive.recording:
-            raise SparkUnavailable(f"Spark could not start: {str(exc).splitlines()[0][:300]}") from None
+            raise
         archive.discard()           # an archive the JVM cannot map stops it at start: removed, and started without
         archive = None
-        try:
-            session = _start(SparkSession, master, workers, local, None)
-        except Exception as again:  # noqa: BLE001
-            raise SparkUnavailable(f"Spark could not start: {str(again).splitlines()[0][:300]}") from None
+        session = _start(SparkSession, master, workers, local, None)
     session.sparkContext.setLogLevel("ERROR")
     return session, True, archive
 
@@ -95,7 +92,10 @@ def _start(session_class, master: str | None, workers: int, local: bool, archive
     if local:
         for key, value in local_conf(workers, archive).items():
             builder = builder.config(key, value)
-    return builder.getOrCreate()
+    try:
+        return builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - py4j: no java, a master that cannot be reached, a JVM that crashed
+        raise SparkUnavailable(f"Spark could not start: {str(exc).splitlines()[0][:300]}") from None
 
 
 def local_conf(workers: int, archive: "ClassArchive | None" = None) -> dict[str, str]:
@@ -118,8 +118,8 @@ class ClassArchive:
     4.7 s (1,000 patients: 36.0 / 32.7 s against 41.5 / 44.7 s). It is recorded once per machine (and after a Java
     or PySpark upgrade) by `cds-service spark-classes`, a training run of its own: a JVM that records runs slower
     (a 1,000-patient screen took 72 s instead of 40), so a real screen never does. The archive takes its name only
-    once that JVM has exited cleanly, because a JVM given a cut-off archive crashes at start; one that crashes
-    anyway is removed, and Spark started without it (`spark_session`).
+    once that JVM has exited cleanly, and is used only at the size it was written, because a JVM given a cut-off
+    archive crashes at start; one that crashes it anyway is removed, and Spark started without it (`spark_session`).
 
     Kept in `CDS_SPARK_CLASS_CACHE` (default `$XDG_CACHE_HOME/cds-service`, else `~/.cache/cds-service`), one file
     per Java runtime and PySpark installation; `CDS_SPARK_CLASS_CACHE=off` leaves it unused."""
@@ -141,7 +141,7 @@ class ClassArchive:
             return None
         archive = cls(folder / f"spark-classes-{key}.jsa", recording=record)
         if not record:
-            return archive if archive.path.is_file() else None
+            return archive if archive.whole() else None
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -180,13 +180,25 @@ class ClassArchive:
             proc.kill()
             clean = False
         if clean and self.partial.is_file() and self.partial.stat().st_size > 0:
+            self._size_file().write_text(str(self.partial.stat().st_size))
             os.replace(self.partial, self.path)
             return True
         self.partial.unlink(missing_ok=True)
         return False
 
+    def whole(self) -> bool:
+        """Whether the archive is there at the size its recording wrote: a copy cut short, or one written by some
+        other means, is never handed to a JVM (it would crash at start)."""
+        try:
+            return self.path.stat().st_size == int(self._size_file().read_text())
+        except (OSError, ValueError):
+            return False
+
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def _size_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".size")
 
     def _remove_stale(self) -> None:
         cutoff = time.time() - self.STALE_SECONDS
@@ -220,7 +232,8 @@ def _runtime_key() -> str | None:
     java = os.path.realpath(java)
     st = os.stat(java)
     jars = Path(pyspark.__file__).resolve().parent / "jars"
-    identity = f"{java}|{st.st_size}|{st.st_mtime_ns}|{jars}|{pyspark.__version__}|{os.environ.get('CDS_SPARK_DRIVER_MEMORY', '2g')}"
+    memory = os.environ.get("CDS_SPARK_DRIVER_MEMORY", "2g")          # the heap's size shapes the archive too
+    identity = f"{java}|{st.st_size}|{st.st_mtime_ns}|{jars}|{pyspark.__version__}|{memory}"
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
