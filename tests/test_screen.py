@@ -584,6 +584,10 @@ def test_the_spark_engine_without_pyspark_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "pip install" in done.stderr and "[spark]" in done.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+    classes = subprocess.run([sys.executable, "-m", "cds_service.cli", "spark-classes"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env={**env, "CDS_SPARK_CLASS_CACHE": str(tmp_path / "cache")})
+    assert classes.returncode == 2 and "Traceback" not in classes.stderr and "pip install" in classes.stderr
+    assert not any((tmp_path / "cache").glob("*.jsa*"))
 
 
 def test_a_terminal_sees_the_files_read_then_patients_rate_and_eta(tmp_path):
