@@ -393,7 +393,8 @@ def bench_screen(quick: bool, workers: int, patients: int | None, export: Path |
                 "peak_rss_mb": round(many["peak_rss_bytes"] / 1e6), "seconds": many["seconds"],
                 "load_seconds": many["load_seconds"], "first_patient_seconds": many["first_patient_seconds"],
                 "temp_disk_to_filtered_input": round(many["temp_disk_bytes"] / many["filtered_input_bytes"], 2),
-                # Spark local[workers] on the same export: its seconds include the JVM's start (~12 s here, from the class archive)
+                # Spark local[workers] on the same export: its seconds include the JVM's start (~12 s here, from
+                # the class archive)
                 "spark_seconds": spark["seconds"] if spark else None,
                 "spark_per_core_per_s": round(spark["patients_per_second"] / workers, 1) if spark else None,
                 "ratio_spark_to_local_time": round(spark["seconds"] / many["seconds"], 2) if spark else None,

@@ -215,7 +215,9 @@ def class_cache_folder() -> Path | None:
     setting = os.environ.get("CDS_SPARK_CLASS_CACHE", "")
     if setting.lower() in ("off", "false", "0", "no"):
         return None
-    return Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cds-service"
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cds-service"
 
 
 def _runtime_key() -> str | None:
@@ -418,7 +420,8 @@ def _training_export(folder: Path, as_of: date, patients: int = 24) -> None:
         pid, ref = f"training-{i:03d}", {"reference": f"Patient/training-{i:03d}"}
         rows["Patient"].append({"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1950-03-01"})
         rows["Condition"].append({"resourceType": "Condition", "id": f"c{i}", "subject": ref, "onsetDateTime": day,
-                                  "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M06.9"}]}})
+                                  "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                                       "code": "M06.9"}]}})
         for n, (code, value) in enumerate((("3016-3", 0.05), ("17861-6", 10.9), ("8867-4", 70))):
             rows["Observation"].append({"resourceType": "Observation", "id": f"o{i}-{n}", "status": "final",
                                         "subject": ref, "effectiveDateTime": day,
