@@ -246,7 +246,7 @@ class SparkEngine:
                  master: str | None = None, record_classes: bool = False) -> None:
         self.files, self.as_of, self.workers = files, as_of, workers
         self.cards_dir = str(Path(cards_dir).resolve()) if cards_dir else None
-        self.spark, self._owned, self._archive = spark_session(master, workers, record_classes)
+        self.spark, self._owned, self.class_archive = spark_session(master, workers, record_classes)
         self._finished = False
         self.rows = None
         self.medications: dict[str, str] = {}
@@ -364,8 +364,8 @@ class SparkEngine:
             self.spark.stop()
             # a training run that got to its end ends its JVM now, so that the archive is complete before it takes
             # its name (a stopped run's recording is never used)
-            if self._archive is not None and self._archive.recording and self._finished:
-                self._archive.finish()
+            if self.class_archive is not None and self.class_archive.recording and self._finished:
+                self.class_archive.finish()
 
 
 def record_class_archive(workers: int = 2) -> Path:
@@ -388,10 +388,10 @@ def record_class_archive(workers: int = 2) -> Path:
         _training_export(export, as_of)
         engine = SparkEngine(export_files(export), Path(tmp), as_of, workers, None, record_classes=True)
         try:
-            if engine._archive is None or not engine._archive.recording:
+            if engine.class_archive is None or not engine.class_archive.recording:
                 raise SparkUnavailable("the class archive is recorded by a local Spark session of its own (no "
                                        "SPARK_HOME, no session already running, a cache folder that can be written)")
-            archive = engine._archive
+            archive = engine.class_archive
             engine.load()
             catalog = load_catalog()
             for _ in engine.results(SurveySample(CodeSurvey(catalog, as_of), SURVEY_PATIENTS), catalog):
