@@ -345,6 +345,63 @@ def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_p
         groups.close()
 
 
+def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patient_comes_once_in_order(
+        corpora, tmp_path, monkeypatch):
+    """The first patients come from a query of their own while DuckDB sorts the rest in a thread: they reach the
+    workers while that sort is still running (held here until they have all come), and the two queries together
+    give every patient once, in patient-id order, with the lines one query gives (results no rule reads left out
+    past the survey's patients, as before). A run stopped after its first patient ends the sort behind it."""
+    import threading
+
+    from cds_service.knowledge.catalog import load_catalog
+    from cds_service.screening import partition
+    from cds_service.screening.export import export_files
+    from cds_service.screening.partition import ExportGroups
+
+    catalog = load_catalog()
+
+    def grouped(first: int, hold: threading.Event | None = None) -> list[tuple[str, list[str]]]:
+        monkeypatch.setattr(partition, "FIRST_PATIENTS", first)
+        work = tmp_path / f"work-{first}"
+        work.mkdir()
+        groups = ExportGroups(export_files(corpora["dev"]), work)
+        try:
+            groups.load()
+            groups.leave_out_unread(catalog, except_first=5)
+            out = []
+            for pid, lines in groups.patients(batch_rows=50):
+                out.append((pid, sorted(lines)))
+                if hold is not None and len(out) == first:
+                    assert not hold.is_set()            # all of the first ones came while the rest was held
+                    hold.set()
+            return out
+        finally:
+            groups.close()
+
+    hold = threading.Event()
+    real_run = partition._QueryBehind._run
+
+    def held_run(self, sql, params):
+        assert hold.wait(30), "the first patients never came while the sort of the rest was held"
+        real_run(self, sql, params)
+    monkeypatch.setattr(partition._QueryBehind, "_run", held_run)
+    split = grouped(7, hold)
+    monkeypatch.setattr(partition._QueryBehind, "_run", real_run)
+    whole = grouped(100_000)                           # more than the export holds: one query
+    assert hold.is_set() and split == whole
+    assert [pid for pid, _ in split] == sorted({pid for pid, _ in split}) and len(split) > 40
+
+    monkeypatch.setattr(partition, "FIRST_PATIENTS", 3)
+    (tmp_path / "stopped").mkdir()
+    groups = ExportGroups(export_files(corpora["dev"]), tmp_path / "stopped")
+    groups.load()
+    patients = groups.patients()
+    assert next(patients)[0] == whole[0][0]
+    patients.close()                                    # as a run stopped by Ctrl-C or an error
+    groups.close()
+    assert not [t for t in threading.enumerate() if t.name == "duckdb-sort"]
+
+
 def test_a_type_not_read_is_counted_as_the_line_reader_counts_it_and_damage_still_reported(tmp_path, monkeypatch):
     """Files of types the engine does not read are only counted, in bytes: blank and whitespace lines are not
     resources, a last line without a newline is, a line across the counter's reads counts once. A damaged .gz or a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ _FIELDS = ("TRY(json_extract_string(line, ['$.resourceType', '$.subject.referenc
            "'$.patient.reference', '$.beneficiary.reference', '$.id', '$.code']))")
 # a result's code, kept to leave out, before they are parsed, the results no rule reads (most of a chart's)
 _CONCEPT = "CASE WHEN f[1] = 'Observation' THEN f[6] END"
-_PATIENT = ("CASE WHEN f[1] IS NULL THEN NULL WHEN f[1] = 'Patient' THEN f[5] ELSE nullif(regexp_extract("
-            "coalesce(f[2], f[3], f[4]), '(?:^|/)Patient/([^/]+)$', 1), '') END")
+# the reference's patient: the usual "Patient/<id>" sliced, anything else through the pattern (the same answer: on
+# 550 MB, 0.15 s of a 1.75 s load)
+_PATIENT = ("CASE WHEN f[1] IS NULL THEN NULL WHEN f[1] = 'Patient' THEN f[5] "
+            "WHEN starts_with(r, 'Patient/') AND NOT contains(substr(r, 9), '/') THEN nullif(substr(r, 9), '') "
+            "ELSE nullif(regexp_extract(r, '(?:^|/)Patient/([^/]+)$', 1), '') END")
 
 
 @dataclass
@@ -123,8 +127,8 @@ class ExportGroups:
 
     def _insert(self, name: Path, source: Path) -> None:
         self.con.execute(
-            f"INSERT INTO res SELECT ?, f[1], {_PATIENT}, line, {_CONCEPT} FROM (SELECT line, {_FIELDS} AS f "
-            f"FROM {_LINES} WHERE trim(line) <> '')",
+            f"INSERT INTO res SELECT ?, f[1], {_PATIENT}, line, {_CONCEPT} FROM (SELECT line, f, "
+            f"coalesce(f[2], f[3], f[4]) AS r FROM (SELECT line, {_FIELDS} AS f FROM {_LINES} WHERE trim(line) <> ''))",
             [str(name), str(source)])
 
     def _rescue(self, f: ExportFile) -> Path:
@@ -196,23 +200,80 @@ class ExportGroups:
 
     def patients(self, batch_rows: int = 20_000) -> Iterator[tuple[str, list[str]]]:
         """(patient id, that patient's resource lines), in patient-id order, streamed in batches; without the results
-        `leave_out_unread` left out."""
-        cur = self.con.execute("SELECT pid, line FROM res WHERE pid IS NOT NULL AND rt <> 'Medication' AND "
-                               "(concept IS NULL OR pid <= ? OR concept NOT IN (SELECT concept FROM unread)) "
-                               "ORDER BY pid", [self._read_all_up_to])
-        current, lines = None, []
-        while rows := cur.fetchmany(batch_rows):
-            for pid, text in rows:
-                if pid != current:
-                    if current is not None:
-                        yield current, lines
-                    current, lines = pid, []
-                lines.append(text)
-        if current is not None:
-            yield current, lines
+        `leave_out_unread` left out.
+
+        The first `FIRST_PATIENTS` come from a query of their own while DuckDB sorts the rest in its own threads
+        (which run without the GIL): the first findings no longer wait for the whole table's sort, which spills
+        once the export outgrows the memory limit (10,000 synthetic patients: 4.7 s between the load and the
+        first patient)."""
+        kept = ("pid IS NOT NULL AND rt <> 'Medication' AND "
+                "(concept IS NULL OR pid <= ? OR concept NOT IN (SELECT concept FROM unread))")
+        query = f"SELECT pid, line FROM res WHERE {kept}{{}} ORDER BY pid"
+        split = self._nth_patient(FIRST_PATIENTS)
+        if split is None:                              # a small export: one query
+            yield from _grouped(self.con.execute(query.format(""), [self._read_all_up_to]), batch_rows)
+            return
+        rest = _QueryBehind(self.con.cursor(), query.format(" AND pid > ?"), [self._read_all_up_to, split])
+        try:
+            yield from _grouped(self.con.execute(query.format(" AND pid <= ?"), [self._read_all_up_to, split]),
+                                batch_rows)
+            yield from _grouped(rest.result(), batch_rows)
+        finally:
+            rest.close()
+
+    def _nth_patient(self, n: int) -> str | None:
+        """The n-th patient id in order; None when the export has no more than n patients."""
+        rows = self.con.execute("SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND "
+                                "rt <> 'Medication') ORDER BY pid LIMIT 2 OFFSET ?", [n - 1]).fetchall()
+        return rows[0][0] if len(rows) == 2 else None
 
     def close(self) -> None:
         self.con.close()
+
+
+FIRST_PATIENTS = 100          # patients read by a query of their own, ahead of the sort of the rest (`patients`)
+
+
+def _grouped(cursor, batch_rows: int) -> Iterator[tuple[str, list[str]]]:
+    """(pid, lines) from a cursor over (pid, line) rows in pid order."""
+    current, lines = None, []
+    while rows := cursor.fetchmany(batch_rows):
+        for pid, text in rows:
+            if pid != current:
+                if current is not None:
+                    yield current, lines
+                current, lines = pid, []
+            lines.append(text)
+    if current is not None:
+        yield current, lines
+
+
+class _QueryBehind:
+    """A query executed on its own DuckDB cursor in a thread, so that its sort runs while the caller works;
+    `result()` waits for it (and raises what it raised), `close()` interrupts it if it is still running."""
+
+    def __init__(self, cursor, sql: str, params: list) -> None:
+        self.cursor, self.error = cursor, None
+        self.thread = threading.Thread(target=self._run, args=(sql, params), name="duckdb-sort", daemon=True)
+        self.thread.start()
+
+    def _run(self, sql: str, params: list) -> None:
+        try:
+            self.cursor.execute(sql, params)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.cursor
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.cursor.interrupt()
+            self.thread.join()
+        self.cursor.close()
 
 
 def unread_codes(codes: Iterable[str], catalog) -> list[str]:
