@@ -9,6 +9,7 @@ import os
 import threading
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -83,13 +84,41 @@ class ExportGroups:
 
     # ---- load ------------------------------------------------------------------------------------
     def load(self, on_file=None) -> LoadReport:
-        """Every file into the database; `on_file(done, total, name)` before each (for a progress display)."""
+        """Every file into the database; `on_file(done, total, name)` before each (for a progress display).
+
+        Files of types no rule reads are counted in a thread meanwhile: DuckDB's inserts leave the GIL and part of
+        the cores free, and counting them first, in turn, left DuckDB idle (Synthea exports: a third of the bytes,
+        1.3 s of a 6.7 s load)."""
+        counting = ThreadPoolExecutor(1, thread_name_prefix="count-lines")
+        try:
+            counts = self._load_files(on_file, counting)
+            for f, future in counts:                        # in the export's order
+                n, damage = future.result()
+                self.report.skipped_types[f.type] += n
+                self.report.malformed_lines += damage
+        finally:
+            counting.shutdown(wait=True, cancel_futures=True)
+        self.con.execute("INSERT INTO bad SELECT file, count(*) FROM res WHERE rt IS NULL GROUP BY file")
+        for file, _n in self.con.execute("SELECT file, n FROM bad ORDER BY file").fetchall():
+            self.report.malformed_lines += _malformed_lines(Path(file))
+        self.con.execute("DELETE FROM res WHERE rt IS NULL")
+        for rt, n in self.con.execute("SELECT rt, count(*) FROM res WHERE pid IS NULL AND rt NOT IN ('Medication') "
+                                      "GROUP BY rt ORDER BY rt").fetchall():
+            self.report.resources_without_patient[rt] = n
+        self._take_encounters("", [])                  # any an export put in a file of another type
+        self.con.execute("DELETE FROM res WHERE rt = 'Encounter'")
+        self.report.resources = self.con.execute("SELECT count(*) FROM res WHERE rt <> 'Medication'").fetchone()[0]
+        return self.report
+
+    def _load_files(self, on_file, counting: ThreadPoolExecutor) -> list:
+        """The files the engine reads inserted, in order; the others handed to `counting`: [(file, future)]."""
+        counts = []
         for i, f in enumerate(self.files):
             if on_file:
                 on_file(i, len(self.files), f.path.name)
             self.report.input_bytes += f.path.stat().st_size
             if not reads_type(f.type):
-                self.report.skipped_types[f.type] += self._count_lines(f)
+                counts.append((f, counting.submit(_count_lines, f)))
                 continue
             self.report.filtered_bytes += f.path.stat().st_size
             try:
@@ -102,17 +131,7 @@ class ExportGroups:
                         {"file": str(f.path), "line": 1, "error": f"file unreadable: {str(exc)[:200]}"})
             if f.type == "Encounter":                  # its openings taken now, while its rows are in memory
                 self._take_encounters("file = ? AND ", [str(f.path)])
-        self.con.execute("INSERT INTO bad SELECT file, count(*) FROM res WHERE rt IS NULL GROUP BY file")
-        for file, _n in self.con.execute("SELECT file, n FROM bad ORDER BY file").fetchall():
-            self.report.malformed_lines += _malformed_lines(Path(file))
-        self.con.execute("DELETE FROM res WHERE rt IS NULL")
-        for rt, n in self.con.execute("SELECT rt, count(*) FROM res WHERE pid IS NULL AND rt NOT IN ('Medication') "
-                                      "GROUP BY rt ORDER BY rt").fetchall():
-            self.report.resources_without_patient[rt] = n
-        self._take_encounters("", [])                  # any an export put in a file of another type
-        self.con.execute("DELETE FROM res WHERE rt = 'Encounter'")
-        self.report.resources = self.con.execute("SELECT count(*) FROM res WHERE rt <> 'Medication'").fetchone()[0]
-        return self.report
+        return counts
 
     def _take_encounters(self, where: str, params: list) -> None:
         """Encounters with a patient become openings (the alert burden's denominator) and leave the resources.
@@ -154,19 +173,6 @@ class ExportGroups:
                 self.report.malformed_lines.append(
                     {"file": str(f.path), "line": n + 1, "error": f"gzip stream unreadable from here: {exc}"})
         return rescued
-
-    def _count_lines(self, f: ExportFile) -> int:
-        counted = _count_resource_lines(f.path, f.compressed)
-        if counted is not None:
-            return counted
-        from .reader import read_export_file          # a damaged file of a type not read: counted as far as it goes
-        count = 0
-        for row in read_export_file(f.type, str(f.path)):
-            if row.kind == "skipped":
-                count = row.line_no
-            else:                                        # the damage, with its line
-                self.report.malformed_lines.append({"file": row.file, "line": row.line_no, "error": row.text})
-        return count
 
     # ---- read back -------------------------------------------------------------------------------
     def medications(self) -> dict[str, str]:
@@ -291,6 +297,22 @@ def unread_codes(codes: Iterable[str], catalog) -> list[str]:
         except Exception:  # noqa: BLE001 - a code the test cannot read is kept
             continue
     return unread
+
+
+def _count_lines(f: ExportFile) -> tuple[int, list[dict]]:
+    """A file of a type not read: its resources counted, and where it is damaged (a damaged file is counted as far as
+    it goes, by the line reader, which says where)."""
+    counted = _count_resource_lines(f.path, f.compressed)
+    if counted is not None:
+        return counted, []
+    from .reader import read_export_file
+    count, damage = 0, []
+    for row in read_export_file(f.type, str(f.path)):
+        if row.kind == "skipped":
+            count = row.line_no
+        else:
+            damage.append({"file": row.file, "line": row.line_no, "error": row.text})
+    return count, damage
 
 
 def _count_resource_lines(path: Path, compressed: bool) -> int | None:
