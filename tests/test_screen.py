@@ -400,6 +400,14 @@ def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patie
     patients.close()                                    # as a run stopped by Ctrl-C or an error
     groups.close()
     assert not [t for t in threading.enumerate() if t.name == "duckdb-sort"]
+    (tmp_path / "abandoned").mkdir()
+    groups = ExportGroups(export_files(corpora["dev"]), tmp_path / "abandoned")
+    groups.load()
+    patients = groups.patients()
+    next(patients)
+    groups.close()                                      # the iteration never closed: the sort behind it ends here
+    assert not [t for t in threading.enumerate() if t.name == "duckdb-sort"]
+    patients.close()
 
 
 def test_a_type_not_read_is_counted_as_the_line_reader_counts_it_and_damage_still_reported(tmp_path, monkeypatch):

@@ -77,6 +77,7 @@ class ExportGroups:
         self.con.execute("CREATE TABLE res (file VARCHAR, rt VARCHAR, pid VARCHAR, line VARCHAR, concept VARCHAR)")
         self.con.execute("CREATE TABLE unread (concept VARCHAR)")
         self._read_all_up_to: str | None = None     # patients up to this id keep their unread results
+        self._behind: _QueryBehind | None = None     # the sort of all but the first patients, once `patients` starts
         self.con.execute("CREATE TABLE bad (file VARCHAR, n BIGINT)")
         self.con.execute("CREATE TABLE enc (pid VARCHAR, start VARCHAR, location VARCHAR)")
         self.files = files
@@ -219,7 +220,8 @@ class ExportGroups:
         if split is None:                              # a small export: one query
             yield from _grouped(self.con.execute(query.format(""), [self._read_all_up_to]), batch_rows)
             return
-        rest = _QueryBehind(self.con.cursor(), query.format(" AND pid > ?"), [self._read_all_up_to, split])
+        rest = self._behind = _QueryBehind(self.con.cursor(), query.format(" AND pid > ?"),
+                                           [self._read_all_up_to, split])
         try:
             yield from _grouped(self.con.execute(query.format(" AND pid <= ?"), [self._read_all_up_to, split]),
                                 batch_rows)
@@ -234,6 +236,8 @@ class ExportGroups:
         return rows[0][0] if len(rows) == 2 else None
 
     def close(self) -> None:
+        if self._behind is not None:          # a run that stopped without closing its iteration of the patients
+            self._behind.close()
         self.con.close()
 
 
@@ -276,10 +280,13 @@ class _QueryBehind:
         return self.cursor
 
     def close(self) -> None:
+        if self.cursor is None:
+            return
         if self.thread.is_alive():
             self.cursor.interrupt()
             self.thread.join()
         self.cursor.close()
+        self.cursor = None
 
 
 def unread_codes(codes: Iterable[str], catalog) -> list[str]:
