@@ -348,9 +348,11 @@ def test_the_spark_reader_reads_an_export_as_the_duckdb_load_does(corpora, tmp_p
 def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patient_comes_once_in_order(
         corpora, tmp_path, monkeypatch):
     """The first patients come from a query of their own while DuckDB sorts the rest in a thread: they reach the
-    workers while that sort is still running (held here until they have all come), and the two queries together
-    give every patient once, in patient-id order, with the lines one query gives (results no rule reads left out
-    past the survey's patients, as before). A run stopped after its first patient ends the sort behind it."""
+    workers while that sort is still running (held here until they have all come), and the queries together give
+    every patient once, in patient-id order, with the lines one query gives (results no rule reads left out past
+    the survey's patients, as before). An export larger than the memory limit is sorted in ranges of patients, so
+    that no sort spills the whole export beside the spilled table: the same patients and lines again. A run stopped
+    after its first patient ends the sorts behind it."""
     import threading
 
     from cds_service.knowledge.catalog import load_catalog
@@ -360,9 +362,9 @@ def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patie
 
     catalog = load_catalog()
 
-    def grouped(first: int, hold: threading.Event | None = None) -> list[tuple[str, list[str]]]:
+    def grouped(first: int, hold: threading.Event | None = None, name: str = "") -> list[tuple[str, list[str]]]:
         monkeypatch.setattr(partition, "FIRST_PATIENTS", first)
-        work = tmp_path / f"work-{first}"
+        work = tmp_path / f"work-{first}{name}"
         work.mkdir()
         groups = ExportGroups(export_files(corpora["dev"]), work)
         try:
@@ -382,7 +384,8 @@ def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patie
     real_run = partition._QueryBehind._run
 
     def held_run(self, sql, params):
-        assert hold.wait(30), "the first patients never came while the sort of the rest was held"
+        if "pid > ?" in sql:                            # a range after the first
+            assert hold.wait(30), "the first patients never came while the sort of the rest was held"
         real_run(self, sql, params)
     monkeypatch.setattr(partition._QueryBehind, "_run", held_run)
     split = grouped(7, hold)
@@ -390,6 +393,18 @@ def test_the_first_patients_do_not_wait_for_the_sort_of_the_rest_and_every_patie
     whole = grouped(100_000)                           # more than the export holds: one query
     assert hold.is_set() and split == whole
     assert [pid for pid, _ in split] == sorted({pid for pid, _ in split}) and len(split) > 40
+
+    ranges: list[str] = []
+    real_init = partition._QueryBehind.__init__
+
+    def counted_init(self, cursor, sql, params):
+        ranges.append(sql)
+        real_init(self, cursor, sql, params)
+    monkeypatch.setattr(partition._QueryBehind, "__init__", counted_init)
+    monkeypatch.setattr(partition, "SORT_IN_MEMORY_BYTES", 0)           # as if the export outgrew the memory limit
+    monkeypatch.setattr(partition, "SPILL_RANGES", 4)
+    assert grouped(7, name="-ranges") == whole
+    assert len(ranges) == 1 + 4 and sum("pid > ? AND pid <= ?" in sql for sql in ranges) == 3
 
     monkeypatch.setattr(partition, "FIRST_PATIENTS", 3)
     (tmp_path / "stopped").mkdir()
