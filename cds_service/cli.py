@@ -46,8 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("preload_app", True)          # load and validate the catalog once, before forking
             self.cfg.set("timeout", 60)
             # workers recycled now and then, at staggered times: a burst's memory is given back, never all at once
-            self.cfg.set("max_requests", 20000)
-            self.cfg.set("max_requests_jitter", 5000)
+            self.cfg.set("max_requests", settings.max_requests)
+            self.cfg.set("max_requests_jitter", settings.max_requests // 4)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)            # our own JSON request log has no patient data
@@ -65,10 +65,15 @@ def _serve(args: argparse.Namespace) -> int:
     auth = "client JWTs required" if settings.auth_required else "client JWT authentication OFF (CDS_AUTH=off): local testing only"
     print(f"cds-service: serving secondary-osteoporosis on http://{settings.host}:{settings.port} "
           f"({max(1, settings.workers)} workers, {auth}); discovery at /cds-services", file=sys.stderr, flush=True)
+    master = os.getpid()
     try:
         Server().run()
     finally:
-        shutil.rmtree(prom_dir, ignore_errors=True)
+        # a worker leaving (recycled, or at shutdown) unwinds through here too, in its own process: only the master
+        # removes the metrics folder. A recycled worker that removed it left every later worker failing each request
+        # on its first metric (FileNotFoundError: a 500 for every patient-view after the first recycling).
+        if os.getpid() == master:
+            shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
 
 

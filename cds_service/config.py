@@ -32,6 +32,7 @@ class Settings:
     fhir_allowlist: str = ""               # comma-separated fhirServer URL prefixes; empty: any server
     max_body_bytes: int = 10 * 1024 * 1024
     shed_after: float = 10.0               # a request that waited this many seconds for a thread: 503 at once
+    max_requests: int = 20000              # a worker is replaced after this many requests (plus up to a quarter)
     cors_origins: str = ""                 # "*" or a comma-separated list of allowed origins; empty: no CORS
     as_of: str = ""                        # fixed evaluation date (YYYY-MM-DD); default: today
     log_level: str = "INFO"
@@ -84,6 +85,8 @@ class Settings:
             raise ValueError(f"the port must be 1-65535 (CDS_PORT or --port), not {s.port}")
         if not s.shed_after > 0:
             raise ValueError("CDS_SHED_AFTER must be a positive number of seconds")
+        if s.max_requests < 0:
+            raise ValueError("CDS_MAX_REQUESTS must be 0 (workers never replaced) or a positive number of requests")
         if s.workers < 1 or s.threads < 1:
             raise ValueError("CDS_WORKERS and CDS_THREADS must be at least 1")
         if any(len(secret) < MIN_SECRET_CHARS for secret in s.snooze_secret_list):
@@ -138,6 +141,8 @@ ENV_DOC = {
     "max_body_bytes": "Largest request body accepted, in bytes (larger: 413)",
     "shed_after": "Seconds a request may wait for a worker thread before it is answered 503 with Retry-After (its "
                   "client has given up); a backlog over 16 waiting requests per thread is answered 503 at once",
+    "max_requests": "Requests after which a worker is replaced, at a staggered point (plus up to a quarter more), to "
+                    "give back a burst's memory; 0: never",
     "cors_origins": "Allowed CORS origins (browser clients such as the CDS Hooks sandbox): * or a comma-separated "
                     "list; empty (the default): no CORS headers",
     "as_of": "Fixed evaluation date YYYY-MM-DD (default: today)",

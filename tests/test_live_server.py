@@ -141,6 +141,32 @@ def test_metrics_add_up_across_workers(live_server):
     assert "rheumatoid-arthritis-positive" not in text
 
 
+def test_a_replaced_worker_and_its_successors_keep_serving_and_counting(tmp_path):
+    """Workers are replaced after CDS_MAX_REQUESTS requests (to give back a burst's memory). A worker leaving must
+    not take the others' metrics with it: one that removed the metrics folder on its way out left every later
+    worker answering 500 to each patient-view (seen in the benchmark after 20,000 requests)."""
+    import subprocess as sp
+
+    server = LiveServer(tmp_path / "srv", env={"CDS_WORKERS": "1", "CDS_MAX_REQUESTS": "10",
+                                               "CDS_LOG_LEVEL": "WARNING"}).start()
+    try:
+        def worker() -> int:
+            return int(sp.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        body = fixture_request("patients/rheumatoid_arthritis-positive.json")
+        first = worker()
+        statuses = []
+        with requests.Session() as s:
+            for _ in range(40):                          # past three replacements (10 requests, plus up to 2)
+                statuses.append(s.post(server.base + SERVICE_URL, json=body, timeout=10).status_code)
+        assert statuses == [200] * 40
+        assert worker() != first                         # replaced, and its successors served the rest
+        text = requests.get(server.base + "/metrics", timeout=5).text
+        assert 'cds_cards_total{indicator="warning",service_id="secondary-osteoporosis"}' in text \
+            or 'cds_cards_total{indicator="info",service_id="secondary-osteoporosis"}' in text
+    finally:
+        server.kill(signal.SIGTERM)
+
+
 def test_soak_memory_stays_flat(tmp_path):
     """3,000 patient-view calls on one worker: resident memory does not keep growing."""
     import threading
