@@ -821,7 +821,8 @@ def test_results_no_rule_reads_are_left_out_before_the_workers_except_for_the_su
     worker's time. They are left out in the load, decided once per distinct code by the engine's own test: a result
     read by its LOINC code or by its name (a local code, "Calcium, serum") still reaches the engine, and so does a
     code the test cannot read (the engine counts it invalid). The first patients keep every result, for the code
-    survey, which lists codes no rule reads."""
+    survey, which lists codes no rule reads; in an export of fewer patients than the survey reads, all of them do
+    (they lost their unread results, and the report's survey its unread codes)."""
     from cds_service.knowledge.catalog import load_catalog
     from cds_service.screening import SurveySample
     from cds_service.clinical.survey import CodeSurvey
@@ -865,3 +866,17 @@ def test_results_no_rule_reads_are_left_out_before_the_workers_except_for_the_su
     for p in pids[1:]:
         assert seen[p] == [f"{p}-obs-1", f"{p}-obs-2", f"{p}-obs-3"]                # no heart rate
     assert any(row.code == "8867-4" for row in sample.survey.sorted_rows(unmatched_only=True))
+
+    seen.clear()                                  # an export of fewer patients than the survey reads: all keep all
+    (tmp_path / "work-small").mkdir()
+    engine = LocalEngine(export_files(export), tmp_path / "work-small", AS_OF, 1, None)
+    try:
+        engine.load()
+        sample = SurveySample(CodeSurvey(catalog, AS_OF), 100)
+        screened = [r for results in engine.results(sample, catalog) for r in results]
+    finally:
+        engine.close()
+    assert [r.patient for r in screened] == pids
+    assert all(seen[p] == [f"{p}-obs-{i}" for i in range(4)] for p in pids)
+    heart = [r for r in sample.survey.sorted_rows(unmatched_only=True) if r.code == "8867-4"]
+    assert heart and sum(len(r.patients) for r in heart) == 3      # the survey lists it for every patient

@@ -199,10 +199,11 @@ class ExportGroups:
             "SELECT DISTINCT concept FROM res WHERE concept IS NOT NULL").fetchall()), catalog)
         self.con.execute("DELETE FROM unread")
         self.con.execute("INSERT INTO unread SELECT unnest(?::VARCHAR[])", [unread])
-        first = self.con.execute("SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND "
-                                 "rt <> 'Medication') ORDER BY pid LIMIT 1 OFFSET ?",
-                                 [except_first - 1]).fetchone() if except_first > 0 else None
-        self._read_all_up_to = first[0] if first else None
+        self._read_all_up_to = None
+        if except_first > 0:            # an export of fewer patients: all of them keep every result
+            at = self._patient_ids(except_first, 1)
+            self._read_all_up_to = at[0] if at else self.con.execute(
+                "SELECT max(pid) FROM res WHERE rt <> 'Medication'").fetchone()[0]
         return len(unread)
 
     def patients(self, batch_rows: int = 20_000) -> Iterator[tuple[str, list[str]]]:
@@ -251,9 +252,14 @@ class ExportGroups:
 
     def _nth_patient(self, n: int) -> str | None:
         """The n-th patient id in order; None when the export has no more than n patients."""
-        rows = self.con.execute("SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND "
-                                "rt <> 'Medication') ORDER BY pid LIMIT 2 OFFSET ?", [n - 1]).fetchall()
-        return rows[0][0] if len(rows) == 2 else None
+        ids = self._patient_ids(n, 2)
+        return ids[0] if len(ids) == 2 else None
+
+    def _patient_ids(self, n: int, count: int) -> list[str]:
+        """Up to `count` patient ids in order, from the n-th (1-based)."""
+        return [pid for (pid,) in self.con.execute(
+            "SELECT pid FROM (SELECT DISTINCT pid FROM res WHERE pid IS NOT NULL AND rt <> 'Medication') "
+            "ORDER BY pid LIMIT ? OFFSET ?", [count, n - 1]).fetchall()]
 
     def close(self) -> None:
         for query in self._behind:          # a run that stopped without closing its iteration of the patients
