@@ -853,29 +853,26 @@ def test_results_no_rule_reads_are_left_out_before_the_workers_except_for_the_su
         return real_call(self, patient, lines, survey)
     monkeypatch.setattr(PatientScreen, "__call__", call)
     catalog = load_catalog()
-    (tmp_path / "work").mkdir()
-    engine = LocalEngine(export_files(export), tmp_path / "work", AS_OF, 1, None)
-    try:
-        engine.load()
-        sample = SurveySample(CodeSurvey(catalog, AS_OF), 1)
-        screened = [r for results in engine.results(sample, catalog) for r in results]
-    finally:
-        engine.close()
+
+    def screened_with_a_survey_of(limit: int):
+        seen.clear()
+        (tmp_path / f"work-{limit}").mkdir()
+        engine = LocalEngine(export_files(export), tmp_path / f"work-{limit}", AS_OF, 1, None)
+        try:
+            engine.load()
+            sample = SurveySample(CodeSurvey(catalog, AS_OF), limit)
+            return [r for results in engine.results(sample, catalog) for r in results], sample
+        finally:
+            engine.close()
+
+    screened, sample = screened_with_a_survey_of(1)
     assert [r.patient for r in screened] == pids and all(r.error is None for r in screened)
     assert seen["a-1"] == ["a-1-obs-0", "a-1-obs-1", "a-1-obs-2", "a-1-obs-3"]       # surveyed: every result
     for p in pids[1:]:
         assert seen[p] == [f"{p}-obs-1", f"{p}-obs-2", f"{p}-obs-3"]                # no heart rate
     assert any(row.code == "8867-4" for row in sample.survey.sorted_rows(unmatched_only=True))
 
-    seen.clear()                                  # an export of fewer patients than the survey reads: all keep all
-    (tmp_path / "work-small").mkdir()
-    engine = LocalEngine(export_files(export), tmp_path / "work-small", AS_OF, 1, None)
-    try:
-        engine.load()
-        sample = SurveySample(CodeSurvey(catalog, AS_OF), 100)
-        screened = [r for results in engine.results(sample, catalog) for r in results]
-    finally:
-        engine.close()
+    screened, sample = screened_with_a_survey_of(100)    # fewer patients than the survey reads: all keep all
     assert [r.patient for r in screened] == pids
     assert all(seen[p] == [f"{p}-obs-{i}" for i in range(4)] for p in pids)
     heart = [r for r in sample.survey.sorted_rows(unmatched_only=True) if r.code == "8867-4"]
