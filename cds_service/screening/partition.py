@@ -215,7 +215,7 @@ class ExportGroups:
         - the first `FIRST_PATIENTS` alone, so the first findings do not wait for the sort of the rest, which spills
           once the export outgrows the memory limit (10,000 synthetic patients: 4.7 s between the load and the
           first patient);
-        - the rest in one range, or in `SPILL_RANGES` when the export outgrows the memory limit: a sort's spill is
+        - the rest in one range, or in `SPILL_RANGES` when the loaded rows outgrow 1 GiB: a sort's spill is
           about the size of what it sorts, and beside the spilled table one sort of everything took the temporary
           disk to 1.8x the input (100,000 patients); a range's sort takes a fifth, for one more scan of the table."""
         kept = ("pid IS NOT NULL AND rt <> 'Medication' AND "
@@ -243,12 +243,19 @@ class ExportGroups:
         first = self._nth_patient(FIRST_PATIENTS)
         if first is None:
             return []
-        if self.report.filtered_bytes <= SORT_IN_MEMORY_BYTES:
+        if self._table_bytes() <= SORT_IN_MEMORY_BYTES:
             return [first]
         cuts = [round(i / SPILL_RANGES, 6) for i in range(1, SPILL_RANGES)]
         rest = self.con.execute(f"SELECT quantile_disc(pid, {cuts}) FROM (SELECT DISTINCT pid FROM res WHERE "
                                 "pid > ? AND rt <> 'Medication')", [first]).fetchone()[0] or []
         return [first] + sorted(set(rest))
+
+    def _table_bytes(self) -> int:
+        """What the loaded rows take, in memory and spilled: the decompressed text, whatever the files' compression
+        (a gzip export takes five to ten times its size here)."""
+        used, spilled = self.con.execute("SELECT sum(memory_usage_bytes), sum(temporary_storage_bytes) "
+                                         "FROM duckdb_memory()").fetchone()
+        return int(used or 0) + int(spilled or 0)
 
     def _nth_patient(self, n: int) -> str | None:
         """The n-th patient id in order; None when the export has no more than n patients."""
@@ -268,7 +275,7 @@ class ExportGroups:
 
 
 FIRST_PATIENTS = 100          # patients read by a query of their own, ahead of the sort of the rest (`patients`)
-SORT_IN_MEMORY_BYTES = 1 << 30     # up to this much input the rest is sorted in one range; past it, in SPILL_RANGES
+SORT_IN_MEMORY_BYTES = 1 << 30     # loaded rows (`_table_bytes`) up to this are sorted in one range; past it, in ranges
 SPILL_RANGES = 5
 
 
