@@ -200,9 +200,9 @@ class ExportGroups:
         self.con.execute("DELETE FROM unread")
         self.con.execute("INSERT INTO unread SELECT unnest(?::VARCHAR[])", [unread])
         self._read_all_up_to = None
-        if except_first > 0:            # an export of fewer patients: all of them keep every result
+        if except_first > 0:
             at = self._patient_ids(except_first, 1)
-            self._read_all_up_to = at[0] if at else self.con.execute(
+            self._read_all_up_to = at[0] if at else self.con.execute(         # fewer patients: all keep every result
                 "SELECT max(pid) FROM res WHERE rt <> 'Medication'").fetchone()[0]
         return len(unread)
 
